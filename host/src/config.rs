@@ -1,0 +1,322 @@
+//! The daemon's configuration, read from TOML. Every setting has a default, so an
+//! empty file (or none at all) is the embedded single-node configuration.
+//!
+//! Durations are written the human way: `"250ms"`, `"5s"`, `"2m"`. Sizes are in
+//! MiB. Unknown keys are refused with the key's name, so a typo never silently
+//! falls back to a default.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use serde::{Deserialize, Serialize};
+
+/// The whole configuration file.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields, rename_all = "kebab-case")]
+pub struct Config {
+    /// Engine-wide settings: compile cache, epoch tick, instance pool.
+    pub runtime: RuntimeConfig,
+    /// The plugins to run, one controller each.
+    #[serde(rename = "plugin")]
+    pub plugins: Vec<PluginConfig>,
+    /// Manifests (files or directories of `.yaml`/`.yml`/`.json`) applied at start.
+    pub manifests: Vec<PathBuf>,
+}
+
+/// Settings shared by every plugin.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields, rename_all = "kebab-case")]
+pub struct RuntimeConfig {
+    /// Where compiled components are cached. Default: `$XDG_CACHE_HOME/setpoint`
+    /// or `~/.cache/setpoint`. Set `cache = false` to compile on every load.
+    pub cache_dir: Option<PathBuf>,
+    /// Cache compiled components on disk.
+    pub cache: bool,
+    /// How often the engine's epoch advances: the granularity of time limits.
+    #[serde(with = "humantime_serde")]
+    pub epoch_tick: Duration,
+    /// Use wasmtime's pooling allocator (fast instantiation, memory reserved up
+    /// front). With `false`, instances are allocated on demand.
+    pub pooling: bool,
+    /// The most instances alive at once across all plugins (pooling only).
+    pub max_instances: u32,
+    /// The largest memory limit any plugin may be given, in MiB (pooling only).
+    pub max_memory_mib: u64,
+}
+
+impl Default for RuntimeConfig {
+    fn default() -> Self {
+        Self {
+            cache_dir: None,
+            cache: true,
+            epoch_tick: Duration::from_millis(10),
+            pooling: true,
+            max_instances: 256,
+            max_memory_mib: 1024,
+        }
+    }
+}
+
+impl RuntimeConfig {
+    /// The cache directory in effect, if caching is on.
+    pub fn cache_dir(&self) -> Option<PathBuf> {
+        if !self.cache {
+            return None;
+        }
+        if let Some(dir) = &self.cache_dir {
+            return Some(dir.clone());
+        }
+        let base = std::env::var_os("XDG_CACHE_HOME")
+            .map(PathBuf::from)
+            .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache")))?;
+        Some(base.join("setpoint").join("components"))
+    }
+}
+
+/// How a worker gets the instance it calls.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum InstanceMode {
+    /// Each worker keeps a warm instance and reuses it, recycling it after a trap,
+    /// a timeout, or `recycle-after` calls. About 1 µs per call.
+    #[default]
+    Warm,
+    /// A fresh instance for every call: nothing survives between reconciles.
+    /// About 35–50 µs per call.
+    Fresh,
+}
+
+/// One plugin and the controller that runs it.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields, rename_all = "kebab-case")]
+pub struct PluginConfig {
+    /// The component file.
+    pub path: PathBuf,
+    /// Workers reconciling keys in parallel.
+    pub workers: usize,
+    /// Warm (reused) or fresh (per call) instances.
+    pub instances: InstanceMode,
+    /// A warm instance is replaced after this many calls.
+    pub recycle_after: u64,
+    /// Per-call and per-instance limits.
+    pub limits: Limits,
+    /// Retry back-off for failed reconciles.
+    pub retry: RetryConfig,
+    /// Capabilities granted beyond the host API. Nothing by default.
+    pub grants: Grants,
+}
+
+impl Default for PluginConfig {
+    fn default() -> Self {
+        Self {
+            path: PathBuf::new(),
+            workers: 2,
+            instances: InstanceMode::Warm,
+            recycle_after: 10_000,
+            limits: Limits::default(),
+            retry: RetryConfig::default(),
+            grants: Grants::default(),
+        }
+    }
+}
+
+/// Limits on one plugin's instances and calls.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields, rename_all = "kebab-case")]
+pub struct Limits {
+    /// Linear memory per instance, in MiB. A call that grows past it fails.
+    pub memory_mib: u64,
+    /// The longest one call may run; past it the call is stopped and fails.
+    #[serde(with = "humantime_serde")]
+    pub max_reconcile_time: Duration,
+    /// Tables per instance.
+    pub tables: u32,
+    /// Elements per table.
+    pub table_elements: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            memory_mib: 128,
+            max_reconcile_time: Duration::from_secs(5),
+            tables: 20,
+            table_elements: 100_000,
+        }
+    }
+}
+
+/// Exponential back-off between retries of one key.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields, rename_all = "kebab-case")]
+pub struct RetryConfig {
+    /// The first delay.
+    #[serde(with = "humantime_serde")]
+    pub min_backoff: Duration,
+    /// The largest delay.
+    #[serde(with = "humantime_serde")]
+    pub max_backoff: Duration,
+    /// Give a key up after this many failed attempts in a row.
+    pub max_retries: u32,
+}
+
+impl Default for RetryConfig {
+    fn default() -> Self {
+        Self {
+            min_backoff: Duration::from_millis(100),
+            max_backoff: Duration::from_secs(60),
+            max_retries: 10,
+        }
+    }
+}
+
+/// Capabilities an operator grants a plugin. The default grants nothing: no
+/// files, no environment, no network, no stdio.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields, rename_all = "kebab-case")]
+pub struct Grants {
+    /// Host directories the plugin may use.
+    pub dirs: Vec<DirGrant>,
+    /// Environment variables the plugin sees.
+    pub env: BTreeMap<String, String>,
+    /// Let the plugin's stdout and stderr through to the host's.
+    pub stdio: bool,
+}
+
+/// One preopened directory.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct DirGrant {
+    /// The directory on the host. It is created if missing.
+    pub host: PathBuf,
+    /// Where the plugin sees it, e.g. `/data`.
+    pub guest: String,
+    /// Grant read access only.
+    #[serde(default)]
+    pub read_only: bool,
+}
+
+impl Config {
+    /// Read and check a configuration file. Relative paths in it are taken
+    /// relative to the file's folder.
+    pub fn load(path: &Path) -> anyhow::Result<Self> {
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("cannot read configuration file {}", path.display()))?;
+        let mut config = Self::parse(&text)
+            .with_context(|| format!("configuration file {} is invalid", path.display()))?;
+        if let Some(base) = path.parent() {
+            config.resolve_relative_to(base);
+        }
+        Ok(config)
+    }
+
+    /// Parse and check configuration text.
+    pub fn parse(text: &str) -> anyhow::Result<Self> {
+        let config: Config = toml::from_str(text)?;
+        config.check()?;
+        Ok(config)
+    }
+
+    fn resolve_relative_to(&mut self, base: &Path) {
+        let fix = |p: &mut PathBuf| {
+            if p.is_relative() {
+                *p = base.join(&*p);
+            }
+        };
+        if let Some(dir) = &mut self.runtime.cache_dir {
+            fix(dir);
+        }
+        self.manifests.iter_mut().for_each(fix);
+        for plugin in &mut self.plugins {
+            fix(&mut plugin.path);
+            plugin.grants.dirs.iter_mut().for_each(|d| fix(&mut d.host));
+        }
+    }
+
+    /// Refuse settings that cannot work, saying which and why.
+    pub fn check(&self) -> anyhow::Result<()> {
+        if self.runtime.epoch_tick.is_zero() {
+            bail!("runtime.epoch-tick must be more than 0");
+        }
+        for (i, p) in self.plugins.iter().enumerate() {
+            let at = format!("plugin #{} ({})", i + 1, p.path.display());
+            if p.path.as_os_str().is_empty() {
+                bail!("{at}: `path` is required: the component file to load");
+            }
+            if p.workers == 0 {
+                bail!("{at}: `workers` must be at least 1");
+            }
+            if p.recycle_after == 0 {
+                bail!("{at}: `recycle-after` must be at least 1");
+            }
+            if p.limits.memory_mib == 0 {
+                bail!("{at}: `limits.memory-mib` must be at least 1");
+            }
+            if self.runtime.pooling && p.limits.memory_mib > self.runtime.max_memory_mib {
+                bail!(
+                    "{at}: `limits.memory-mib` is {} but the instance pool allows at most {} \
+                     (raise runtime.max-memory-mib)",
+                    p.limits.memory_mib,
+                    self.runtime.max_memory_mib
+                );
+            }
+            if p.limits.max_reconcile_time < self.runtime.epoch_tick {
+                bail!("{at}: `limits.max-reconcile-time` is shorter than runtime.epoch-tick");
+            }
+            if p.retry.min_backoff > p.retry.max_backoff {
+                bail!("{at}: `retry.min-backoff` is larger than `retry.max-backoff`");
+            }
+            for d in &p.grants.dirs {
+                if !d.guest.starts_with('/') {
+                    bail!("{at}: granted guest path {:?} must be absolute, e.g. /data", d.guest);
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn empty_text_is_the_default_configuration() {
+        assert_eq!(Config::parse("").unwrap(), Config::default());
+    }
+
+    #[test]
+    fn durations_and_grants_parse() {
+        let c = Config::parse(
+            r#"
+            [[plugin]]
+            path = "files.wasm"
+            instances = "fresh"
+            limits = { max-reconcile-time = "250ms", memory-mib = 32 }
+            grants.dirs = [{ host = "out", guest = "/data" }]
+            "#,
+        )
+        .unwrap();
+        let p = &c.plugins[0];
+        assert_eq!(p.instances, InstanceMode::Fresh);
+        assert_eq!(p.limits.max_reconcile_time, Duration::from_millis(250));
+        assert_eq!(p.limits.memory_mib, 32);
+        assert_eq!(p.grants.dirs[0].guest, "/data");
+    }
+
+    #[test]
+    fn unknown_keys_are_named() {
+        let err = Config::parse("[runtime]\nepoch-tik = \"1ms\"\n").unwrap_err();
+        assert!(format!("{err:#}").contains("epoch-tik"), "{err:#}");
+    }
+
+    #[test]
+    fn impossible_settings_are_refused_with_the_reason() {
+        let err = Config::parse("[[plugin]]\npath = \"a.wasm\"\nworkers = 0\n").unwrap_err();
+        assert!(err.to_string().contains("workers"), "{err}");
+        let err = Config::parse("[[plugin]]\nworkers = 1\n").unwrap_err();
+        assert!(err.to_string().contains("path"), "{err}");
+    }
+}

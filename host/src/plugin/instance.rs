@@ -1,0 +1,226 @@
+//! Instances and calls: a worker's instance slot, the limits armed around every
+//! call, and what a failed call means.
+//!
+//! In [`InstanceMode::Warm`] a slot keeps its instance across calls and recycles
+//! it after `recycle-after` calls; in [`InstanceMode::Fresh`] every call gets a new
+//! one. In both modes an instance that trapped, timed out or ran out of memory is
+//! dropped at once, so the next call starts clean.
+
+use std::time::Duration;
+
+use wasmtime::UpdateDeadline;
+use wasmtime::component::ResourceTable;
+use wasmtime_wasi::{FsPerms, WasiCtxBuilder};
+
+use super::imports::HostState;
+use super::limits::{DeadlineExceeded, Limiter};
+use super::runtime::{Plugin, PluginInner};
+use super::wit;
+use crate::config::InstanceMode;
+
+/// Why a call into a plugin failed (as opposed to the plugin reporting an error).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum CallError {
+    #[error("the plugin ran past its time limit of {0:?} and was stopped")]
+    Timeout(Duration),
+    #[error("the plugin ran out of memory: it tried to grow past its limit of {0} MiB")]
+    OutOfMemory(u64),
+    #[error("the plugin trapped: {0}")]
+    Trap(String),
+    #[error("the plugin could not be set up: {0}")]
+    Setup(String),
+    #[error("the plugin does not export `setpoint:reconciler/pruner`")]
+    NoPruner,
+}
+
+/// One worker's instance slot.
+pub struct Instance {
+    plugin: Plugin,
+    live: Option<Live>,
+}
+
+/// An instantiated component and its `Store`.
+struct Live {
+    store: wasmtime::Store<HostState>,
+    reconciler: wit::Reconciler,
+    pruner: Option<wit::Pruner>,
+    calls: u64,
+}
+
+impl Instance {
+    pub(super) fn new(plugin: Plugin) -> Self {
+        Self { plugin, live: None }
+    }
+
+    /// True if the slot holds a live instance (for tests of recycling).
+    pub fn is_warm(&self) -> bool {
+        self.live.is_some()
+    }
+
+    /// Call `reconcile`.
+    pub async fn reconcile(
+        &mut self,
+        request: &wit::Request,
+    ) -> Result<Result<wit::Outcome, wit::Failure>, CallError> {
+        let plugin = self.plugin.inner.clone();
+        let live = self.live().await?;
+        live.arm(&plugin, &request.key);
+        let result = live
+            .reconciler
+            .call_reconcile(&mut live.store, request)
+            .await;
+        self.finish(result)
+    }
+
+    /// Call `prune`, if the plugin exports it.
+    pub async fn prune(
+        &mut self,
+        desired_keys: &[String],
+    ) -> Result<Result<(), wit::ReconcileError>, CallError> {
+        if self.plugin.inner.pruner.is_none() {
+            return Err(CallError::NoPruner);
+        }
+        let plugin = self.plugin.inner.clone();
+        let live = self.live().await?;
+        live.arm(&plugin, "");
+        let pruner = live.pruner.clone().ok_or(CallError::NoPruner)?;
+        let result = pruner.call_prune(&mut live.store, desired_keys).await;
+        self.finish(result)
+    }
+
+    async fn live(&mut self) -> Result<&mut Live, CallError> {
+        if self.live.is_none() {
+            self.live = Some(Live::start(&self.plugin.inner).await?);
+        }
+        Ok(self.live.as_mut().expect("just started"))
+    }
+
+    /// Count the call, and drop the instance if it failed or is due for recycling.
+    fn finish<T>(&mut self, result: wasmtime::Result<T>) -> Result<T, CallError> {
+        let settings = &self.plugin.inner.settings;
+        let live = self.live.as_mut().expect("a call ran on it");
+        live.calls += 1;
+        match result {
+            Ok(value) => {
+                if settings.instances == InstanceMode::Fresh || live.calls >= settings.recycle_after
+                {
+                    self.live = None;
+                }
+                Ok(value)
+            }
+            Err(e) => {
+                let error = classify(&e, live.store.data(), &self.plugin.inner);
+                tracing::debug!(plugin = %self.plugin.info().name, "instance dropped: {error}");
+                self.live = None;
+                Err(error)
+            }
+        }
+    }
+}
+
+/// Call `describe` on a new instance of a plugin that is still loading.
+pub(super) async fn describe(plugin: &PluginInner) -> Result<wit::Info, CallError> {
+    let mut live = Live::start(plugin).await?;
+    live.arm(plugin, "");
+    let result = live.reconciler.call_describe(&mut live.store).await;
+    result.map_err(|e| classify(&e, live.store.data(), plugin))
+}
+
+impl Live {
+    async fn start(plugin: &PluginInner) -> Result<Live, CallError> {
+        let settings = &plugin.settings;
+        let mut wasi = WasiCtxBuilder::new();
+        for dir in &settings.grants.dirs {
+            std::fs::create_dir_all(&dir.host).map_err(|e| {
+                CallError::Setup(format!("cannot create {}: {e}", dir.host.display()))
+            })?;
+            let perms = if dir.read_only {
+                FsPerms::ReadOnly
+            } else {
+                FsPerms::ReadWrite
+            };
+            wasi.preopened_dir(&dir.host, &dir.guest, perms)
+                .map_err(|e| {
+                    CallError::Setup(format!("cannot open {}: {e}", dir.host.display()))
+                })?;
+        }
+        for (k, v) in &settings.grants.env {
+            wasi.env(k, v);
+        }
+        if settings.grants.stdio {
+            wasi.inherit_stdout().inherit_stderr();
+        }
+        let state = HostState {
+            wasi: wasi.build(),
+            table: ResourceTable::new(),
+            limiter: Limiter::new(&settings.limits),
+            host: plugin.host.clone(),
+            key: String::new(),
+            ticks_left: 0,
+        };
+        let engine = plugin.runtime.engine();
+        let mut store = wasmtime::Store::new(engine, state);
+        store.limiter(|s| &mut s.limiter);
+        store.epoch_deadline_callback(|mut cx| {
+            let state = cx.data_mut();
+            if state.ticks_left == 0 {
+                return Err(DeadlineExceeded.into());
+            }
+            state.ticks_left -= 1;
+            // Between ticks, give the executor back to other tasks.
+            Ok(UpdateDeadline::Yield(1))
+        });
+        // Instantiation runs guest code too (initializers): it gets the same limit.
+        store.data_mut().ticks_left = plugin.runtime.ticks_for(settings.limits.max_reconcile_time);
+        store.set_epoch_deadline(1);
+        let setup = async {
+            let instance = plugin.pre.instantiate_async(&mut store).await?;
+            let reconciler = plugin.reconciler.load(&mut store, &instance)?;
+            let pruner = match &plugin.pruner {
+                Some(p) => Some(p.load(&mut store, &instance)?),
+                None => None,
+            };
+            wasmtime::Result::Ok((reconciler, pruner))
+        };
+        match setup.await {
+            Ok((reconciler, pruner)) => Ok(Live {
+                store,
+                reconciler,
+                pruner,
+                calls: 0,
+            }),
+            Err(e) => Err(match classify(&e, store.data(), plugin) {
+                CallError::Trap(m) => CallError::Setup(m),
+                other => other,
+            }),
+        }
+    }
+
+    /// Reset the per-call limits before a call.
+    fn arm(&mut self, plugin: &PluginInner, key: &str) {
+        let ticks = plugin
+            .runtime
+            .ticks_for(plugin.settings.limits.max_reconcile_time);
+        let state = self.store.data_mut();
+        state.ticks_left = ticks;
+        state.limiter.memory_refused = false;
+        state.key.clear();
+        state.key.push_str(key);
+        self.store.set_epoch_deadline(1);
+    }
+}
+
+/// Turn wasmtime's error into what happened, in the plugin author's terms.
+fn classify(e: &wasmtime::Error, state: &HostState, plugin: &PluginInner) -> CallError {
+    let limits = &plugin.settings.limits;
+    if e.downcast_ref::<DeadlineExceeded>().is_some() {
+        return CallError::Timeout(limits.max_reconcile_time);
+    }
+    if state.limiter.memory_refused {
+        return CallError::OutOfMemory(limits.memory_mib);
+    }
+    match e.downcast_ref::<wasmtime::Trap>() {
+        Some(trap) => CallError::Trap(trap.to_string()),
+        None => CallError::Trap(e.to_string()),
+    }
+}

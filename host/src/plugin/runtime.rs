@@ -1,0 +1,399 @@
+//! The engine, the linker and loading: from a component file to a [`Plugin`].
+
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use wasmtime::component::{HasSelf, InstancePre, Linker};
+use wasmtime::{Engine, InstanceAllocationStrategy, PoolingAllocationConfig};
+
+use super::cache::{CacheOutcome, CompileCache, sha256_hex};
+use super::compat;
+use super::imports::{HostContext, HostState};
+use super::instance::{self, CallError, Instance};
+use super::wit;
+use crate::config::{PluginConfig, RuntimeConfig};
+use crate::store::Store;
+
+/// Why a file could not become a plugin. Each message is one paragraph that says
+/// what was wrong and what to do about it.
+#[derive(Debug, thiserror::Error)]
+pub enum LoadError {
+    #[error("cannot read plugin {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error(
+        "{path} is not a WebAssembly file: it does not start with the `\\0asm` magic bytes. \
+         A plugin is a component built for wasm32-wasip2 (e.g. `cargo xtask plugins`)"
+    )]
+    NotWasm { path: PathBuf },
+    #[error(
+        "{path} is a core WebAssembly module, not a component. Build it for the \
+         wasm32-wasip2 target, or wrap it with `wasm-tools component new`"
+    )]
+    CoreModule { path: PathBuf },
+    #[error(
+        "{path} is not a valid component: {reason}. The file may be truncated or corrupt; \
+         rebuild the plugin"
+    )]
+    Invalid { path: PathBuf, reason: String },
+    #[error("{path} cannot be loaded: {reason}")]
+    Incompatible { path: PathBuf, reason: String },
+    #[error(
+        "{path} imports `{import}`, which this host does not provide. A plugin may import \
+         only the setpoint:reconciler host interfaces and WASI 0.2"
+    )]
+    MissingImport { path: PathBuf, import: String },
+    #[error("{path} loaded, but its describe() failed: {reason}")]
+    Describe { path: PathBuf, reason: String },
+    #[error("plugin {path}: {reason}")]
+    Setup { path: PathBuf, reason: String },
+}
+
+/// What one load did: which component, and whether it was compiled.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct LoadReport {
+    pub path: PathBuf,
+    pub sha256: String,
+    pub cache: CacheOutcome,
+    #[serde(with = "humantime_serde")]
+    pub took: Duration,
+}
+
+/// The wasmtime engine, linker and compile cache. One per process; cheap to clone.
+#[derive(Clone)]
+pub struct Runtime {
+    inner: Arc<RuntimeInner>,
+}
+
+struct RuntimeInner {
+    engine: Engine,
+    linker: Linker<HostState>,
+    cache: CompileCache,
+    epoch_tick: Duration,
+    _ticker: EpochTicker,
+}
+
+/// Advances the engine's epoch every tick on a thread of its own, until dropped.
+struct EpochTicker {
+    stop: Arc<AtomicBool>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl EpochTicker {
+    fn start(engine: Engine, tick: Duration) -> Self {
+        let stop = Arc::new(AtomicBool::new(false));
+        let flag = stop.clone();
+        let thread = std::thread::Builder::new()
+            .name("setpoint-epoch".into())
+            .spawn(move || {
+                while !flag.load(Ordering::Relaxed) {
+                    std::thread::sleep(tick);
+                    engine.increment_epoch();
+                }
+            })
+            .expect("spawning the epoch thread");
+        Self {
+            stop,
+            thread: Some(thread),
+        }
+    }
+}
+
+impl Drop for EpochTicker {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+impl Runtime {
+    /// Build the engine and linker for `config`.
+    pub fn new(config: &RuntimeConfig) -> anyhow::Result<Self> {
+        let mut wasm = wasmtime::Config::new();
+        wasm.wasm_component_model(true).epoch_interruption(true);
+        if config.pooling {
+            let mut pool = PoolingAllocationConfig::default();
+            pool.total_component_instances(config.max_instances)
+                .total_core_instances(config.max_instances.saturating_mul(8))
+                .total_memories(config.max_instances.saturating_mul(2))
+                .total_tables(config.max_instances.saturating_mul(8))
+                .total_stacks(config.max_instances)
+                .max_memory_size((config.max_memory_mib as usize).saturating_mul(1 << 20));
+            wasm.allocation_strategy(InstanceAllocationStrategy::Pooling(pool));
+        }
+        let engine = Engine::new(&wasm)
+            .map_err(anyhow::Error::from)
+            .context("cannot configure the wasmtime engine")?;
+        let mut linker = Linker::new(&engine);
+        wasmtime_wasi::p2::add_to_linker_async(&mut linker)?;
+        wit::PluginWithPrune::add_to_linker::<_, HasSelf<_>>(&mut linker, |s| s)?;
+        let cache = CompileCache::new(&engine, config.cache_dir());
+        let ticker = EpochTicker::start(engine.clone(), config.epoch_tick);
+        Ok(Self {
+            inner: Arc::new(RuntimeInner {
+                engine,
+                linker,
+                cache,
+                epoch_tick: config.epoch_tick,
+                _ticker: ticker,
+            }),
+        })
+    }
+
+    pub fn engine(&self) -> &Engine {
+        &self.inner.engine
+    }
+
+    /// The compile cache, e.g. to count compilations.
+    pub fn cache(&self) -> &CompileCache {
+        &self.inner.cache
+    }
+
+    /// Epoch ticks a call of `limit` gets (at least one).
+    pub(super) fn ticks_for(&self, limit: Duration) -> u64 {
+        let tick = self.inner.epoch_tick.as_nanos().max(1);
+        (limit.as_nanos().div_ceil(tick) as u64).max(1)
+    }
+
+    /// Load a component file as a plugin backed by `store`.
+    pub async fn load(
+        &self,
+        path: &Path,
+        settings: PluginConfig,
+        store: Store,
+    ) -> Result<Plugin, LoadError> {
+        let bytes = tokio::fs::read(path).await.map_err(|source| LoadError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        self.load_bytes(path, bytes, settings, store).await
+    }
+
+    /// Load a component from memory; `path` names it in messages.
+    pub async fn load_bytes(
+        &self,
+        path: &Path,
+        bytes: Vec<u8>,
+        settings: PluginConfig,
+        store: Store,
+    ) -> Result<Plugin, LoadError> {
+        let started = Instant::now();
+        let path = path.to_path_buf();
+        check_header(&path, &bytes)?;
+        let sha256 = sha256_hex(&bytes);
+        let runtime = self.clone();
+        let digest = sha256.clone();
+        // Compiling a large component takes seconds of CPU: keep it off the executor.
+        let compiled = tokio::task::spawn_blocking(move || {
+            runtime
+                .inner
+                .cache
+                .get_or_compile(&runtime.inner.engine, &bytes, &digest)
+        })
+        .await
+        .expect("the compile task does not panic");
+        let (component, cache) = compiled.map_err(|e| LoadError::Invalid {
+            path: path.clone(),
+            reason: root_cause(&e),
+        })?;
+        compat::check(&component, &self.inner.engine).map_err(|m| LoadError::Incompatible {
+            path: path.clone(),
+            reason: m.to_string(),
+        })?;
+        let pre = self
+            .inner
+            .linker
+            .instantiate_pre(&component)
+            .map_err(|e| link_error(&path, &e))?;
+        let reconciler =
+            wit::ReconcilerIndices::new(&pre).map_err(|e| LoadError::Incompatible {
+                path: path.clone(),
+                reason: format!(
+                    "its `setpoint:reconciler/reconciler` export does not match this host's: {}",
+                    root_cause(&e)
+                ),
+            })?;
+        let pruner = wit::PrunerIndices::new(&pre).ok();
+        let report = LoadReport {
+            path: path.clone(),
+            sha256,
+            cache,
+            took: Duration::ZERO,
+        };
+        let mut plugin = PluginInner {
+            runtime: self.clone(),
+            pre,
+            reconciler,
+            pruner,
+            settings,
+            info: wit::Info {
+                name: String::new(),
+                version: String::new(),
+                kinds: Vec::new(),
+                resync_interval: None,
+            },
+            host: Arc::new(HostContext {
+                plugin: String::new(),
+                version: String::new(),
+                store: store.clone(),
+            }),
+            report,
+        };
+        let info = instance::describe(&plugin)
+            .await
+            .map_err(|e| LoadError::Describe {
+                path: path.clone(),
+                reason: e.to_string(),
+            })?;
+        if info.name.is_empty() || info.kinds.is_empty() {
+            return Err(LoadError::Describe {
+                path,
+                reason: "it must give a non-empty `name` and at least one kind in `kinds`".into(),
+            });
+        }
+        plugin.host = Arc::new(HostContext {
+            plugin: info.name.clone(),
+            version: info.version.clone(),
+            store,
+        });
+        plugin.info = info;
+        plugin.report.took = started.elapsed();
+        tracing::info!(
+            plugin = %plugin.info.name,
+            version = %plugin.info.version,
+            path = %path.display(),
+            cache = ?plugin.report.cache,
+            took = ?plugin.report.took,
+            "plugin loaded"
+        );
+        Ok(Plugin {
+            inner: Arc::new(plugin),
+        })
+    }
+}
+
+/// Refuse files that are not components before handing them to the compiler, so
+/// the common mistakes get a specific message.
+fn check_header(path: &Path, bytes: &[u8]) -> Result<(), LoadError> {
+    if bytes.len() < 8 || &bytes[..4] != b"\0asm" {
+        // The WebAssembly text format is accepted too (handy for small fixtures).
+        if std::str::from_utf8(bytes).is_ok_and(|t| t.trim_start().starts_with("(component")) {
+            return Ok(());
+        }
+        return Err(LoadError::NotWasm {
+            path: path.to_path_buf(),
+        });
+    }
+    // Bytes 4..8: a core module is version 1, layer 0; a component has layer 1.
+    if bytes[6..8] == [0, 0] {
+        return Err(LoadError::CoreModule {
+            path: path.to_path_buf(),
+        });
+    }
+    Ok(())
+}
+
+/// The innermost message of an error chain: what actually went wrong, without the
+/// layers of context or a backtrace.
+fn root_cause(e: &wasmtime::Error) -> String {
+    let mut message = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        message = s.to_string();
+        source = s.source();
+    }
+    message
+}
+
+fn link_error(path: &Path, e: &wasmtime::Error) -> LoadError {
+    let text = format!("{e:#}");
+    // wasmtime: "component imports instance `x`, but a matching implementation
+    // was not found in the linker" (or `function`, `resource` ...).
+    if let Some(import) = text
+        .split("component imports ")
+        .nth(1)
+        .and_then(|rest| rest.split('`').nth(1))
+    {
+        return LoadError::MissingImport {
+            path: path.to_path_buf(),
+            import: import.to_string(),
+        };
+    }
+    LoadError::Incompatible {
+        path: path.to_path_buf(),
+        reason: format!("its imports do not match this host's: {}", root_cause(e)),
+    }
+}
+
+/// A loaded plugin: a compiled, pre-instantiated component and what it said
+/// about itself. Cheap to clone.
+#[derive(Clone)]
+pub struct Plugin {
+    pub(super) inner: Arc<PluginInner>,
+}
+
+pub(super) struct PluginInner {
+    pub(super) runtime: Runtime,
+    pub(super) pre: InstancePre<HostState>,
+    pub(super) reconciler: wit::ReconcilerIndices,
+    pub(super) pruner: Option<wit::PrunerIndices>,
+    pub(super) settings: PluginConfig,
+    pub(super) info: wit::Info,
+    pub(super) host: Arc<HostContext>,
+    pub(super) report: LoadReport,
+}
+
+impl Plugin {
+    /// What the plugin said about itself at load time.
+    pub fn info(&self) -> &wit::Info {
+        &self.inner.info
+    }
+
+    /// How this plugin was loaded.
+    pub fn report(&self) -> &LoadReport {
+        &self.inner.report
+    }
+
+    /// The settings it runs with.
+    pub fn settings(&self) -> &PluginConfig {
+        &self.inner.settings
+    }
+
+    /// True if the component exports `pruner`.
+    pub fn can_prune(&self) -> bool {
+        self.inner.pruner.is_some()
+    }
+
+    /// A new instance slot for one worker. It instantiates lazily on first call.
+    pub fn instance(&self) -> Instance {
+        Instance::new(self.clone())
+    }
+
+    /// One reconcile on a fresh instance: for one-off calls such as the
+    /// `setpoint reconcile` command.
+    pub async fn reconcile_once(
+        &self,
+        request: &wit::Request,
+    ) -> Result<Result<wit::Outcome, wit::Failure>, CallError> {
+        self.instance().reconcile(request).await
+    }
+}
+
+impl fmt::Debug for Plugin {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Plugin")
+            .field("name", &self.inner.info.name)
+            .field("version", &self.inner.info.version)
+            .field("path", &self.inner.report.path)
+            .finish()
+    }
+}

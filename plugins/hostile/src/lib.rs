@@ -1,0 +1,108 @@
+//! `hostile`: a plugin that misbehaves on request, to show that the host contains
+//! it. `Hostile` objects pick a `mode`:
+//!
+//! - `ok`: behave.
+//! - `loop`: never return (the host's time limit must stop it).
+//! - `oom`: allocate far past any sane memory limit.
+//! - `trap`: panic, which aborts the instance.
+//! - `snoop`: try to read the environment and files it was never granted, and
+//!   report what it found in its status.
+//! - `fail`: return a retryable error, counting attempts in its state.
+//! - `requeue`: succeed and ask to be called again in `delay-ms`.
+
+use serde::{Deserialize, Serialize};
+use setpoint_sdk::{Error, Host, Info, Outcome, Reconciler, Request};
+
+#[derive(Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub struct Spec {
+    pub mode: String,
+    #[serde(default)]
+    pub delay_ms: u64,
+}
+
+#[derive(Serialize, Debug, Default, PartialEq)]
+pub struct Status {
+    pub mode: String,
+    /// Environment variables seen (snoop).
+    pub env: Vec<String>,
+    /// Paths that could be read or listed (snoop).
+    pub read: Vec<String>,
+    /// The attempt this status was written on.
+    pub attempt: u32,
+}
+
+#[derive(Default)]
+pub struct Hostile;
+
+fn snoop() -> Status {
+    let env: Vec<String> = std::env::vars().map(|(k, _)| k).collect();
+    let mut read = Vec::new();
+    for path in ["/etc/passwd", "/etc/hostname", "/proc/self/environ", "./Cargo.toml", "/data"] {
+        if std::fs::read(path).is_ok() {
+            read.push(path.to_string());
+        }
+    }
+    for dir in ["/", ".", "/tmp", "/etc"] {
+        if std::fs::read_dir(dir).is_ok() {
+            read.push(format!("{dir} (listed)"));
+        }
+    }
+    Status {
+        mode: "snoop".into(),
+        env,
+        read,
+        attempt: 0,
+    }
+}
+
+impl Reconciler for Hostile {
+    type Spec = Spec;
+    type Status = Status;
+
+    fn describe(&self) -> Info {
+        Info::new("hostile", env!("CARGO_PKG_VERSION"), ["Hostile"])
+    }
+
+    fn reconcile(&self, _host: &dyn Host, req: Request<Spec>) -> Result<Outcome<Status>, Error> {
+        let status = |mode: &str| Status {
+            mode: mode.into(),
+            attempt: req.attempt,
+            ..Status::default()
+        };
+        match req.spec.mode.as_str() {
+            "ok" => Ok(Outcome::done().with_status(status("ok"))),
+            "loop" => {
+                let mut n = 0u64;
+                loop {
+                    n = std::hint::black_box(n.wrapping_add(1));
+                }
+            }
+            "oom" => {
+                let mut hoard: Vec<Vec<u8>> = Vec::new();
+                loop {
+                    hoard.push(vec![1u8; 16 << 20]);
+                    std::hint::black_box(&hoard);
+                }
+            }
+            "trap" => panic!("asked to trap"),
+            "snoop" => Ok(Outcome::done().with_status(Status {
+                attempt: req.attempt,
+                ..snoop()
+            })),
+            "fail" => {
+                let failures: u32 = req.state.get("failures").and_then(|f| f.parse().ok()).unwrap_or(0);
+                Err(Error::retry(format!("failing on purpose (attempt {})", req.attempt))
+                    .with_state("failures", (failures + 1).to_string()))
+            }
+            "requeue" => Ok(Outcome::done()
+                .with_status(status("requeue"))
+                .requeue_after(std::time::Duration::from_millis(req.spec.delay_ms))),
+            other => Err(Error::fatal(format!(
+                "unknown mode {other:?}: use ok, loop, oom, trap, snoop, fail or requeue"
+            ))),
+        }
+    }
+}
+
+setpoint_sdk::export!(Hostile);

@@ -1,0 +1,242 @@
+//! Native unit tests for plugins: [`FakeHost`] is an in-memory stand-in for the
+//! Setpoint host, so a [`Reconciler`] can be tested with `cargo test`, no Wasm.
+//!
+//! [`FakeHost::reconcile`] goes through the same steps as the real host: the spec
+//! is decoded (a bad one is a fatal error), the state from the last call for the
+//! key is handed back, and a returned status is written to the object.
+//!
+//! ```ignore
+//! let host = FakeHost::new();
+//! let obj = Object::new("Greeting", "a", serde_json::json!({"who": "world"}));
+//! let outcome = host.reconcile(&Hello, Action::Created, &obj).unwrap();
+//! assert_eq!(host.object("Greeting", "", "a").unwrap().status.unwrap()["greeting"], "Hello, world!");
+//! ```
+
+use std::cell::{Cell, RefCell};
+use std::collections::BTreeMap;
+
+use crate::{Action, Error, Host, Level, Object, Outcome, Reconciler, State, decode_request};
+
+/// An in-memory host: objects, key-value data, logs and a settable clock.
+#[derive(Default)]
+pub struct FakeHost {
+    objects: RefCell<BTreeMap<String, Object>>,
+    kv: RefCell<BTreeMap<String, Vec<u8>>>,
+    logs: RefCell<Vec<(Level, String)>>,
+    states: RefCell<BTreeMap<String, (u32, State)>>,
+    now: Cell<u64>,
+}
+
+impl FakeHost {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Store an object (replacing one with the same key).
+    pub fn put(&self, object: Object) {
+        self.objects.borrow_mut().insert(object.key(), object);
+    }
+
+    /// An object as the fake store has it now, status included.
+    pub fn object(&self, kind: &str, namespace: &str, name: &str) -> Option<Object> {
+        let probe = Object {
+            kind: kind.into(),
+            namespace: namespace.into(),
+            name: name.into(),
+            ..Object::default()
+        };
+        self.objects.borrow().get(&probe.key()).cloned()
+    }
+
+    /// Every message logged so far.
+    pub fn logs(&self) -> Vec<(Level, String)> {
+        self.logs.borrow().clone()
+    }
+
+    /// Set what `now_ms` returns.
+    pub fn set_now(&self, ms: u64) {
+        self.now.set(ms);
+    }
+
+    /// Reconcile `object` as the host would: store it, decode its spec, hand back
+    /// the state and attempt count from the last call for its key, and write the
+    /// returned status to it.
+    pub fn reconcile<R: Reconciler>(
+        &self,
+        plugin: &R,
+        action: Action,
+        object: &Object,
+    ) -> Result<Outcome<R::Status>, Error> {
+        let key = object.key();
+        let mut object = object.clone();
+        object.deleting = object.deleting || action == Action::Deleted;
+        if let Some(old) = self.objects.borrow().get(&key) {
+            object.status = object.status.or_else(|| old.status.clone());
+        }
+        self.put(object.clone());
+        let (attempt, state) = self.states.borrow().get(&key).cloned().unwrap_or_default();
+        let result = decode_request(key.clone(), action, object, attempt, state)
+            .and_then(|req| plugin.reconcile(self, req));
+        let mut states = self.states.borrow_mut();
+        match &result {
+            Ok(outcome) => {
+                states.insert(key.clone(), (0, outcome.state.clone()));
+                if let Some(status) = &outcome.status {
+                    let value = serde_json::to_value(status)
+                        .map_err(|e| Error::fatal(format!("cannot encode status: {e}")))?;
+                    if let Some(o) = self.objects.borrow_mut().get_mut(&key) {
+                        o.status = Some(value);
+                    }
+                }
+            }
+            Err(e) => {
+                states.insert(key.clone(), (attempt + 1, e.state.clone()));
+            }
+        }
+        result
+    }
+
+    /// Call `prune` with the keys of every object the fake store holds.
+    pub fn prune<R: Reconciler>(&self, plugin: &R) -> Result<(), Error> {
+        let keys: Vec<String> = self.objects.borrow().keys().cloned().collect();
+        plugin.prune(self, &keys)
+    }
+
+    /// Remove an object, as the host does after a successful delete.
+    pub fn remove(&self, object: &Object) {
+        self.objects.borrow_mut().remove(&object.key());
+    }
+}
+
+impl Host for FakeHost {
+    fn log(&self, level: Level, message: &str, fields: &[(&str, &str)]) {
+        let mut line = message.to_string();
+        for (k, v) in fields {
+            line.push_str(&format!(" {k}={v}"));
+        }
+        self.logs.borrow_mut().push((level, line));
+    }
+
+    fn get(&self, kind: &str, namespace: &str, name: &str) -> Option<Object> {
+        self.object(kind, namespace, name)
+    }
+
+    fn list(&self, kind: &str, selector: &[(&str, &str)]) -> Vec<Object> {
+        self.objects
+            .borrow()
+            .values()
+            .filter(|o| o.kind == kind)
+            .filter(|o| {
+                selector
+                    .iter()
+                    .all(|(k, v)| o.labels.get(*k).map(String::as_str) == Some(*v))
+            })
+            .cloned()
+            .collect()
+    }
+
+    fn set_status(
+        &self,
+        kind: &str,
+        namespace: &str,
+        name: &str,
+        status: &serde_json::Value,
+    ) -> Result<(), String> {
+        let probe = Object {
+            kind: kind.into(),
+            namespace: namespace.into(),
+            name: name.into(),
+            ..Object::default()
+        };
+        match self.objects.borrow_mut().get_mut(&probe.key()) {
+            Some(o) => {
+                o.status = Some(status.clone());
+                Ok(())
+            }
+            None => Err(format!("object {} not found", probe.key())),
+        }
+    }
+
+    fn kv_get(&self, key: &str) -> Option<Vec<u8>> {
+        self.kv.borrow().get(key).cloned()
+    }
+
+    fn kv_set(&self, key: &str, value: &[u8]) {
+        self.kv.borrow_mut().insert(key.into(), value.to_vec());
+    }
+
+    fn kv_delete(&self, key: &str) {
+        self.kv.borrow_mut().remove(key);
+    }
+
+    fn kv_keys(&self, prefix: &str) -> Vec<String> {
+        self.kv
+            .borrow()
+            .keys()
+            .filter(|k| k.starts_with(prefix))
+            .cloned()
+            .collect()
+    }
+
+    fn now_ms(&self) -> u64 {
+        self.now.get()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::Info;
+    use serde::{Deserialize, Serialize};
+    use serde_json::json;
+
+    #[derive(Deserialize)]
+    struct Spec {
+        fail: bool,
+    }
+
+    #[derive(Serialize)]
+    struct Status {
+        attempt: u32,
+    }
+
+    #[derive(Default)]
+    struct Flaky;
+
+    impl Reconciler for Flaky {
+        type Spec = Spec;
+        type Status = Status;
+        fn describe(&self) -> Info {
+            Info::new("flaky", "0.0.0", ["Thing"])
+        }
+        fn reconcile(&self, _: &dyn Host, req: crate::Request<Spec>) -> Result<Outcome<Status>, Error> {
+            let seen = req.state.get("seen").cloned().unwrap_or_default();
+            if req.spec.fail {
+                return Err(Error::retry("asked to fail").with_state("seen", format!("{seen}x")));
+            }
+            Ok(Outcome::done().with_status(Status { attempt: req.attempt }).with_state("seen", seen))
+        }
+    }
+
+    #[test]
+    fn fake_host_hands_back_state_and_attempts_across_failures() {
+        let host = FakeHost::new();
+        let failing = Object::new("Thing", "a", json!({"fail": true}));
+        for _ in 0..2 {
+            assert_eq!(host.reconcile(&Flaky, Action::Created, &failing).unwrap_err().kind, crate::ErrorKind::Retry);
+        }
+        let fixed = Object::new("Thing", "a", json!({"fail": false}));
+        let outcome = host.reconcile(&Flaky, Action::Updated, &fixed).unwrap();
+        assert_eq!(outcome.state.get("seen").map(String::as_str), Some("xx"));
+        assert_eq!(host.object("Thing", "", "a").unwrap().status, Some(json!({"attempt": 2})));
+    }
+
+    #[test]
+    fn fake_host_refuses_a_spec_that_does_not_decode() {
+        let host = FakeHost::new();
+        let bad = Object::new("Thing", "a", json!({"fail": "yes"}));
+        let err = host.reconcile(&Flaky, Action::Created, &bad).unwrap_err();
+        assert_eq!(err.kind, crate::ErrorKind::Fatal);
+        assert!(err.message.contains("spec of Thing:a is invalid"), "{}", err.message);
+    }
+}
