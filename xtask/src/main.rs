@@ -1,1 +1,302 @@
-fn main() {}
+//! Build orchestration: `cargo xtask <task>`.
+//!
+//! - `plugins`: build every example plugin from source into `target/plugins/`.
+//! - `test`: build the plugins, then run every test (host, SDK, plugins, end to end).
+//! - `demo`: build the plugins, then run the daemon on its embedded default.
+//! - `bench`: build the plugins, then run the benchmarks.
+//!
+//! Each task installs what it is missing. For plugins that means a wasm32-wasip2
+//! toolchain: rustup's target where rustup can download it, otherwise Debian's
+//! rustc-web with `-Zbuild-std` (see README, "Toolchains").
+
+use std::net::{TcpStream, ToSocketAddrs};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "cargo xtask")]
+struct Cli {
+    #[command(subcommand)]
+    task: Task,
+}
+
+#[derive(Subcommand)]
+enum Task {
+    /// Build the example plugins into target/plugins/.
+    Plugins,
+    /// Build the plugins and run the whole test suite.
+    Test {
+        /// Extra arguments for `cargo test` on the host workspace.
+        #[arg(trailing_var_arg = true)]
+        args: Vec<String>,
+    },
+    /// Build the plugins and run `setpoint run` on the embedded default.
+    Demo {
+        /// Stop once every example object is reconciled.
+        #[arg(long)]
+        once: bool,
+    },
+    /// Build the plugins and run the criterion benchmarks.
+    Bench {
+        #[arg(trailing_var_arg = true)]
+        args: Vec<String>,
+    },
+}
+
+/// The toolchain that builds wasm32-wasip2 components.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Toolchain {
+    /// rustup's own wasm32-wasip2 target.
+    Rustup,
+    /// Debian's rustc-web, rebuilding the standard library with -Zbuild-std.
+    DebianBuildStd,
+}
+
+fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    let root = workspace_root();
+    std::env::set_current_dir(&root)?;
+    match cli.task {
+        Task::Plugins => {
+            build_plugins(&root)?;
+        }
+        Task::Test { args } => {
+            let plugins = build_plugins(&root)?;
+            // The plugins' own unit tests, natively, against the SDK's fake host.
+            run(Command::new(cargo())
+                .args(["test", "--manifest-path", "plugins/Cargo.toml", "--target-dir"])
+                .arg(root.join("target/plugins-native")))?;
+            run(Command::new(cargo())
+                .args(["test", "--workspace"])
+                .args(&args)
+                .env("SETPOINT_PLUGIN_DIR", &plugins))?;
+        }
+        Task::Demo { once } => {
+            let plugins = build_plugins(&root)?;
+            let mut cmd = Command::new(cargo());
+            cmd.args(["run", "-p", "setpoint", "--", "run"]);
+            if once {
+                cmd.arg("--once");
+            }
+            run(cmd.env("SETPOINT_PLUGIN_DIR", &plugins))?;
+        }
+        Task::Bench { args } => {
+            let plugins = build_plugins(&root)?;
+            run(Command::new(cargo())
+                .args(["bench", "-p", "setpoint"])
+                .args(&args)
+                .env("SETPOINT_PLUGIN_DIR", &plugins))?;
+        }
+    }
+    Ok(())
+}
+
+fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("xtask lives in the workspace")
+        .to_path_buf()
+}
+
+fn cargo() -> String {
+    std::env::var("CARGO").unwrap_or_else(|_| "cargo".into())
+}
+
+fn run(cmd: &mut Command) -> anyhow::Result<()> {
+    eprintln!("xtask: running {cmd:?}");
+    let status = cmd
+        .status()
+        .with_context(|| format!("cannot start {:?}", cmd.get_program()))?;
+    if !status.success() {
+        bail!("{:?} failed with {status}", cmd.get_program());
+    }
+    Ok(())
+}
+
+/// Run a command, killing it if it outlives `limit` (rustup hangs, rather than
+/// fails, when its download server is half-reachable).
+fn succeeds_within(cmd: &mut Command, limit: Duration) -> bool {
+    let Ok(mut child) = cmd.spawn() else {
+        return false;
+    };
+    let started = std::time::Instant::now();
+    loop {
+        match child.try_wait() {
+            Ok(Some(status)) => return status.success(),
+            Ok(None) if started.elapsed() < limit => std::thread::sleep(Duration::from_millis(200)),
+            _ => {
+                eprintln!("xtask: {:?} did not finish in {limit:?}; giving up on it", cmd.get_program());
+                let _ = child.kill();
+                let _ = child.wait();
+                return false;
+            }
+        }
+    }
+}
+
+/// Build every plugin crate under plugins/ and copy the components to
+/// target/plugins/. Returns that folder.
+fn build_plugins(root: &Path) -> anyhow::Result<PathBuf> {
+    let toolchain = choose_toolchain()?;
+    // One target directory per toolchain: they cannot share build artifacts.
+    let target_dir = root.join(match toolchain {
+        Toolchain::Rustup => "target/wasm-rustup",
+        Toolchain::DebianBuildStd => "target/wasm-debian",
+    });
+    let mut cmd;
+    match toolchain {
+        Toolchain::Rustup => {
+            eprintln!("xtask: building plugins with rustup's wasm32-wasip2 target");
+            cmd = Command::new(cargo());
+        }
+        Toolchain::DebianBuildStd => {
+            eprintln!(
+                "xtask: building plugins with Debian's rustc-web and -Zbuild-std \
+                 (rustup's wasm32-wasip2 target is not installed and cannot be downloaded here, or SETPOINT_WASM_TOOLCHAIN=debian)"
+            );
+            cmd = Command::new("/usr/bin/cargo");
+            // Debian's cargo must find Debian's rustc, not rustup's proxy.
+            let path = std::env::var("PATH").unwrap_or_default();
+            cmd.env("PATH", format!("/usr/bin:{path}"))
+                .env_remove("RUSTC")
+                .env_remove("RUSTUP_TOOLCHAIN")
+                .env_remove("CARGO")
+                .env("RUSTC_BOOTSTRAP", "1")
+                .env("RUSTFLAGS", "-L native=/usr/lib/wasm32-wasi")
+                .args(["-Zbuild-std=std,panic_abort"]);
+        }
+    }
+    cmd.current_dir(root.join("plugins"))
+        .args(["build", "--release", "--locked", "--target", "wasm32-wasip2"])
+        .arg("--target-dir")
+        .arg(&target_dir);
+    // The `build` subcommand must come before `-Z` flags' arguments: reorder.
+    let args: Vec<_> = cmd.get_args().map(|a| a.to_owned()).collect();
+    let mut ordered = Command::new(cmd.get_program());
+    ordered.current_dir(root.join("plugins"));
+    for (k, v) in cmd.get_envs() {
+        match v {
+            Some(v) => ordered.env(k, v),
+            None => ordered.env_remove(k),
+        };
+    }
+    let (zflags, rest): (Vec<_>, Vec<_>) = args
+        .into_iter()
+        .partition(|a| a.to_string_lossy().starts_with("-Z"));
+    ordered.args(&rest[..1]).args(zflags).args(&rest[1..]);
+    run(&mut ordered)?;
+
+    let out = root.join("target/plugins");
+    std::fs::create_dir_all(&out)?;
+    let built = target_dir.join("wasm32-wasip2/release");
+    let mut count = 0;
+    for entry in std::fs::read_dir(&built)? {
+        let path = entry?.path();
+        if path.extension().is_some_and(|e| e == "wasm") {
+            let name = path.file_name().expect("a file");
+            std::fs::copy(&path, out.join(name))?;
+            count += 1;
+        }
+    }
+    let how = match toolchain {
+        Toolchain::Rustup => "rustup wasm32-wasip2",
+        Toolchain::DebianBuildStd => "Debian rustc-web + -Zbuild-std",
+    };
+    eprintln!("xtask: {count} plugin components in {} (toolchain: {how})", out.display());
+    Ok(out)
+}
+
+/// rustup's target if it is installed or can be downloaded; otherwise Debian's
+/// toolchain, installed with apt if missing. `SETPOINT_WASM_TOOLCHAIN=rustup` or
+/// `=debian` forces a choice.
+fn choose_toolchain() -> anyhow::Result<Toolchain> {
+    let forced = std::env::var("SETPOINT_WASM_TOOLCHAIN").ok();
+    if forced.as_deref() != Some("debian") {
+        if rustup_has_target() {
+            return Ok(Toolchain::Rustup);
+        }
+        if forced.as_deref() == Some("rustup") || rustup_server_reachable() {
+            eprintln!("xtask: installing rustup's wasm32-wasip2 target");
+            if succeeds_within(
+                Command::new("rustup").args(["target", "add", "wasm32-wasip2"]),
+                Duration::from_secs(180),
+            ) && rustup_has_target()
+            {
+                return Ok(Toolchain::Rustup);
+            }
+            if forced.as_deref() == Some("rustup") {
+                bail!("`rustup target add wasm32-wasip2` failed");
+            }
+        }
+    }
+    ensure_debian_toolchain()?;
+    Ok(Toolchain::DebianBuildStd)
+}
+
+fn rustup_has_target() -> bool {
+    Command::new("rustup")
+        .args(["target", "list", "--installed"])
+        .output()
+        .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).lines().any(|l| l.trim() == "wasm32-wasip2"))
+}
+
+/// rustup downloads targets from static.rust-lang.org; `rustup target add` hangs
+/// rather than fails where that is unreachable, so probe it first.
+fn rustup_server_reachable() -> bool {
+    let Ok(mut addrs) = ("static.rust-lang.org", 443).to_socket_addrs() else {
+        return false;
+    };
+    addrs.any(|a| TcpStream::connect_timeout(&a, Duration::from_secs(3)).is_ok())
+}
+
+/// The Debian packages the -Zbuild-std route needs, and the file each provides.
+const DEBIAN_PACKAGES: &[(&str, &str)] = &[
+    ("rustc-web", "/usr/bin/rustc"),
+    ("cargo-web", "/usr/bin/cargo"),
+    ("rust-web-src", "/usr/lib/rustlib/src/rust/library/Cargo.lock"),
+    ("lld-22", "/usr/bin/wasm-ld-22"),
+    ("wasi-libc", "/usr/lib/wasm32-wasi/libc.a"),
+];
+
+fn ensure_debian_toolchain() -> anyhow::Result<()> {
+    let missing: Vec<&str> = DEBIAN_PACKAGES
+        .iter()
+        .filter(|(_, file)| !Path::new(file).exists())
+        .map(|(pkg, _)| *pkg)
+        .collect();
+    if missing.is_empty() {
+        return Ok(());
+    }
+    eprintln!("xtask: installing Debian packages: {}", missing.join(" "));
+    apt_install(&missing)
+}
+
+/// `apt-get install`, through sudo when not root.
+fn apt_install(packages: &[&str]) -> anyhow::Result<()> {
+    let is_root = Command::new("id")
+        .arg("-u")
+        .output()
+        .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).trim() == "0");
+    let apt = |args: &[&str]| {
+        let mut cmd = if is_root {
+            Command::new("apt-get")
+        } else {
+            let mut c = Command::new("sudo");
+            c.arg("apt-get");
+            c
+        };
+        cmd.args(args).env("DEBIAN_FRONTEND", "noninteractive");
+        cmd
+    };
+    run(&mut apt(&["update", "-qq"]))?;
+    let mut install = apt(&["install", "-y", "-qq"]);
+    install.args(packages);
+    run(&mut install).context(
+        "cannot install the Debian toolchain for plugins; install rustup's wasm32-wasip2 \
+         target instead (`rustup target add wasm32-wasip2`)",
+    )
+}
