@@ -92,7 +92,10 @@ impl Reconciler for Hostile {
             })),
             "fail" => {
                 let failures: u32 = req.state.get("failures").and_then(|f| f.parse().ok()).unwrap_or(0);
-                Err(Error::retry(format!("failing on purpose (attempt {})", req.attempt))
+                Err(Error::retry(format!(
+                    "failing on purpose (attempt {}, {failures} failures in state)",
+                    req.attempt
+                ))
                     .with_state("failures", (failures + 1).to_string()))
             }
             "requeue" => Ok(Outcome::done()
