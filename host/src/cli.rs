@@ -179,6 +179,7 @@ async fn run(config_path: Option<&Path>, once: bool) -> anyhow::Result<()> {
         tracing::info!(key = %stored.key(), generation = stored.metadata.generation, "applied");
     }
 
+    let mut signals = ShutdownSignals::install()?;
     let shutdown = CancellationToken::new();
     let mut tasks = tokio::task::JoinSet::new();
     for c in &controllers {
@@ -192,7 +193,7 @@ async fn run(config_path: Option<&Path>, once: bool) -> anyhow::Result<()> {
     report.tick().await;
     loop {
         tokio::select! {
-            _ = shutdown_signal() => {
+            _ = signals.recv() => {
                 tracing::info!("shutting down: finishing reconciles in flight");
                 break;
             }
@@ -241,23 +242,28 @@ fn log_status(controllers: &[Arc<Controller>]) {
     }
 }
 
-async fn shutdown_signal() {
-    #[cfg(unix)]
-    {
+/// SIGINT and SIGTERM, listened for from the moment this is made: a signal that
+/// arrives before the daemon first waits for one is not lost (and does not kill
+/// the process with the default action).
+struct ShutdownSignals {
+    interrupt: tokio::signal::unix::Signal,
+    terminate: tokio::signal::unix::Signal,
+}
+
+impl ShutdownSignals {
+    fn install() -> anyhow::Result<Self> {
         use tokio::signal::unix::{SignalKind, signal};
-        match signal(SignalKind::terminate()) {
-            Ok(mut term) => tokio::select! {
-                _ = tokio::signal::ctrl_c() => {},
-                _ = term.recv() => {},
-            },
-            Err(_) => {
-                let _ = tokio::signal::ctrl_c().await;
-            }
-        }
+        Ok(Self {
+            interrupt: signal(SignalKind::interrupt()).context("cannot listen for SIGINT")?,
+            terminate: signal(SignalKind::terminate()).context("cannot listen for SIGTERM")?,
+        })
     }
-    #[cfg(not(unix))]
-    {
-        let _ = tokio::signal::ctrl_c().await;
+
+    async fn recv(&mut self) {
+        tokio::select! {
+            _ = self.interrupt.recv() => {},
+            _ = self.terminate.recv() => {},
+        }
     }
 }
 

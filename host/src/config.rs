@@ -270,7 +270,10 @@ impl Config {
             }
             for d in &p.grants.dirs {
                 if !d.guest.starts_with('/') {
-                    bail!("{at}: granted guest path {:?} must be absolute, e.g. /data", d.guest);
+                    bail!(
+                        "{at}: granted guest path {:?} must be absolute, e.g. /data",
+                        d.guest
+                    );
                 }
             }
         }

@@ -198,9 +198,15 @@ impl Controller {
             }
             Ok(Err(failure)) => self.failed(key, failure.error, failure.state),
             Err(e) => {
-                let state = self.keys().get(key).map(|k| k.state.clone()).unwrap_or_default();
+                let state = self
+                    .keys()
+                    .get(key)
+                    .map(|k| k.state.clone())
+                    .unwrap_or_default();
                 let error = match e {
-                    CallError::Setup(_) | CallError::NoPruner => ReconcileError::Fatal(e.to_string()),
+                    CallError::Setup(_) | CallError::NoPruner => {
+                        ReconcileError::Fatal(e.to_string())
+                    }
                     _ => ReconcileError::Retry(e.to_string()),
                 };
                 self.failed(key, error, state)

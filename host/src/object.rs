@@ -232,8 +232,8 @@ mod tests {
 
     #[test]
     fn parse_accepts_json() {
-        let o = Object::parse(r#"{"kind":"File","metadata":{"name":"a","namespace":"ns"}}"#)
-            .unwrap();
+        let o =
+            Object::parse(r#"{"kind":"File","metadata":{"name":"a","namespace":"ns"}}"#).unwrap();
         assert_eq!(o.key().to_string(), "File:ns/a");
     }
 
@@ -249,8 +249,9 @@ mod tests {
 
     #[test]
     fn parse_all_reads_every_document_and_names_the_bad_one() {
-        let objects = parse_all("kind: A\nmetadata: {name: a}\n---\n---\nkind: B\nmetadata: {name: b}\n")
-            .unwrap();
+        let objects =
+            parse_all("kind: A\nmetadata: {name: a}\n---\n---\nkind: B\nmetadata: {name: b}\n")
+                .unwrap();
         assert_eq!(objects.len(), 2);
         let err = parse_all("kind: A\nmetadata: {name: a}\n---\nkind: B\n").unwrap_err();
         assert!(err.to_string().contains("document 2"), "{err}");

@@ -343,10 +343,7 @@ mod tests {
         assert!(store.get(&a.key()).unwrap().is_deleting());
         assert!(store.remove(&a.key()));
         assert_eq!(store.get(&a.key()), None);
-        assert_eq!(
-            store.delete(&a.key()),
-            Err(StoreError::NotFound(a.key()))
-        );
+        assert_eq!(store.delete(&a.key()), Err(StoreError::NotFound(a.key())));
     }
 
     #[test]
@@ -371,7 +368,10 @@ mod tests {
         ));
         assert_eq!(store.get(&a.key()).unwrap().status, None);
         store.set_status(&a.key(), r#"{"ok":true}"#).unwrap();
-        assert_eq!(store.get(&a.key()).unwrap().status, Some(json!({"ok": true})));
+        assert_eq!(
+            store.get(&a.key()).unwrap().status,
+            Some(json!({"ok": true}))
+        );
         let missing = ObjectKey::new("File", "", "nope");
         assert_eq!(
             store.set_status(&missing, "{}"),

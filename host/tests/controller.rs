@@ -34,7 +34,12 @@ async fn controller_reconciles_every_object_and_every_change() {
     let plugin = load(&rt, "hello", PluginConfig::default(), &store).await;
     let keys: Vec<ObjectKey> = ["a", "b", "c"]
         .iter()
-        .map(|n| store.apply(Object::new("Greeting", "", n, json!({"who": n}))).0.key())
+        .map(|n| {
+            store
+                .apply(Object::new("Greeting", "", n, json!({"who": n})))
+                .0
+                .key()
+        })
         .collect();
     let controller = Controller::new(plugin, store.clone());
     let (stop, task) = start(&controller);
@@ -47,10 +52,15 @@ async fn controller_reconciles_every_object_and_every_change() {
 
     store.apply(Object::new("Greeting", "", "a", json!({"who": "again"})));
     wait_until("the change is reconciled", LIMIT, || {
-        store.status(&keys[0]).is_some_and(|s| s.phase == Phase::Done && s.observed_generation == 2)
+        store
+            .status(&keys[0])
+            .is_some_and(|s| s.phase == Phase::Done && s.observed_generation == 2)
     })
     .await;
-    assert_eq!(store.get(&keys[0]).unwrap().status.unwrap()["greeting"], "Hello, again!");
+    assert_eq!(
+        store.get(&keys[0]).unwrap().status.unwrap()["greeting"],
+        "Hello, again!"
+    );
     stop.cancel();
     task.await.unwrap();
     assert_eq!(controller.status().successes, 4);
@@ -77,8 +87,14 @@ async fn controller_removes_a_deleted_object_only_after_its_delete_is_reconciled
     wait_until("the file is written", LIMIT, || file.exists()).await;
 
     store.delete(&motd.key()).unwrap();
-    wait_until("the object is gone", LIMIT, || store.get(&motd.key()).is_none()).await;
-    assert!(!file.exists(), "the delete was reconciled before the object went");
+    wait_until("the object is gone", LIMIT, || {
+        store.get(&motd.key()).is_none()
+    })
+    .await;
+    assert!(
+        !file.exists(),
+        "the delete was reconciled before the object went"
+    );
     stop.cancel();
     task.await.unwrap();
 }
@@ -93,20 +109,42 @@ async fn hostile_keys_fail_alone_while_the_other_keys_are_served() {
     settings.limits.memory_mib = 32;
     settings.retry.max_retries = 0;
     let plugin = load(&rt, "hostile", settings, &store).await;
-    let bad: Vec<(ObjectKey, &str)> = [("loop", "time limit"), ("oom", "out of memory"), ("trap", "trapped")]
-        .iter()
-        .map(|(mode, why)| {
-            (store.apply(Object::new("Hostile", "", mode, json!({"mode": mode}))).0.key(), *why)
-        })
-        .collect();
+    let bad: Vec<(ObjectKey, &str)> = [
+        ("loop", "time limit"),
+        ("oom", "out of memory"),
+        ("trap", "trapped"),
+    ]
+    .iter()
+    .map(|(mode, why)| {
+        (
+            store
+                .apply(Object::new("Hostile", "", mode, json!({"mode": mode})))
+                .0
+                .key(),
+            *why,
+        )
+    })
+    .collect();
     let good: Vec<ObjectKey> = (0..5)
-        .map(|i| store.apply(Object::new("Hostile", "", &format!("ok{i}"), json!({"mode": "ok"}))).0.key())
+        .map(|i| {
+            store
+                .apply(Object::new(
+                    "Hostile",
+                    "",
+                    &format!("ok{i}"),
+                    json!({"mode": "ok"}),
+                ))
+                .0
+                .key()
+        })
         .collect();
     let controller = Controller::new(plugin, store.clone());
     let (stop, task) = start(&controller);
     wait_until("every key settled", LIMIT, || {
         good.iter().all(|k| phase(&store, k) == Some(Phase::Done))
-            && bad.iter().all(|(k, _)| phase(&store, k) == Some(Phase::Error))
+            && bad
+                .iter()
+                .all(|(k, _)| phase(&store, k) == Some(Phase::Error))
     })
     .await;
     for (key, why) in &bad {
@@ -158,13 +196,28 @@ async fn requeue_after_reconciles_the_key_again_after_the_delay() {
     let rt = runtime(&cache);
     let store = Store::new();
     let plugin = load(&rt, "hostile", PluginConfig::default(), &store).await;
-    store.apply(Object::new("Hostile", "", "r", json!({"mode": "requeue", "delay-ms": 1000})));
+    store.apply(Object::new(
+        "Hostile",
+        "",
+        "r",
+        json!({"mode": "requeue", "delay-ms": 1000}),
+    ));
     let controller = Controller::new(plugin, store.clone());
     let (stop, task) = start(&controller);
-    wait_until("the first reconcile", LIMIT, || controller.status().successes == 1).await;
+    wait_until("the first reconcile", LIMIT, || {
+        controller.status().successes == 1
+    })
+    .await;
     let first = tokio::time::Instant::now();
-    wait_until("the requeued reconcile", LIMIT, || controller.status().successes == 2).await;
-    assert!(first.elapsed() >= Duration::from_millis(1000), "{:?}", first.elapsed());
+    wait_until("the requeued reconcile", LIMIT, || {
+        controller.status().successes == 2
+    })
+    .await;
+    assert!(
+        first.elapsed() >= Duration::from_millis(1000),
+        "{:?}",
+        first.elapsed()
+    );
     stop.cancel();
     task.await.unwrap();
 }

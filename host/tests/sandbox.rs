@@ -48,7 +48,10 @@ async fn sandbox_stops_an_endless_loop_at_the_deadline_and_serves_the_next_call(
     let mut instance = plugin.instance();
     let endless = request(&store, "Hostile", "loop", json!({"mode": "loop"}));
     let result = instance.reconcile(&endless).await;
-    assert_eq!(result.unwrap_err(), CallError::Timeout(Duration::from_millis(200)));
+    assert_eq!(
+        result.unwrap_err(),
+        CallError::Timeout(Duration::from_millis(200))
+    );
     assert!(!instance.is_warm(), "the timed-out instance is thrown away");
     let ok = request(&store, "Hostile", "ok", json!({"mode": "ok"}));
     assert_eq!(status_of(&mut instance, &ok).await["mode"], "ok");
@@ -120,7 +123,11 @@ async fn sandbox_grants_exactly_what_the_configuration_lists() {
     let snoop = request(&store, "Hostile", "snoop", json!({"mode": "snoop"}));
     let status = status_of(&mut plugin.instance(), &snoop).await;
     assert_eq!(status["env"], json!(["GRANTED"]), "{status}");
-    assert_eq!(status["read"], json!([]), "/data is a directory, not a file: {status}");
+    assert_eq!(
+        status["read"],
+        json!([]),
+        "/data is a directory, not a file: {status}"
+    );
 }
 
 #[tokio::test]
@@ -144,7 +151,10 @@ async fn warm_instances_are_reused_until_recycled_and_fresh_ones_are_not() {
     let plugin = load(&rt, "hostile", fresh, &store).await;
     let mut instance = plugin.instance();
     status_of(&mut instance, &ok).await;
-    assert!(!instance.is_warm(), "a fresh instance is dropped after its call");
+    assert!(
+        !instance.is_warm(),
+        "a fresh instance is dropped after its call"
+    );
 }
 
 #[tokio::test]
@@ -165,7 +175,10 @@ async fn files_plugin_writes_into_its_granted_directory_and_prunes_strays() {
     let motd = request(&store, "File", "motd", json!({"content": "hello\n"}));
     let status = status_of(&mut instance, &motd).await;
     assert_eq!(status, json!({"path": "/data/motd", "bytes": 6}));
-    assert_eq!(std::fs::read_to_string(data.path().join("motd")).unwrap(), "hello\n");
+    assert_eq!(
+        std::fs::read_to_string(data.path().join("motd")).unwrap(),
+        "hello\n"
+    );
 
     std::fs::write(data.path().join("stray"), "x").unwrap();
     instance

@@ -68,7 +68,12 @@ fn main() -> anyhow::Result<()> {
             let plugins = build_plugins(&root)?;
             // The plugins' own unit tests, natively, against the SDK's fake host.
             run(Command::new(cargo())
-                .args(["test", "--manifest-path", "plugins/Cargo.toml", "--target-dir"])
+                .args([
+                    "test",
+                    "--manifest-path",
+                    "plugins/Cargo.toml",
+                    "--target-dir",
+                ])
                 .arg(root.join("target/plugins-native")))?;
             run(Command::new(cargo())
                 .args(["test", "--workspace"])
@@ -129,7 +134,10 @@ fn succeeds_within(cmd: &mut Command, limit: Duration) -> bool {
             Ok(Some(status)) => return status.success(),
             Ok(None) if started.elapsed() < limit => std::thread::sleep(Duration::from_millis(200)),
             _ => {
-                eprintln!("xtask: {:?} did not finish in {limit:?}; giving up on it", cmd.get_program());
+                eprintln!(
+                    "xtask: {:?} did not finish in {limit:?}; giving up on it",
+                    cmd.get_program()
+                );
                 let _ = child.kill();
                 let _ = child.wait();
                 return false;
@@ -171,7 +179,13 @@ fn build_plugins(root: &Path) -> anyhow::Result<PathBuf> {
         }
     }
     cmd.current_dir(root.join("plugins"))
-        .args(["build", "--release", "--locked", "--target", "wasm32-wasip2"])
+        .args([
+            "build",
+            "--release",
+            "--locked",
+            "--target",
+            "wasm32-wasip2",
+        ])
         .arg("--target-dir")
         .arg(&target_dir);
     // The `build` subcommand must come before `-Z` flags' arguments: reorder.
@@ -206,7 +220,10 @@ fn build_plugins(root: &Path) -> anyhow::Result<PathBuf> {
         Toolchain::Rustup => "rustup wasm32-wasip2",
         Toolchain::DebianBuildStd => "Debian rustc-web + -Zbuild-std",
     };
-    eprintln!("xtask: {count} plugin components in {} (toolchain: {how})", out.display());
+    eprintln!(
+        "xtask: {count} plugin components in {} (toolchain: {how})",
+        out.display()
+    );
     Ok(out)
 }
 
@@ -241,7 +258,11 @@ fn rustup_has_target() -> bool {
     Command::new("rustup")
         .args(["target", "list", "--installed"])
         .output()
-        .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).lines().any(|l| l.trim() == "wasm32-wasip2"))
+        .is_ok_and(|o| {
+            String::from_utf8_lossy(&o.stdout)
+                .lines()
+                .any(|l| l.trim() == "wasm32-wasip2")
+        })
 }
 
 /// rustup downloads targets from static.rust-lang.org; `rustup target add` hangs
@@ -257,7 +278,10 @@ fn rustup_server_reachable() -> bool {
 const DEBIAN_PACKAGES: &[(&str, &str)] = &[
     ("rustc-web", "/usr/bin/rustc"),
     ("cargo-web", "/usr/bin/cargo"),
-    ("rust-web-src", "/usr/lib/rustlib/src/rust/library/Cargo.lock"),
+    (
+        "rust-web-src",
+        "/usr/lib/rustlib/src/rust/library/Cargo.lock",
+    ),
     ("lld-22", "/usr/bin/wasm-ld-22"),
     ("wasi-libc", "/usr/lib/wasm32-wasi/libc.a"),
 ];

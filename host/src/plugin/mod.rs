@@ -22,8 +22,8 @@ mod runtime;
 
 pub use cache::{CacheOutcome, CompileCache};
 pub use compat::{PACKAGE, SUPPORTED_VERSIONS, WORLD};
-pub use instance::{CallError, Instance};
 pub use imports::object_to_wit;
+pub use instance::{CallError, Instance};
 pub use runtime::{LoadError, LoadReport, Plugin, Runtime};
 
 /// The WIT contract as Rust types, generated from `wit/` at build time.

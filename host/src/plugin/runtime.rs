@@ -171,10 +171,12 @@ impl Runtime {
         settings: PluginConfig,
         store: Store,
     ) -> Result<Plugin, LoadError> {
-        let bytes = tokio::fs::read(path).await.map_err(|source| LoadError::Read {
-            path: path.to_path_buf(),
-            source,
-        })?;
+        let bytes = tokio::fs::read(path)
+            .await
+            .map_err(|source| LoadError::Read {
+                path: path.to_path_buf(),
+                source,
+            })?;
         self.load_bytes(path, bytes, settings, store).await
     }
 
@@ -284,22 +286,38 @@ impl Runtime {
 /// Refuse files that are not components before handing them to the compiler, so
 /// the common mistakes get a specific message.
 fn check_header(path: &Path, bytes: &[u8]) -> Result<(), LoadError> {
-    if bytes.len() < 8 || &bytes[..4] != b"\0asm" {
-        // The WebAssembly text format is accepted too (handy for small fixtures).
-        if std::str::from_utf8(bytes).is_ok_and(|t| t.trim_start().starts_with("(component")) {
-            return Ok(());
+    if bytes.starts_with(b"\0asm") && bytes.len() >= 8 {
+        // Bytes 4..8: a core module is version 1, layer 0; a component has layer 1.
+        if bytes[6..8] == [0, 0] {
+            return Err(LoadError::CoreModule {
+                path: path.to_path_buf(),
+            });
         }
-        return Err(LoadError::NotWasm {
-            path: path.to_path_buf(),
-        });
+        return Ok(());
     }
-    // Bytes 4..8: a core module is version 1, layer 0; a component has layer 1.
-    if bytes[6..8] == [0, 0] {
-        return Err(LoadError::CoreModule {
+    // The WebAssembly text format is accepted too (handy for small fixtures).
+    match std::str::from_utf8(bytes).map(wat_form) {
+        Ok(Some("component")) => Ok(()),
+        Ok(Some("module")) => Err(LoadError::CoreModule {
             path: path.to_path_buf(),
-        });
+        }),
+        _ => Err(LoadError::NotWasm {
+            path: path.to_path_buf(),
+        }),
     }
-    Ok(())
+}
+
+/// `component` or `module` if `text` looks like WebAssembly text of that form:
+/// its first token after `;;` comments and whitespace is `(component` or `(module`.
+fn wat_form(text: &str) -> Option<&'static str> {
+    let code = text
+        .lines()
+        .map(str::trim)
+        .find(|l| !l.is_empty() && !l.starts_with(";;"))?;
+    ["component", "module"].into_iter().find(|form| {
+        code.strip_prefix('(')
+            .is_some_and(|rest| rest.starts_with(form))
+    })
 }
 
 /// The innermost message of an error chain: what actually went wrong, without the

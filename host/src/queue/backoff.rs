@@ -80,7 +80,10 @@ mod tests {
             let exact = b.clone().without_jitter().delay(n);
             for _ in 0..50 {
                 let d = b.delay(n);
-                assert!(d <= exact && d >= (exact / 2).max(100 * MS), "{d:?} vs {exact:?}");
+                assert!(
+                    d <= exact && d >= (exact / 2).max(100 * MS),
+                    "{d:?} vs {exact:?}"
+                );
             }
         }
     }

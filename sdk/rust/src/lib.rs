@@ -329,8 +329,9 @@ pub fn decode_request<S: DeserializeOwned>(
     attempt: u32,
     state: State,
 ) -> Result<Request<S>, Error> {
-    let spec = serde_json::from_value(object.spec.clone())
-        .map_err(|e| Error::fatal(format!("the spec of {key} is invalid: {e}")).with_state_all(&state))?;
+    let spec = serde_json::from_value(object.spec.clone()).map_err(|e| {
+        Error::fatal(format!("the spec of {key} is invalid: {e}")).with_state_all(&state)
+    })?;
     Ok(Request {
         key,
         action,
@@ -352,7 +353,9 @@ impl Error {
 pub fn encode_status<St: Serialize>(status: &Option<St>) -> Result<Option<String>, Error> {
     status
         .as_ref()
-        .map(|s| serde_json::to_string(s).map_err(|e| Error::fatal(format!("cannot encode status: {e}"))))
+        .map(|s| {
+            serde_json::to_string(s).map_err(|e| Error::fatal(format!("cannot encode status: {e}")))
+        })
         .transpose()
 }
 

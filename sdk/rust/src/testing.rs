@@ -209,12 +209,20 @@ mod tests {
         fn describe(&self) -> Info {
             Info::new("flaky", "0.0.0", ["Thing"])
         }
-        fn reconcile(&self, _: &dyn Host, req: crate::Request<Spec>) -> Result<Outcome<Status>, Error> {
+        fn reconcile(
+            &self,
+            _: &dyn Host,
+            req: crate::Request<Spec>,
+        ) -> Result<Outcome<Status>, Error> {
             let seen = req.state.get("seen").cloned().unwrap_or_default();
             if req.spec.fail {
                 return Err(Error::retry("asked to fail").with_state("seen", format!("{seen}x")));
             }
-            Ok(Outcome::done().with_status(Status { attempt: req.attempt }).with_state("seen", seen))
+            Ok(Outcome::done()
+                .with_status(Status {
+                    attempt: req.attempt,
+                })
+                .with_state("seen", seen))
         }
     }
 
@@ -223,12 +231,20 @@ mod tests {
         let host = FakeHost::new();
         let failing = Object::new("Thing", "a", json!({"fail": true}));
         for _ in 0..2 {
-            assert_eq!(host.reconcile(&Flaky, Action::Created, &failing).unwrap_err().kind, crate::ErrorKind::Retry);
+            assert_eq!(
+                host.reconcile(&Flaky, Action::Created, &failing)
+                    .unwrap_err()
+                    .kind,
+                crate::ErrorKind::Retry
+            );
         }
         let fixed = Object::new("Thing", "a", json!({"fail": false}));
         let outcome = host.reconcile(&Flaky, Action::Updated, &fixed).unwrap();
         assert_eq!(outcome.state.get("seen").map(String::as_str), Some("xx"));
-        assert_eq!(host.object("Thing", "", "a").unwrap().status, Some(json!({"attempt": 2})));
+        assert_eq!(
+            host.object("Thing", "", "a").unwrap().status,
+            Some(json!({"attempt": 2}))
+        );
     }
 
     #[test]
@@ -237,6 +253,10 @@ mod tests {
         let bad = Object::new("Thing", "a", json!({"fail": "yes"}));
         let err = host.reconcile(&Flaky, Action::Created, &bad).unwrap_err();
         assert_eq!(err.kind, crate::ErrorKind::Fatal);
-        assert!(err.message.contains("spec of Thing:a is invalid"), "{}", err.message);
+        assert!(
+            err.message.contains("spec of Thing:a is invalid"),
+            "{}",
+            err.message
+        );
     }
 }

@@ -1,0 +1,218 @@
+//! The real `setpoint` binary with the real example plugins.
+
+use std::io::{BufRead, BufReader};
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use setpoint_tests::{plugin, root, setpoint, texts};
+
+/// Run `setpoint plugin inspect FILE` and return (success, stdout, stderr).
+fn inspect(file: &std::path::Path) -> (bool, String, String) {
+    let cache = tempfile::tempdir().unwrap();
+    let output = setpoint(cache.path())
+        .args(["plugin", "inspect"])
+        .arg(file)
+        .output()
+        .unwrap();
+    let (out, err) = texts(&output);
+    (output.status.success(), out, err)
+}
+
+/// A refusal is short, says what was wrong, and has no backtrace.
+fn assert_clear_refusal(file: &std::path::Path, expected: &str) {
+    let (ok, _, err) = inspect(file);
+    assert!(!ok, "inspect of {} should fail", file.display());
+    let message: Vec<&str> = err.lines().filter(|l| l.starts_with("error:")).collect();
+    assert_eq!(message.len(), 1, "one error paragraph: {err}");
+    assert!(
+        message[0].contains(expected),
+        "expected {expected:?} in: {err}"
+    );
+    assert!(!err.to_lowercase().contains("backtrace"), "{err}");
+    assert!(err.lines().count() <= 3, "short: {err}");
+}
+
+#[test]
+fn inspect_prints_what_a_real_plugin_describes() {
+    let (ok, out, err) = inspect(&plugin("files"));
+    assert!(ok, "{err}");
+    assert!(out.contains("plugin:    files 0.1.0"), "{out}");
+    assert!(out.contains("kinds:     File"), "{out}");
+    assert!(
+        out.contains("world:     setpoint:reconciler/plugin"),
+        "{out}"
+    );
+    assert!(out.contains("exports:   reconciler, pruner"), "{out}");
+}
+
+#[test]
+fn inspect_refuses_a_component_of_the_wrong_world() {
+    let file = root().join("tests/fixtures/wrong-world.wat");
+    assert_clear_refusal(&file, "it is not a Setpoint plugin");
+    let (_, _, err) = inspect(&file);
+    assert!(
+        err.contains("exports `hello`"),
+        "names what it found: {err}"
+    );
+}
+
+#[test]
+fn inspect_refuses_an_unsupported_package_version_by_name() {
+    let file = root().join("tests/fixtures/future-version.wat");
+    assert_clear_refusal(&file, "setpoint:reconciler@0.2.0");
+    let (_, _, err) = inspect(&file);
+    assert!(err.contains("supports setpoint:reconciler 0.1.x"), "{err}");
+}
+
+#[test]
+fn inspect_refuses_a_truncated_component() {
+    let dir = tempfile::tempdir().unwrap();
+    let bytes = std::fs::read(plugin("hello")).unwrap();
+    let file = dir.path().join("truncated.wasm");
+    std::fs::write(&file, &bytes[..bytes.len() / 2]).unwrap();
+    assert_clear_refusal(&file, "is not a valid component");
+    let (_, _, err) = inspect(&file);
+    assert!(err.contains("truncated or corrupt"), "{err}");
+}
+
+#[test]
+fn inspect_refuses_a_file_that_is_not_wasm() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("notes.wasm");
+    std::fs::write(&file, "these are not the bytes you are looking for\n").unwrap();
+    assert_clear_refusal(&file, "is not a WebAssembly file");
+}
+
+#[test]
+fn inspect_refuses_a_core_module() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("core.wasm");
+    std::fs::write(&file, b"\0asm\x01\0\0\0").unwrap();
+    assert_clear_refusal(&file, "is a core WebAssembly module, not a component");
+}
+
+#[test]
+fn inspect_refuses_a_missing_file() {
+    let dir = tempfile::tempdir().unwrap();
+    assert_clear_refusal(&dir.path().join("nope.wasm"), "cannot read plugin");
+}
+
+#[test]
+fn reconcile_runs_one_reconcile_and_prints_the_outcome() {
+    let cache = tempfile::tempdir().unwrap();
+    let data = tempfile::tempdir().unwrap();
+    let object = data.path().join("motd.yaml");
+    std::fs::write(
+        &object,
+        "kind: File\nmetadata:\n  name: motd\nspec:\n  content: hi\n",
+    )
+    .unwrap();
+    let out_dir = data.path().join("out");
+    let output = setpoint(cache.path())
+        .arg("reconcile")
+        .arg(plugin("files"))
+        .arg("--object")
+        .arg(&object)
+        .arg("--dir")
+        .arg(format!("{}:/data", out_dir.display()))
+        .output()
+        .unwrap();
+    let (out, err) = texts(&output);
+    assert!(output.status.success(), "{err}");
+    let printed: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(printed["result"], "ok");
+    assert_eq!(
+        printed["status"],
+        serde_json::json!({"path": "/data/motd", "bytes": 2})
+    );
+    assert_eq!(std::fs::read_to_string(out_dir.join("motd")).unwrap(), "hi");
+}
+
+#[test]
+fn reconcile_prints_a_plugin_error_with_its_kind() {
+    let cache = tempfile::tempdir().unwrap();
+    let data = tempfile::tempdir().unwrap();
+    let object = data.path().join("bad.yaml");
+    std::fs::write(
+        &object,
+        "kind: File\nmetadata:\n  name: bad\nspec:\n  contents: typo\n",
+    )
+    .unwrap();
+    let output = setpoint(cache.path())
+        .arg("reconcile")
+        .arg(plugin("files"))
+        .arg("--object")
+        .arg(&object)
+        .output()
+        .unwrap();
+    let (out, err) = texts(&output);
+    assert!(output.status.success(), "{err}");
+    let printed: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(printed["error"], "fatal");
+    assert!(
+        printed["message"]
+            .as_str()
+            .unwrap()
+            .contains("unknown field `contents`"),
+        "{out}"
+    );
+}
+
+#[test]
+fn run_without_config_reconciles_the_examples() {
+    let cache = tempfile::tempdir().unwrap();
+    let cwd = tempfile::tempdir().unwrap();
+    let output = setpoint(cache.path())
+        .args(["run", "--once"])
+        .current_dir(cwd.path())
+        .output()
+        .unwrap();
+    let (_, err) = texts(&output);
+    assert!(output.status.success(), "{err}");
+    assert!(err.contains("every object is reconciled"), "{err}");
+    let motd = cwd.path().join("target/demo/files/motd");
+    assert_eq!(
+        std::fs::read_to_string(motd).unwrap(),
+        "Welcome to Setpoint.\n"
+    );
+    assert!(err.contains("controller=hello successes=2"), "{err}");
+}
+
+#[test]
+fn run_stops_cleanly_on_ctrl_c() {
+    let cache = tempfile::tempdir().unwrap();
+    let cwd = tempfile::tempdir().unwrap();
+    let mut child = setpoint(cache.path())
+        .arg("run")
+        .current_dir(cwd.path())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stderr = child.stderr.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            let _ = tx.send(line);
+        }
+    });
+    let mut log = Vec::new();
+    let wait_for = |log: &mut Vec<String>, needle: &str| {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while !log.iter().any(|l| l.contains(needle)) {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match rx.recv_timeout(left) {
+                Ok(line) => log.push(line),
+                Err(_) => panic!("no {needle:?} in the log: {log:#?}"),
+            }
+        }
+    };
+    wait_for(&mut log, "setpoint is running");
+    let killed = std::process::Command::new("kill")
+        .args(["-INT", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(killed.success());
+    wait_for(&mut log, "shutting down");
+    let status = child.wait().unwrap();
+    assert!(status.success(), "{status}: {log:#?}");
+}
