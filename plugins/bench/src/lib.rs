@@ -86,7 +86,7 @@ pub fn sample_spec() -> serde_json::Value {
         .map(|i| {
             serde_json::json!({
                 "name": format!("service-{i}"),
-                "image": format!("registry.example.com/team/app-{}:1.{i}.0", i % 3),
+                "image": format!("registry.example.com/team/app-{}:1.4.0", i % 3),
                 "replicas": 3 + i,
                 "zones": ["eu-west-1a", "eu-west-1b", "eu-west-1c"],
                 "env": { "LOG_LEVEL": "info", "REGION": "eu-west-1" }

@@ -398,6 +398,9 @@ macro_rules! export {
             }
         }
 
+        // Only a component exports the WIT functions; a native build (unit tests,
+        // benchmarks) uses the plugin as a plain Rust library.
+        #[cfg(target_arch = "wasm32")]
         $crate::bindings::__export_plugin!(__SetpointExport with_types_in $crate::bindings);
     };
 }
