@@ -6,9 +6,9 @@ mod common;
 use std::sync::Arc;
 use std::time::Duration;
 
-use common::{load, runtime, wait_until};
+use common::{granting_data, load, runtime, wait_until};
 use serde_json::json;
-use setpoint::config::{DirGrant, PluginConfig};
+use setpoint::config::PluginConfig;
 use setpoint::controller::Controller;
 use setpoint::object::{Object, ObjectKey};
 use setpoint::store::{Phase, Store};
@@ -73,13 +73,7 @@ async fn controller_removes_a_deleted_object_only_after_its_delete_is_reconciled
     let data = tempfile::tempdir().unwrap();
     let rt = runtime(&cache);
     let store = Store::new();
-    let mut settings = PluginConfig::default();
-    settings.grants.dirs.push(DirGrant {
-        host: data.path().to_path_buf(),
-        guest: "/data".into(),
-        read_only: false,
-    });
-    let plugin = load(&rt, "files", settings, &store).await;
+    let plugin = load(&rt, "files", granting_data(data.path()), &store).await;
     let (motd, _) = store.apply(Object::new("File", "", "motd", json!({"content": "hi"})));
     let controller = Controller::new(plugin, store.clone());
     let (stop, task) = start(&controller);

@@ -5,7 +5,7 @@ mod common;
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-use common::{load, runtime};
+use common::{granting_data, load, runtime};
 use serde_json::json;
 use setpoint::config::{DirGrant, InstanceMode, PluginConfig};
 use setpoint::object::Object;
@@ -163,13 +163,7 @@ async fn files_plugin_writes_into_its_granted_directory_and_prunes_strays() {
     let data = tempfile::tempdir().unwrap();
     let rt = runtime(&cache);
     let store = Store::new();
-    let mut settings = PluginConfig::default();
-    settings.grants.dirs.push(DirGrant {
-        host: data.path().to_path_buf(),
-        guest: "/data".into(),
-        read_only: false,
-    });
-    let plugin = load(&rt, "files", settings, &store).await;
+    let plugin = load(&rt, "files", granting_data(data.path()), &store).await;
     assert!(plugin.can_prune());
     let mut instance = plugin.instance();
     let motd = request(&store, "File", "motd", json!({"content": "hello\n"}));

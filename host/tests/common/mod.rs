@@ -5,7 +5,7 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
-use setpoint::config::{PluginConfig, RuntimeConfig};
+use setpoint::config::{DirGrant, PluginConfig, RuntimeConfig};
 use setpoint::plugin::{Plugin, Runtime};
 use setpoint::store::Store;
 
@@ -36,6 +36,17 @@ pub fn runtime(cache: &tempfile::TempDir) -> Runtime {
         ..RuntimeConfig::default()
     })
     .expect("runtime")
+}
+
+/// Default settings that grant `dir` as the plugin's `/data`.
+pub fn granting_data(dir: &std::path::Path) -> PluginConfig {
+    let mut settings = PluginConfig::default();
+    settings.grants.dirs.push(DirGrant {
+        host: dir.to_path_buf(),
+        guest: "/data".into(),
+        read_only: false,
+    });
+    settings
 }
 
 /// Load an example plugin with `settings`.
