@@ -65,6 +65,18 @@ fn inspect_refuses_an_unsupported_package_version_by_name() {
 }
 
 #[test]
+fn inspect_names_a_missing_export_function() {
+    let file = root().join("tests/fixtures/missing-reconcile.wat");
+    assert_clear_refusal(&file, "does not have export `reconcile`");
+}
+
+#[test]
+fn inspect_names_an_export_function_of_the_wrong_type() {
+    let file = root().join("tests/fixtures/wrong-signature.wat");
+    assert_clear_refusal(&file, "has a `describe` of the wrong type");
+}
+
+#[test]
 fn inspect_refuses_a_truncated_component() {
     let dir = tempfile::tempdir().unwrap();
     let bytes = std::fs::read(plugin("hello")).unwrap();

@@ -35,7 +35,11 @@ fn plugin_path() -> PathBuf {
         .map(PathBuf::from)
         .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target/plugins"));
     let path = dir.join("bench.wasm");
-    assert!(path.exists(), "{} is missing: run `cargo xtask bench`", path.display());
+    assert!(
+        path.exists(),
+        "{} is missing: run `cargo xtask bench`",
+        path.display()
+    );
     path
 }
 
@@ -123,13 +127,11 @@ fn main() {
 
 /// ns/op for each case and mode from criterion's estimates, with ratios to native.
 fn summary() {
-    let dir = PathBuf::from(
-        std::env::var_os("CARGO_TARGET_DIR").unwrap_or_else(|| {
-            PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-                .join("../target")
-                .into_os_string()
-        }),
-    )
+    let dir = PathBuf::from(std::env::var_os("CARGO_TARGET_DIR").unwrap_or_else(|| {
+        PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+            .join("../target")
+            .into_os_string()
+    }))
     .join("criterion");
     let estimate = |case: &str, mode: &str| -> Option<f64> {
         let path = dir.join(format!("reconcile_{case}/{mode}/new/estimates.json"));
@@ -137,7 +139,9 @@ fn summary() {
             serde_json::from_str(&std::fs::read_to_string(path).ok()?).ok()?;
         json["median"]["point_estimate"].as_f64()
     };
-    println!("\n| case | native ns/op | warm ns/op | fresh ns/op | warm / native | fresh / native | fresh / warm |");
+    println!(
+        "\n| case | native ns/op | warm ns/op | fresh ns/op | warm / native | fresh / native | fresh / warm |"
+    );
     println!("|---|---:|---:|---:|---:|---:|---:|");
     for (case, _) in CASES {
         let (Some(n), Some(w), Some(f)) = (

@@ -188,11 +188,11 @@ impl Controller {
         let result = instance.reconcile(&request).await;
         match result {
             Ok(Ok(outcome)) => {
-                if let Some(status) = &outcome.status {
-                    if let Err(e) = self.store.set_status(key, status) {
-                        let error = format!("the plugin returned a bad status: {e}");
-                        return self.failed(key, ReconcileError::Fatal(error), outcome.state);
-                    }
+                if let Some(status) = &outcome.status
+                    && let Err(e) = self.store.set_status(key, status)
+                {
+                    let error = format!("the plugin returned a bad status: {e}");
+                    return self.failed(key, ReconcileError::Fatal(error), outcome.state);
                 }
                 self.succeeded(key, &object, outcome);
             }

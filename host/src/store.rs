@@ -301,7 +301,7 @@ impl Inner {
 
     fn notify(&mut self, key: &ObjectKey, action: Action) {
         self.watchers.retain(|w| {
-            if !w.kinds.iter().any(|k| *k == key.kind) {
+            if !w.kinds.contains(&key.kind) {
                 return !w.tx.is_closed();
             }
             w.tx.send(Change {

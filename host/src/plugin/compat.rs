@@ -71,13 +71,13 @@ pub fn check(component: &Component, engine: &Engine) -> Result<(), Mismatch> {
     let exports: Vec<String> = ty.exports(engine).map(|(n, _)| n.to_string()).collect();
     let imports = ty.imports(engine).map(|(n, _)| n.to_string());
     for name in exports.iter().cloned().chain(imports) {
-        if let Some(version) = package_version(&name) {
-            if !is_supported(version) {
-                return Err(Mismatch::UnsupportedVersion {
-                    version: version.to_string(),
-                    name,
-                });
-            }
+        if let Some(version) = package_version(&name)
+            && !is_supported(version)
+        {
+            return Err(Mismatch::UnsupportedVersion {
+                version: version.to_string(),
+                name,
+            });
         }
     }
     let has_reconciler = exports

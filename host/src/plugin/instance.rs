@@ -31,6 +31,8 @@ pub enum CallError {
     Setup(String),
     #[error("the plugin does not export `setpoint:reconciler/pruner`")]
     NoPruner,
+    #[error("{0}")]
+    Mismatch(String),
 }
 
 /// One worker's instance slot.
@@ -175,15 +177,19 @@ impl Live {
         store.set_epoch_deadline(1);
         let setup = async {
             let instance = plugin.pre.instantiate_async(&mut store).await?;
+            if let Some(mismatch) = signature_mismatch(&mut store, &instance) {
+                return Ok(Err(CallError::Mismatch(mismatch)));
+            }
             let reconciler = plugin.reconciler.load(&mut store, &instance)?;
             let pruner = match &plugin.pruner {
                 Some(p) => Some(p.load(&mut store, &instance)?),
                 None => None,
             };
-            wasmtime::Result::Ok((reconciler, pruner))
+            wasmtime::Result::Ok(Ok((reconciler, pruner)))
         };
         match setup.await {
-            Ok((reconciler, pruner)) => Ok(Live {
+            Ok(Err(mismatch)) => Err(mismatch),
+            Ok(Ok((reconciler, pruner))) => Ok(Live {
                 store,
                 reconciler,
                 pruner,
@@ -208,6 +214,45 @@ impl Live {
         state.key.push_str(key);
         self.store.set_epoch_deadline(1);
     }
+}
+
+/// The first exported function whose type differs from the contract's, described
+/// for the plugin's author; `None` if they all match (or are missing, which the
+/// export indices already reported at load).
+fn signature_mismatch(
+    store: &mut wasmtime::Store<HostState>,
+    instance: &wasmtime::component::Instance,
+) -> Option<String> {
+    use wasmtime::component::Func;
+    let func = |store: &mut wasmtime::Store<HostState>, iface: &str, name: &str| -> Option<Func> {
+        let iface = instance.get_export_index(&mut *store, None, iface)?;
+        let index = instance.get_export_index(&mut *store, Some(&iface), name)?;
+        instance.get_func(&mut *store, index)
+    };
+    let reconciler = "setpoint:reconciler/reconciler@0.1.0";
+    let pruner = "setpoint:reconciler/pruner@0.1.0";
+    let wrong = |iface: &str, name: &str, e: wasmtime::Error| {
+        Some(format!(
+            "its export `{iface}` has a `{name}` of the wrong type ({e:#}); rebuild it against \
+             this host's WIT"
+        ))
+    };
+    if let Some(f) = func(store, reconciler, "describe")
+        && let Err(e) = f.typed::<(), (wit::Info,)>(&*store)
+    {
+        return wrong(reconciler, "describe", e);
+    }
+    if let Some(f) = func(store, reconciler, "reconcile")
+        && let Err(e) = f.typed::<(wit::Request,), (Result<wit::Outcome, wit::Failure>,)>(&*store)
+    {
+        return wrong(reconciler, "reconcile", e);
+    }
+    if let Some(f) = func(store, pruner, "prune")
+        && let Err(e) = f.typed::<(Vec<String>,), (Result<(), wit::ReconcileError>,)>(&*store)
+    {
+        return wrong(pruner, "prune", e);
+    }
+    None
 }
 
 /// Turn wasmtime's error into what happened, in the plugin author's terms.

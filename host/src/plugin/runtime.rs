@@ -250,12 +250,16 @@ impl Runtime {
             }),
             report,
         };
-        let info = instance::describe(&plugin)
-            .await
-            .map_err(|e| LoadError::Describe {
+        let info = instance::describe(&plugin).await.map_err(|e| match e {
+            CallError::Mismatch(reason) => LoadError::Incompatible {
+                path: path.clone(),
+                reason,
+            },
+            e => LoadError::Describe {
                 path: path.clone(),
                 reason: e.to_string(),
-            })?;
+            },
+        })?;
         if info.name.is_empty() || info.kinds.is_empty() {
             return Err(LoadError::Describe {
                 path,

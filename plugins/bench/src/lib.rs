@@ -112,7 +112,11 @@ mod tests {
     fn plan_places_every_replica() {
         let host = FakeHost::new();
         let obj = Object::new("Work", "w", sample_spec());
-        let status = host.reconcile(&Bench, Action::Created, &obj).unwrap().status.unwrap();
+        let status = host
+            .reconcile(&Bench, Action::Created, &obj)
+            .unwrap()
+            .status
+            .unwrap();
         assert_eq!(status.total_replicas, (3..9).sum::<u32>());
         let placed: usize = status.placement.values().map(Vec::len).sum();
         assert_eq!(placed as u32, status.total_replicas);

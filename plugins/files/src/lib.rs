@@ -51,9 +51,18 @@ impl Reconciler for Files {
         let path = self.root.join(file_name(&req.key));
         if req.object.deleting {
             match std::fs::remove_file(&path) {
-                Ok(()) => host.log(Level::Info, "removed", &[("path", &path.display().to_string())]),
+                Ok(()) => host.log(
+                    Level::Info,
+                    "removed",
+                    &[("path", &path.display().to_string())],
+                ),
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-                Err(e) => return Err(Error::retry(format!("cannot remove {}: {e}", path.display()))),
+                Err(e) => {
+                    return Err(Error::retry(format!(
+                        "cannot remove {}: {e}",
+                        path.display()
+                    )));
+                }
             }
             return Ok(Outcome::done());
         }
@@ -61,7 +70,11 @@ impl Reconciler for Files {
         if current.as_deref() != Some(req.spec.content.as_str()) {
             std::fs::write(&path, &req.spec.content)
                 .or_retry(&format!("cannot write {}", path.display()))?;
-            host.log(Level::Info, "written", &[("path", &path.display().to_string())]);
+            host.log(
+                Level::Info,
+                "written",
+                &[("path", &path.display().to_string())],
+            );
         }
         Ok(Outcome::done().with_status(Status {
             path: path.display().to_string(),
@@ -94,7 +107,8 @@ mod tests {
     use setpoint_sdk::{Action, Object};
 
     fn temp_root(test: &str) -> PathBuf {
-        let dir = std::env::temp_dir().join(format!("setpoint-files-{test}-{}", std::process::id()));
+        let dir =
+            std::env::temp_dir().join(format!("setpoint-files-{test}-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).unwrap();
         dir
@@ -102,7 +116,9 @@ mod tests {
 
     #[test]
     fn files_writes_updates_and_removes_on_delete() {
-        let plugin = Files { root: temp_root("lifecycle") };
+        let plugin = Files {
+            root: temp_root("lifecycle"),
+        };
         let host = FakeHost::new();
         let mut motd = Object::new("File", "motd", json!({"content": "hi"}));
         host.reconcile(&plugin, Action::Created, &motd).unwrap();
@@ -118,9 +134,14 @@ mod tests {
 
     #[test]
     fn files_prune_removes_only_strays() {
-        let plugin = Files { root: temp_root("prune") };
+        let plugin = Files {
+            root: temp_root("prune"),
+        };
         let host = FakeHost::new();
-        let keep = Object { namespace: "ns".into(), ..Object::new("File", "keep", json!({"content": "k"})) };
+        let keep = Object {
+            namespace: "ns".into(),
+            ..Object::new("File", "keep", json!({"content": "k"}))
+        };
         host.reconcile(&plugin, Action::Created, &keep).unwrap();
         std::fs::write(plugin.root.join("stray"), "x").unwrap();
         host.prune(&plugin).unwrap();
@@ -130,7 +151,9 @@ mod tests {
 
     #[test]
     fn files_refuses_an_unknown_spec_field() {
-        let plugin = Files { root: temp_root("spec") };
+        let plugin = Files {
+            root: temp_root("spec"),
+        };
         let host = FakeHost::new();
         let bad = Object::new("File", "x", json!({"contents": "typo"}));
         let err = host.reconcile(&plugin, Action::Created, &bad).unwrap_err();

@@ -62,12 +62,19 @@ mod tests {
         let outcome = host.reconcile(&Hello, Action::Created, &b).unwrap();
         assert_eq!(
             outcome.status,
-            Some(Status { greeting: "Hello, you!".into(), greeted: 2 })
+            Some(Status {
+                greeting: "Hello, you!".into(),
+                greeted: 2
+            })
         );
         assert_eq!(
             host.object("Greeting", "", "a").unwrap().status.unwrap()["greeting"],
             "Hello, world!"
         );
-        assert!(host.logs().iter().any(|(_, l)| l.starts_with("Hello, world!")));
+        assert!(
+            host.logs()
+                .iter()
+                .any(|(_, l)| l.starts_with("Hello, world!"))
+        );
     }
 }

@@ -38,7 +38,13 @@ pub struct Hostile;
 fn snoop() -> Status {
     let env: Vec<String> = std::env::vars().map(|(k, _)| k).collect();
     let mut read = Vec::new();
-    for path in ["/etc/passwd", "/etc/hostname", "/proc/self/environ", "./Cargo.toml", "/data"] {
+    for path in [
+        "/etc/passwd",
+        "/etc/hostname",
+        "/proc/self/environ",
+        "./Cargo.toml",
+        "/data",
+    ] {
         if std::fs::read(path).is_ok() {
             read.push(path.to_string());
         }
@@ -91,12 +97,16 @@ impl Reconciler for Hostile {
                 ..snoop()
             })),
             "fail" => {
-                let failures: u32 = req.state.get("failures").and_then(|f| f.parse().ok()).unwrap_or(0);
+                let failures: u32 = req
+                    .state
+                    .get("failures")
+                    .and_then(|f| f.parse().ok())
+                    .unwrap_or(0);
                 Err(Error::retry(format!(
                     "failing on purpose (attempt {}, {failures} failures in state)",
                     req.attempt
                 ))
-                    .with_state("failures", (failures + 1).to_string()))
+                .with_state("failures", (failures + 1).to_string()))
             }
             "requeue" => Ok(Outcome::done()
                 .with_status(status("requeue"))

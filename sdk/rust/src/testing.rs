@@ -195,7 +195,7 @@ mod tests {
         fail: bool,
     }
 
-    #[derive(Serialize)]
+    #[derive(Serialize, Debug)]
     struct Status {
         attempt: u32,
     }
