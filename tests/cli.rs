@@ -1,10 +1,15 @@
 //! The real `setpoint` binary with the real example plugins.
+//!
+//! Built as a test of the `setpoint` package (see host/Cargo.toml), so cargo
+//! builds the binary it drives.
 
 use std::io::{BufRead, BufReader};
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
-use setpoint_tests::{plugin, root, setpoint, texts};
+mod support;
+
+use support::{plugin, root, setpoint, texts};
 
 /// Run `setpoint plugin inspect FILE` and return (success, stdout, stderr).
 fn inspect(file: &std::path::Path) -> (bool, String, String) {
@@ -175,7 +180,7 @@ fn run_without_config_reconciles_the_examples() {
     let cache = tempfile::tempdir().unwrap();
     let cwd = tempfile::tempdir().unwrap();
     let output = setpoint(cache.path())
-        .args(["run", "--once"])
+        .args(["run", "--once", "--listen", "127.0.0.1:0"])
         .current_dir(cwd.path())
         .output()
         .unwrap();
@@ -190,41 +195,173 @@ fn run_without_config_reconciles_the_examples() {
     assert!(err.contains("controller=hello successes=2"), "{err}");
 }
 
-#[test]
-fn run_stops_cleanly_on_ctrl_c() {
-    let cache = tempfile::tempdir().unwrap();
-    let cwd = tempfile::tempdir().unwrap();
-    let mut child = setpoint(cache.path())
-        .arg("run")
-        .current_dir(cwd.path())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let stderr = child.stderr.take().unwrap();
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-            let _ = tx.send(line);
+/// A running `setpoint run` whose log lines can be waited for.
+struct Daemon {
+    child: std::process::Child,
+    lines: std::sync::mpsc::Receiver<String>,
+    log: Vec<String>,
+    _cache: tempfile::TempDir,
+    _cwd: tempfile::TempDir,
+}
+
+impl Daemon {
+    fn start() -> Self {
+        let cache = tempfile::tempdir().unwrap();
+        let cwd = tempfile::tempdir().unwrap();
+        let mut child = setpoint(cache.path())
+            .args(["run", "--listen", "127.0.0.1:0"])
+            .current_dir(cwd.path())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let stderr = child.stderr.take().unwrap();
+        let (tx, lines) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                let _ = tx.send(line);
+            }
+        });
+        Self {
+            child,
+            lines,
+            log: Vec::new(),
+            _cache: cache,
+            _cwd: cwd,
         }
-    });
-    let mut log = Vec::new();
-    let wait_for = |log: &mut Vec<String>, needle: &str| {
+    }
+
+    /// Wait for a log line containing `needle`, and return it.
+    fn wait_for(&mut self, needle: &str) -> String {
         let deadline = Instant::now() + Duration::from_secs(60);
-        while !log.iter().any(|l| l.contains(needle)) {
+        loop {
+            if let Some(line) = self.log.iter().find(|l| l.contains(needle)) {
+                return line.clone();
+            }
             let left = deadline.saturating_duration_since(Instant::now());
-            match rx.recv_timeout(left) {
-                Ok(line) => log.push(line),
-                Err(_) => panic!("no {needle:?} in the log: {log:#?}"),
+            match self.lines.recv_timeout(left) {
+                Ok(line) => self.log.push(line),
+                Err(_) => panic!("no {needle:?} in the log: {:#?}", self.log),
             }
         }
+    }
+
+    /// The API's base URL, from the log.
+    fn url(&mut self) -> String {
+        let line = self.wait_for("api listening on ");
+        let rest = line.split("api listening on ").nth(1).unwrap();
+        rest.split_whitespace().next().unwrap().to_string()
+    }
+
+    fn interrupt(&mut self) -> std::process::ExitStatus {
+        let killed = std::process::Command::new("kill")
+            .args(["-INT", &self.child.id().to_string()])
+            .status()
+            .unwrap();
+        assert!(killed.success());
+        self.wait_for("shutting down");
+        self.child.wait().unwrap()
+    }
+}
+
+#[test]
+fn run_stops_cleanly_on_ctrl_c() {
+    let mut daemon = Daemon::start();
+    daemon.wait_for("setpoint is running");
+    let status = daemon.interrupt();
+    assert!(status.success(), "{status}: {:#?}", daemon.log);
+}
+
+#[test]
+fn run_serves_controller_status_and_metrics_that_promtool_accepts() {
+    let mut daemon = Daemon::start();
+    let url = daemon.url();
+    // Wait until both controllers have reconciled their examples.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let controllers = loop {
+        let body = ureq::get(format!("{url}/v1/controllers"))
+            .call()
+            .unwrap()
+            .body_mut()
+            .read_to_string()
+            .unwrap();
+        let controllers: serde_json::Value = serde_json::from_str(&body).unwrap();
+        let settled = controllers
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|c| c["successes"].as_u64() == Some(2));
+        if settled {
+            break controllers;
+        }
+        assert!(Instant::now() < deadline, "not settled: {controllers}");
+        std::thread::sleep(Duration::from_millis(50));
     };
-    wait_for(&mut log, "setpoint is running");
-    let killed = std::process::Command::new("kill")
-        .args(["-INT", &child.id().to_string()])
-        .status()
+    let names: Vec<&str> = controllers
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| c["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(names, ["files", "hello"]);
+    assert_eq!(controllers[0]["failures"], 0);
+    assert!(controllers[0]["last-success-at"].as_u64().is_some());
+
+    let metrics = ureq::get(format!("{url}/metrics"))
+        .call()
+        .unwrap()
+        .body_mut()
+        .read_to_string()
         .unwrap();
-    assert!(killed.success());
-    wait_for(&mut log, "shutting down");
-    let status = child.wait().unwrap();
-    assert!(status.success(), "{status}: {log:#?}");
+    for line in [
+        "reconcile_total{controller=\"hello\",result=\"success\"} 2",
+        "workqueue_adds_total{controller=\"files\"} 2",
+        "workqueue_depth{controller=\"hello\"} 0",
+        "setpoint_leader 1",
+    ] {
+        assert!(metrics.contains(line), "{line} in:\n{metrics}");
+    }
+    for name in [
+        "workqueue_queue_duration_seconds",
+        "workqueue_work_duration_seconds",
+        "workqueue_unfinished_work_seconds",
+        "workqueue_longest_running_processor_seconds",
+        "workqueue_retries_total",
+        "reconcile_errors_total",
+        "reconcile_time_seconds",
+        "active_workers",
+    ] {
+        assert!(
+            metrics.contains(&format!("# TYPE {name} ")),
+            "{name} in:\n{metrics}"
+        );
+    }
+    let openmetrics = ureq::get(format!("{url}/metrics"))
+        .header("Accept", "application/openmetrics-text; version=1.0.0")
+        .call()
+        .unwrap()
+        .body_mut()
+        .read_to_string()
+        .unwrap();
+    assert!(
+        openmetrics.ends_with("# EOF\n"),
+        "OpenMetrics when asked for"
+    );
+    let mut promtool = std::process::Command::new("promtool")
+        .args(["check", "metrics"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect(
+            "promtool is missing: install Debian's `prometheus` package (cargo xtask test does)",
+        );
+    std::io::Write::write_all(&mut promtool.stdin.take().unwrap(), metrics.as_bytes()).unwrap();
+    let checked = promtool.wait_with_output().unwrap();
+    assert!(
+        checked.status.success(),
+        "promtool: {}{}\n{metrics}",
+        String::from_utf8_lossy(&checked.stdout),
+        String::from_utf8_lossy(&checked.stderr)
+    );
+    assert!(daemon.interrupt().success());
 }

@@ -9,7 +9,9 @@ use clap::{Parser, Subcommand, ValueEnum};
 use tokio_util::sync::CancellationToken;
 
 use crate::config::{Config, DirGrant, PluginConfig};
-use crate::controller::Controller;
+use crate::controller::Manager;
+use crate::leader::{AlwaysLeader, LeaderElector};
+use crate::metrics::Metrics;
 use crate::object::{Object, parse_all};
 use crate::plugin::{PACKAGE, Runtime, SUPPORTED_VERSIONS, WORLD, object_to_wit, wit};
 use crate::store::Store;
@@ -39,6 +41,9 @@ pub enum Command {
         /// Stop once every object is reconciled (for demos and scripts).
         #[arg(long)]
         once: bool,
+        /// Serve the API here instead of the configured address (port 0: any).
+        #[arg(long)]
+        listen: Option<std::net::SocketAddr>,
     },
     /// Work with plugin files.
     Plugin {
@@ -101,7 +106,11 @@ pub fn init_tracing(verbose: u8) {
 impl Cli {
     pub async fn run(self) -> anyhow::Result<()> {
         match self.command {
-            Command::Run { config, once } => run(config.as_deref(), once).await,
+            Command::Run {
+                config,
+                once,
+                listen,
+            } => run(config.as_deref(), once, listen).await,
             Command::Plugin {
                 command: PluginCommand::Inspect { file, json },
             } => inspect(&file, json).await,
@@ -145,30 +154,46 @@ pub fn default_config() -> Config {
     }
 }
 
-async fn run(config_path: Option<&Path>, once: bool) -> anyhow::Result<()> {
-    let (config, examples) = match config_path {
+async fn run(
+    config_path: Option<&Path>,
+    once: bool,
+    listen: Option<std::net::SocketAddr>,
+) -> anyhow::Result<()> {
+    let (mut config, examples) = match config_path {
         Some(path) => (Config::load(path)?, Vec::new()),
         None => {
             tracing::info!("no --config given: running the embedded example configuration");
             (default_config(), parse_all(EXAMPLE_OBJECTS)?)
         }
     };
+    if let Some(listen) = listen {
+        config.api.listen = listen;
+    }
     let store = Store::new();
+    let metrics = Arc::new(Metrics::new());
+    let leader: Arc<dyn LeaderElector> = Arc::new(AlwaysLeader::default());
+    let manager = Arc::new(Manager::new(store.clone(), leader, metrics.clone()));
     let runtime = Runtime::new(&config.runtime)?;
-    let mut controllers = Vec::new();
+    let mut plugins = Vec::new();
     for settings in &config.plugins {
         let path = settings.path.clone();
-        let plugin = runtime
-            .load(&path, settings.clone(), store.clone())
-            .await
-            .with_context(|| {
-                if config_path.is_none() {
-                    "the example plugins are built by `cargo xtask plugins`".to_string()
-                } else {
-                    format!("plugin {} did not load", path.display())
-                }
-            })?;
-        controllers.push(Controller::new(plugin, store.clone()));
+        let loaded = runtime.load(&path, settings.clone(), store.clone()).await;
+        let outcome = match &loaded {
+            Ok(p) if p.report().cache == crate::plugin::CacheOutcome::Hit => "cached",
+            Ok(_) => "compiled",
+            Err(_) => "failed",
+        };
+        let name = loaded
+            .as_ref()
+            .map_or_else(|_| path.display().to_string(), |p| p.info().name.clone());
+        metrics.plugin_event(&metrics.plugin_loads, &name, outcome);
+        plugins.push(loaded.with_context(|| {
+            if config_path.is_none() {
+                "the example plugins are built by `cargo xtask plugins`".to_string()
+            } else {
+                format!("plugin {} did not load", path.display())
+            }
+        })?);
     }
     let mut objects = examples;
     for path in &config.manifests {
@@ -180,13 +205,20 @@ async fn run(config_path: Option<&Path>, once: bool) -> anyhow::Result<()> {
     }
 
     let mut signals = ShutdownSignals::install()?;
-    let shutdown = CancellationToken::new();
-    let mut tasks = tokio::task::JoinSet::new();
-    for c in &controllers {
-        tasks.spawn(c.clone().run(shutdown.clone()));
+    for plugin in plugins {
+        manager.add(plugin)?;
     }
+    let api_stop = CancellationToken::new();
+    let api = if config.api.enabled {
+        let (bound, task) =
+            crate::api::serve(config.api.listen, manager.clone(), api_stop.clone()).await?;
+        tracing::info!("api listening on http://{bound} (/metrics, /v1/controllers)");
+        Some(task)
+    } else {
+        None
+    };
     tracing::info!(
-        controllers = controllers.len(),
+        controllers = manager.controllers().len(),
         "setpoint is running; press Ctrl-C to stop"
     );
     let mut report = tokio::time::interval(Duration::from_secs(5));
@@ -197,23 +229,26 @@ async fn run(config_path: Option<&Path>, once: bool) -> anyhow::Result<()> {
                 tracing::info!("shutting down: finishing reconciles in flight");
                 break;
             }
-            _ = report.tick() => log_status(&controllers),
+            _ = report.tick() => log_status(&manager),
             _ = tokio::time::sleep(Duration::from_millis(50)), if once => {
-                if all_settled(&controllers, &store) {
+                if all_settled(&manager, &store) {
                     tracing::info!("every object is reconciled");
                     break;
                 }
             }
         }
     }
-    shutdown.cancel();
-    while tasks.join_next().await.is_some() {}
-    log_status(&controllers);
+    log_status(&manager);
+    manager.shutdown().await;
+    api_stop.cancel();
+    if let Some(api) = api {
+        let _ = api.await;
+    }
     Ok(())
 }
 
-fn all_settled(controllers: &[Arc<Controller>], store: &Store) -> bool {
-    controllers.iter().all(|c| {
+fn all_settled(manager: &Manager, store: &Store) -> bool {
+    manager.controllers().iter().all(|c| {
         let s = c.status();
         s.queue_depth == 0
             && s.in_flight == 0
@@ -227,9 +262,8 @@ fn all_settled(controllers: &[Arc<Controller>], store: &Store) -> bool {
     })
 }
 
-fn log_status(controllers: &[Arc<Controller>]) {
-    for c in controllers {
-        let s = c.status();
+fn log_status(manager: &Manager) {
+    for s in manager.status() {
         tracing::info!(
             controller = %s.name,
             successes = s.successes,
@@ -237,6 +271,8 @@ fn log_status(controllers: &[Arc<Controller>]) {
             given_up = s.given_up,
             queue_depth = s.queue_depth,
             in_flight = s.in_flight,
+            timers = s.pending_timers,
+            last_error = s.last_error.as_deref().unwrap_or("-"),
             "status"
         );
     }

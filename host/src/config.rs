@@ -23,6 +23,27 @@ pub struct Config {
     pub plugins: Vec<PluginConfig>,
     /// Manifests (files or directories of `.yaml`/`.yml`/`.json`) applied at start.
     pub manifests: Vec<PathBuf>,
+    /// The HTTP admin API.
+    pub api: ApiConfig,
+}
+
+/// The HTTP admin API and `/metrics`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields, rename_all = "kebab-case")]
+pub struct ApiConfig {
+    /// Where to listen; port 0 picks a free port (the log says which).
+    pub listen: std::net::SocketAddr,
+    /// Serve the API at all.
+    pub enabled: bool,
+}
+
+impl Default for ApiConfig {
+    fn default() -> Self {
+        Self {
+            listen: std::net::SocketAddr::from(([127, 0, 0, 1], 7171)),
+            enabled: true,
+        }
+    }
 }
 
 /// Settings shared by every plugin.
@@ -100,6 +121,16 @@ pub struct PluginConfig {
     pub instances: InstanceMode,
     /// A warm instance is replaced after this many calls.
     pub recycle_after: u64,
+    /// The most keys waiting at once; a full queue makes sources wait.
+    pub queue_size: usize,
+    /// Requeue and retry deadlines are rounded up to this step.
+    #[serde(with = "humantime_serde")]
+    pub delay_resolution: Duration,
+    /// The most keys waiting on a delay (requeue or retry) at once.
+    pub delay_capacity: usize,
+    /// At shutdown: reconcile what is queued first (`drain`), or stop at once and
+    /// leave it pending in the store (`hand-back`). Work in flight always finishes.
+    pub shutdown: ShutdownMode,
     /// Per-call and per-instance limits.
     pub limits: Limits,
     /// Retry back-off for failed reconciles.
@@ -115,6 +146,10 @@ impl Default for PluginConfig {
             workers: 2,
             instances: InstanceMode::Warm,
             recycle_after: 10_000,
+            queue_size: 10_000,
+            delay_resolution: Duration::from_millis(10),
+            delay_capacity: 1_000_000,
+            shutdown: ShutdownMode::Drain,
             limits: Limits::default(),
             retry: RetryConfig::default(),
             grants: Grants::default(),
@@ -148,26 +183,56 @@ impl Default for Limits {
     }
 }
 
-/// Exponential back-off between retries of one key.
+/// What a controller does at shutdown with keys still queued.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum ShutdownMode {
+    /// Reconcile every queued key, then stop.
+    #[default]
+    Drain,
+    /// Stop taking keys at once; queued keys stay pending for the next start.
+    HandBack,
+}
+
+/// The shape of the back-off.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum BackoffKind {
+    /// `min-backoff * 2^(failures-1)`, capped at `max-backoff`, with jitter.
+    #[default]
+    Exponential,
+    /// `min-backoff * failures`, capped at `max-backoff`.
+    Linear,
+}
+
+/// Retries of failed reconciles.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields, rename_all = "kebab-case")]
 pub struct RetryConfig {
-    /// The first delay.
+    pub backoff: BackoffKind,
+    /// The first delay (the step, for linear back-off).
     #[serde(with = "humantime_serde")]
     pub min_backoff: Duration,
     /// The largest delay.
     #[serde(with = "humantime_serde")]
     pub max_backoff: Duration,
+    /// The largest fraction (0.0–1.0) of an exponential delay taken off at random.
+    pub jitter: f64,
     /// Give a key up after this many failed attempts in a row.
     pub max_retries: u32,
+    /// Whether a new event replaces a pending retry.
+    pub dequeue_policy: crate::queue::DequeuePolicy,
 }
 
 impl Default for RetryConfig {
     fn default() -> Self {
         Self {
+            backoff: BackoffKind::Exponential,
             min_backoff: Duration::from_millis(100),
             max_backoff: Duration::from_secs(60),
+            jitter: 0.1,
             max_retries: 10,
+            dequeue_policy: crate::queue::DequeuePolicy::Opinionated,
         }
     }
 }
@@ -247,6 +312,15 @@ impl Config {
             }
             if p.workers == 0 {
                 bail!("{at}: `workers` must be at least 1");
+            }
+            if p.queue_size == 0 {
+                bail!("{at}: `queue-size` must be at least 1");
+            }
+            if p.delay_resolution.is_zero() {
+                bail!("{at}: `delay-resolution` must be more than 0");
+            }
+            if !(0.0..=1.0).contains(&p.retry.jitter) {
+                bail!("{at}: `retry.jitter` must be between 0.0 and 1.0");
             }
             if p.recycle_after == 0 {
                 bail!("{at}: `recycle-after` must be at least 1");

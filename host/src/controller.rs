@@ -1,41 +1,76 @@
-//! A controller: one plugin, its work queue and its workers.
+//! A controller: one plugin with its work queue, delay scheduler and workers; and
+//! the [`Manager`] that runs many.
 //!
-//! Guarantees:
-//! - Every object of the plugin's kinds is reconciled once at start, and again on
-//!   every change the store reports (`created`, `updated`, `deleted`).
-//! - A key is never reconciled by two workers at once (see [`WorkQueue`]).
+//! Guarantees (each has a test named after it):
+//! - Every object of the plugin's kinds is reconciled once at start, again on
+//!   every change the store reports, and again from the store whenever this
+//!   process regains leadership.
+//! - A key is routed to one worker by the [`WorkerHasher`] (a negative answer
+//!   drops it, counted); it is queued at most once and never reconciled by two
+//!   workers at once (see [`WorkQueue`]).
+//! - Workers dispatch only while this process leads; losing leadership stops
+//!   dispatch at once, and reconciles in flight finish.
 //! - A successful reconcile marks the object done at the generation it saw; for a
 //!   deleting object it removes the object (the host's finalizer).
-//! - `requeue-after` queues the key again after the delay. A `retry` error queues
-//!   it after the back-off; `retry-after` after the plugin's delay; `fatal` not at
-//!   all. After `max-retries` failures in a row the key is given up until its next
-//!   change. A failed call (trap, timeout, out of memory) counts as a `retry`.
+//! - `requeue-after` and retries go through the delay scheduler, where the
+//!   earliest deadline for a key wins. A `retry` error waits the back-off;
+//!   `retry-after` the plugin's delay; `fatal` is not retried. A failed call
+//!   (trap, timeout, out of memory) counts as a `retry`. After `max-retries`
+//!   failures in a row the key is given up: its status shows the last error, a
+//!   metric counts it, and its next change brings it back.
+//! - A new event for a key with a pending retry follows the [`DequeuePolicy`]:
+//!   it replaces the retry (and resets the failure count), or waits for it.
 //! - The state a plugin returns, with an outcome or an error, is handed back on
 //!   its next call for that key.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use serde::Serialize;
+use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
-use crate::object::ObjectKey;
+use crate::config::{BackoffKind, PluginConfig, ShutdownMode};
+use crate::leader::{LeaderElector, until_leading};
+use crate::metrics::{ControllerMetrics, Metrics};
+use crate::object::{Object, ObjectKey};
 use crate::plugin::wit::{self, ReconcileError};
-use crate::plugin::{CallError, Instance, Plugin};
-use crate::queue::{Backoff, WorkQueue};
-use crate::store::{Action, Store};
+use crate::plugin::{CallError, Instance, Plugin, object_to_wit};
+use crate::queue::{
+    Added, Backoff, DequeuePolicy, EventRef, Fnv1a, QueueError, Timers, WorkQueue, WorkerHasher,
+};
+use crate::store::{Action, Change, Store};
 
-/// Counters a controller keeps about itself.
+/// What a controller reports about itself.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
 pub struct ControllerStatus {
     pub name: String,
+    pub plugin_version: String,
     pub successes: u64,
     pub failures: u64,
     pub given_up: u64,
+    pub dropped: u64,
+    pub last_error: Option<String>,
+    /// Milliseconds since the Unix epoch.
+    pub last_error_at: Option<u64>,
+    pub last_success_at: Option<u64>,
     pub queue_depth: usize,
     pub in_flight: usize,
+    pub pending_timers: usize,
+    pub leader: bool,
+}
+
+#[derive(Default)]
+struct Stats {
+    successes: u64,
+    failures: u64,
+    given_up: u64,
+    dropped: u64,
+    last_error: Option<String>,
+    last_error_at: Option<u64>,
+    last_success_at: Option<u64>,
 }
 
 /// Per-key memory between attempts.
@@ -45,32 +80,101 @@ struct KeyState {
     state: Vec<(String, String)>,
     /// The change not yet reconciled, if any.
     pending: Option<Action>,
+    /// The event a scheduled retry is for, while one is scheduled.
+    retry: Option<EventRef>,
 }
 
-/// One plugin with its queue and workers.
+/// How the engine treats one plugin's keys; read from [`PluginConfig`].
+#[derive(Clone)]
+pub struct Engine {
+    pub workers: usize,
+    pub queue_size: usize,
+    pub delay_resolution: Duration,
+    pub delay_capacity: usize,
+    pub backoff: Backoff,
+    pub max_retries: u32,
+    pub dequeue: DequeuePolicy,
+    pub shutdown: ShutdownMode,
+    pub hasher: Arc<dyn WorkerHasher>,
+}
+
+impl From<&PluginConfig> for Engine {
+    fn from(c: &PluginConfig) -> Self {
+        let backoff = match c.retry.backoff {
+            BackoffKind::Exponential => Backoff::Exponential {
+                min: c.retry.min_backoff,
+                max: c.retry.max_backoff,
+                jitter: c.retry.jitter,
+            },
+            BackoffKind::Linear => Backoff::Linear {
+                base: c.retry.min_backoff,
+                max: c.retry.max_backoff,
+            },
+        };
+        Self {
+            workers: c.workers,
+            queue_size: c.queue_size,
+            delay_resolution: c.delay_resolution,
+            delay_capacity: c.delay_capacity,
+            backoff,
+            max_retries: c.retry.max_retries,
+            dequeue: c.retry.dequeue_policy,
+            shutdown: c.shutdown,
+            hasher: Arc::new(Fnv1a),
+        }
+    }
+}
+
+/// One plugin with its queue, timers and workers.
 pub struct Controller {
     plugin: Plugin,
     store: Store,
-    queue: Arc<WorkQueue<ObjectKey>>,
+    engine: Engine,
+    queue: WorkQueue<ObjectKey>,
+    timers: Timers<ObjectKey>,
     keys: Mutex<HashMap<ObjectKey, KeyState>>,
-    backoff: Backoff,
-    successes: AtomicU64,
-    failures: AtomicU64,
-    given_up: AtomicU64,
+    stats: Mutex<Stats>,
+    leader: watch::Receiver<bool>,
+    metrics: ControllerMetrics,
+}
+
+fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
 }
 
 impl Controller {
-    pub fn new(plugin: Plugin, store: Store) -> Arc<Self> {
-        let backoff = Backoff::from(&plugin.settings().retry);
+    /// A controller for `plugin`, with the engine settings from its configuration.
+    pub fn new(
+        plugin: Plugin,
+        store: Store,
+        leader: &dyn LeaderElector,
+        metrics: &Arc<Metrics>,
+    ) -> Arc<Self> {
+        let engine = Engine::from(plugin.settings());
+        Self::with_engine(plugin, store, engine, leader, metrics)
+    }
+
+    /// A controller with explicit engine settings (e.g. a custom hasher).
+    pub fn with_engine(
+        plugin: Plugin,
+        store: Store,
+        engine: Engine,
+        leader: &dyn LeaderElector,
+        metrics: &Arc<Metrics>,
+    ) -> Arc<Self> {
+        let metrics = metrics.controller(&plugin.info().name);
         Arc::new(Self {
+            queue: WorkQueue::new(engine.workers, engine.queue_size),
+            timers: Timers::new(engine.delay_resolution, engine.delay_capacity),
             plugin,
             store,
-            queue: Arc::new(WorkQueue::new()),
+            engine,
             keys: Mutex::new(HashMap::new()),
-            backoff,
-            successes: AtomicU64::new(0),
-            failures: AtomicU64::new(0),
-            given_up: AtomicU64::new(0),
+            stats: Mutex::new(Stats::default()),
+            leader: leader.subscribe(),
+            metrics,
         })
     }
 
@@ -82,75 +186,212 @@ impl Controller {
         &self.plugin
     }
 
+    /// The status model: counters, last error and success, queue and timers.
     pub fn status(&self) -> ControllerStatus {
+        let stats = self.stats();
         ControllerStatus {
             name: self.name().to_string(),
-            successes: self.successes.load(Ordering::Relaxed),
-            failures: self.failures.load(Ordering::Relaxed),
-            given_up: self.given_up.load(Ordering::Relaxed),
+            plugin_version: self.plugin.info().version.clone(),
+            successes: stats.successes,
+            failures: stats.failures,
+            given_up: stats.given_up,
+            dropped: stats.dropped,
+            last_error: stats.last_error.clone(),
+            last_error_at: stats.last_error_at,
+            last_success_at: stats.last_success_at,
             queue_depth: self.queue.len(),
             in_flight: self.queue.in_flight(),
+            pending_timers: self.timers.len(),
+            leader: *self.leader.borrow(),
         }
     }
 
-    fn keys(&self) -> std::sync::MutexGuard<'_, HashMap<ObjectKey, KeyState>> {
+    /// Set the metrics that describe "now"; called before metrics are encoded.
+    pub fn refresh_metrics(&self) {
+        let (unfinished, longest) = self.queue.unfinished();
+        self.metrics.set_now(self.queue.len(), unfinished, longest);
+    }
+
+    fn keys(&self) -> MutexGuard<'_, HashMap<ObjectKey, KeyState>> {
         self.keys.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Run until `shutdown` is cancelled. Work in flight then finishes; work still
-    /// queued stays in the store as pending, for the next start.
-    pub async fn run(self: Arc<Self>, shutdown: CancellationToken) {
+    fn stats(&self) -> MutexGuard<'_, Stats> {
+        self.stats.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Run until `shutdown` is cancelled. Then, per the configured
+    /// [`ShutdownMode`], either drain the queue or hand back what is queued; work
+    /// in flight always finishes. Returns the keys handed back.
+    pub async fn run(self: Arc<Self>, shutdown: CancellationToken) -> Vec<ObjectKey> {
         let kinds = self.plugin.info().kinds.clone();
         // Watch first, then list: a change between the two is seen twice, never
         // missed, and the queue folds the duplicate.
         let mut changes = self.store.watch(&kinds);
-        for kind in &kinds {
-            for key in self.store.keys(kind) {
-                self.enqueue(key, Action::Created);
-            }
+        let mut tasks = tokio::task::JoinSet::new();
+        let stop_taking = CancellationToken::new();
+        for lane in 0..self.engine.workers {
+            tasks.spawn(
+                self.clone()
+                    .worker(lane, shutdown.clone(), stop_taking.clone()),
+            );
         }
-        let mut workers = tokio::task::JoinSet::new();
-        for _ in 0..self.plugin.settings().workers {
-            workers.spawn(self.clone().worker(shutdown.clone()));
-        }
+        tasks.spawn(self.clone().fire_timers(shutdown.clone()));
+        tasks.spawn(self.clone().follow_leadership(shutdown.clone()));
+        self.resync().await;
         loop {
             tokio::select! {
                 change = changes.recv() => match change {
-                    Some(c) => self.enqueue(c.key, c.action),
+                    Some(change) => self.on_change(change).await,
                     None => break,
                 },
                 _ = shutdown.cancelled() => break,
             }
         }
         self.queue.shutdown();
-        while workers.join_next().await.is_some() {}
+        let handed_back = match self.engine.shutdown {
+            ShutdownMode::Drain => Vec::new(),
+            ShutdownMode::HandBack => {
+                stop_taking.cancel();
+                self.queue.hand_back()
+            }
+        };
+        while tasks.join_next().await.is_some() {}
+        if !handed_back.is_empty() {
+            tracing::info!(controller = %self.name(), keys = handed_back.len(), "handed back queued keys");
+        }
+        handed_back
     }
 
-    fn enqueue(&self, key: ObjectKey, action: Action) {
+    /// Queue every object of this controller's kinds, as after a start or on
+    /// regaining leadership.
+    pub async fn resync(&self) {
+        for kind in &self.plugin.info().kinds {
+            for key in self.store.keys(kind) {
+                {
+                    let mut keys = self.keys();
+                    let entry = keys.entry(key.clone()).or_default();
+                    entry.pending.get_or_insert(Action::Resynced);
+                }
+                self.enqueue(key).await;
+            }
+        }
+    }
+
+    async fn follow_leadership(self: Arc<Self>, shutdown: CancellationToken) {
+        let mut leader = self.leader.clone();
+        loop {
+            tokio::select! {
+                changed = leader.changed() => if changed.is_err() { return },
+                _ = shutdown.cancelled() => return,
+            }
+            let leading = *leader.borrow_and_update();
+            if leading {
+                tracing::info!(controller = %self.name(), "leading: resuming from the store");
+                self.resync().await;
+            } else {
+                tracing::warn!(controller = %self.name(), "lost leadership: dispatch stopped");
+            }
+        }
+    }
+
+    /// React to one change from the store, following the dequeue policy when the
+    /// key has a retry pending.
+    async fn on_change(&self, change: Change) {
+        let generation = self
+            .store
+            .get(&change.key)
+            .map_or(0, |o| o.metadata.generation);
+        let new = EventRef {
+            action: change.action,
+            generation,
+        };
         {
             let mut keys = self.keys();
-            let entry = keys.entry(key.clone()).or_default();
-            // A change resets the failure count: a given-up key comes back.
+            let entry = keys.entry(change.key.clone()).or_default();
+            entry.pending = Some(merge(entry.pending, change.action));
+            if let Some(retry) = entry.retry {
+                if !self.engine.dequeue.replaces(new, retry) {
+                    // The retry stays; it will see the object as it is then.
+                    return;
+                }
+                self.timers.cancel(&change.key);
+                entry.retry = None;
+            }
+            // A change starts the count afresh: a given-up key comes back.
             entry.failures = 0;
-            entry.pending = Some(match (entry.pending, action) {
-                (_, Action::Deleted) => Action::Deleted,
-                (Some(Action::Created), _) => Action::Created,
-                (_, a) => a,
-            });
         }
-        self.queue.add(key);
+        self.enqueue(change.key).await;
     }
 
-    async fn worker(self: Arc<Self>, shutdown: CancellationToken) {
-        let mut instance = self.plugin.instance();
+    /// Route a key to its worker and queue it, waiting while the queue is full.
+    async fn enqueue(&self, key: ObjectKey) {
+        let lane = self
+            .engine
+            .hasher
+            .route(&key.to_string(), self.queue.lane_count());
+        let Ok(lane) = usize::try_from(lane) else {
+            tracing::debug!(controller = %self.name(), %key, "the worker hasher dropped the key");
+            self.stats().dropped += 1;
+            self.metrics.dropped();
+            return;
+        };
+        match self.queue.add(key, lane).await {
+            Ok(Added::Queued) => self.metrics.added(),
+            Ok(Added::Folded) | Err(QueueError::ShutDown) => {}
+            Err(QueueError::Full(_)) => unreachable!("add waits for room"),
+        }
+    }
+
+    async fn fire_timers(self: Arc<Self>, shutdown: CancellationToken) {
         loop {
-            let key = tokio::select! {
-                key = self.queue.get() => key,
-                _ = shutdown.cancelled() => None,
+            let due = tokio::select! {
+                due = self.timers.expired() => due,
+                _ = shutdown.cancelled() => return,
             };
-            let Some(key) = key else { break };
+            for key in due {
+                if let Some(entry) = self.keys().get_mut(&key) {
+                    entry.retry = None;
+                }
+                self.enqueue(key).await;
+            }
+        }
+    }
+
+    async fn worker(
+        self: Arc<Self>,
+        lane: usize,
+        shutdown: CancellationToken,
+        stop_taking: CancellationToken,
+    ) {
+        let mut instance = self.plugin.instance();
+        let mut leader = self.leader.clone();
+        // False once the elector is gone: its value can no longer change.
+        let mut watching = true;
+        loop {
+            if !*leader.borrow_and_update() {
+                // Not leading: take nothing. At shutdown there is nothing to drain.
+                tokio::select! {
+                    leading = until_leading(&mut leader) => if !leading { return },
+                    _ = shutdown.cancelled() => return,
+                }
+            }
+            let got = tokio::select! {
+                biased;
+                _ = stop_taking.cancelled() => return,
+                changed = leader.changed(), if watching => {
+                    watching = changed.is_ok();
+                    continue;
+                }
+                got = self.queue.get(lane) => got,
+            };
+            let Some((key, timings)) = got else { return };
+            self.metrics.waited(timings.waited);
+            self.metrics.worker_busy(true);
             self.reconcile(&mut instance, &key).await;
-            self.queue.done(&key);
+            self.metrics.worker_busy(false);
+            let worked = self.queue.done(&key);
+            self.metrics.worked(worked);
         }
     }
 
@@ -173,7 +414,7 @@ impl Controller {
         let request = wit::Request {
             key: key.to_string(),
             action: to_wit_action(action),
-            object: crate::plugin::object_to_wit(&object),
+            object: object_to_wit(&object),
             attempt,
             state,
         };
@@ -185,40 +426,70 @@ impl Controller {
             attempt,
         );
         let _enter = span.enter();
+        let started = tokio::time::Instant::now();
         let result = instance.reconcile(&request).await;
+        let took = started.elapsed();
+        let event = EventRef {
+            action,
+            generation: object.metadata.generation,
+        };
         match result {
             Ok(Ok(outcome)) => {
                 if let Some(status) = &outcome.status
                     && let Err(e) = self.store.set_status(key, status)
                 {
                     let error = format!("the plugin returned a bad status: {e}");
-                    return self.failed(key, ReconcileError::Fatal(error), outcome.state);
+                    self.metrics.reconciled("error", took);
+                    return self.failed(key, event, ReconcileError::Fatal(error), outcome.state);
                 }
+                let result = if outcome.requeue_after.is_some() {
+                    "requeue"
+                } else {
+                    "success"
+                };
+                self.metrics.reconciled(result, took);
                 self.succeeded(key, &object, outcome);
             }
-            Ok(Err(failure)) => self.failed(key, failure.error, failure.state),
+            Ok(Err(failure)) => {
+                self.metrics.reconciled("error", took);
+                self.failed(key, event, failure.error, failure.state)
+            }
             Err(e) => {
+                self.metrics.reconciled("error", took);
+                let outcome = match &e {
+                    CallError::Timeout(_) => "timeout",
+                    CallError::OutOfMemory(_) => "out-of-memory",
+                    CallError::Trap(_) => "trap",
+                    _ => "setup",
+                };
+                let all = self.metrics.all();
+                all.plugin_event(&all.plugin_failures, self.name(), outcome);
                 let state = self
                     .keys()
                     .get(key)
                     .map(|k| k.state.clone())
                     .unwrap_or_default();
                 let error = match e {
-                    CallError::Setup(_) | CallError::NoPruner => {
+                    CallError::Setup(_) | CallError::NoPruner | CallError::Mismatch(_) => {
                         ReconcileError::Fatal(e.to_string())
                     }
                     _ => ReconcileError::Retry(e.to_string()),
                 };
-                self.failed(key, error, state)
+                self.failed(key, event, error, state)
             }
         }
     }
 
-    fn succeeded(&self, key: &ObjectKey, object: &crate::object::Object, outcome: wit::Outcome) {
-        self.successes.fetch_add(1, Ordering::Relaxed);
+    fn succeeded(&self, key: &ObjectKey, object: &Object, outcome: wit::Outcome) {
+        {
+            let mut stats = self.stats();
+            stats.successes += 1;
+            stats.last_success_at = Some(now_ms());
+        }
         if object.is_deleting() {
             self.store.remove(key);
             self.keys().remove(key);
+            self.timers.cancel(key);
             tracing::info!("deleted");
             return;
         }
@@ -232,15 +503,19 @@ impl Controller {
         match outcome.requeue_after {
             Some(ms) => {
                 tracing::info!(requeue_after_ms = ms, "reconciled");
-                self.queue.add_after(key.clone(), Duration::from_millis(ms));
+                self.schedule(key, Duration::from_millis(ms), None);
             }
             None => tracing::info!("reconciled"),
         }
     }
 
-    fn failed(&self, key: &ObjectKey, error: ReconcileError, state: Vec<(String, String)>) {
-        self.failures.fetch_add(1, Ordering::Relaxed);
-        let max_retries = self.plugin.settings().retry.max_retries;
+    fn failed(
+        &self,
+        key: &ObjectKey,
+        event: EventRef,
+        error: ReconcileError,
+        state: Vec<(String, String)>,
+    ) {
         let failures = {
             let mut keys = self.keys();
             let entry = keys.entry(key.clone()).or_default();
@@ -249,27 +524,70 @@ impl Controller {
             entry.failures
         };
         let (message, delay) = match error {
-            ReconcileError::Retry(m) => (m, Some(self.backoff.delay(failures))),
+            ReconcileError::Retry(m) => (m, Some(self.engine.backoff.delay(failures))),
             ReconcileError::RetryAfter(r) => (r.message, Some(Duration::from_millis(r.delay))),
             ReconcileError::Fatal(m) => (m, None),
         };
-        match delay {
-            Some(delay) if failures <= max_retries => {
+        let message = match delay {
+            Some(delay) if failures <= self.engine.max_retries => {
                 tracing::warn!(retry_in = ?delay, "reconcile failed: {message}");
-                self.store.mark_error(key, &message);
-                self.queue.add_after(key.clone(), delay);
+                self.metrics.retried();
+                self.schedule(key, delay, Some(event));
+                message
             }
             Some(_) => {
-                self.given_up.fetch_add(1, Ordering::Relaxed);
                 let message = format!("gave up after {failures} attempts: {message}");
                 tracing::error!("{message}");
-                self.store.mark_error(key, &message);
+                self.stats().given_up += 1;
+                self.metrics.given_up();
+                message
             }
             None => {
                 tracing::error!("reconcile failed for good: {message}");
-                self.store.mark_error(key, &message);
+                message
+            }
+        };
+        self.store.mark_error(key, &message);
+        let mut stats = self.stats();
+        stats.failures += 1;
+        stats.last_error = Some(message);
+        stats.last_error_at = Some(now_ms());
+    }
+
+    /// Put `key` on the delay scheduler; `retry` says which event it retries.
+    fn schedule(&self, key: &ObjectKey, delay: Duration, retry: Option<EventRef>) {
+        match self.timers.schedule_after(key.clone(), delay) {
+            Ok(_) => {
+                if let Some(entry) = self.keys().get_mut(key) {
+                    entry.retry = retry.or(entry.retry);
+                }
+            }
+            Err(full) => {
+                // Not dropped silently: the status says so, and the next change
+                // or resync brings the key back.
+                tracing::error!(%key, "cannot schedule: {full}");
+                self.store
+                    .mark_error(key, &format!("not rescheduled: {full}"));
             }
         }
+    }
+}
+
+impl std::fmt::Debug for Controller {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Controller")
+            .field("name", &self.name())
+            .finish()
+    }
+}
+
+/// Fold a new change into the one not yet reconciled.
+fn merge(pending: Option<Action>, new: Action) -> Action {
+    match (pending, new) {
+        (_, Action::Deleted) => Action::Deleted,
+        (Some(Action::Created), _) => Action::Created,
+        (Some(Action::Updated), Action::Resynced) => Action::Updated,
+        (_, new) => new,
     }
 }
 
@@ -279,5 +597,169 @@ fn to_wit_action(action: Action) -> wit::Action {
         Action::Updated => wit::Action::Updated,
         Action::Deleted => wit::Action::Deleted,
         Action::Resynced => wit::Action::Resynced,
+    }
+}
+
+/// Why the manager refused a request.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ManagerError {
+    #[error("a controller named {0:?} is already running; replace it instead")]
+    Exists(String),
+    #[error("no controller named {0:?}")]
+    NotFound(String),
+}
+
+struct Running {
+    controller: Arc<Controller>,
+    stop: CancellationToken,
+    done: watch::Receiver<bool>,
+}
+
+/// Runs many controllers by name: add, replace, remove, wait for termination,
+/// and report their status.
+pub struct Manager {
+    store: Store,
+    leader: Arc<dyn LeaderElector>,
+    metrics: Arc<Metrics>,
+    running: Mutex<HashMap<String, Running>>,
+}
+
+impl Manager {
+    pub fn new(store: Store, leader: Arc<dyn LeaderElector>, metrics: Arc<Metrics>) -> Self {
+        let leading = *leader.subscribe().borrow();
+        metrics.leader.set(i64::from(leading));
+        Self {
+            store,
+            leader,
+            metrics,
+            running: Mutex::new(HashMap::new()),
+        }
+    }
+
+    fn running(&self) -> MutexGuard<'_, HashMap<String, Running>> {
+        self.running.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    pub fn metrics(&self) -> &Arc<Metrics> {
+        &self.metrics
+    }
+
+    /// Start a controller for `plugin`, named after it.
+    pub fn add(&self, plugin: Plugin) -> Result<Arc<Controller>, ManagerError> {
+        let engine = Engine::from(plugin.settings());
+        self.add_with(plugin, engine)
+    }
+
+    /// Start a controller with explicit engine settings.
+    pub fn add_with(
+        &self,
+        plugin: Plugin,
+        engine: Engine,
+    ) -> Result<Arc<Controller>, ManagerError> {
+        let name = plugin.info().name.clone();
+        let mut running = self.running();
+        if running.contains_key(&name) {
+            return Err(ManagerError::Exists(name));
+        }
+        let controller = Controller::with_engine(
+            plugin,
+            self.store.clone(),
+            engine,
+            self.leader.as_ref(),
+            &self.metrics,
+        );
+        let stop = CancellationToken::new();
+        let (done_tx, done) = watch::channel(false);
+        tokio::spawn({
+            let controller = controller.clone();
+            let stop = stop.clone();
+            async move {
+                controller.run(stop).await;
+                done_tx.send_replace(true);
+            }
+        });
+        tracing::info!(controller = %name, "controller started");
+        running.insert(
+            name,
+            Running {
+                controller: controller.clone(),
+                stop,
+                done,
+            },
+        );
+        Ok(controller)
+    }
+
+    /// Replace the controller of the same name: the old one stops (its work in
+    /// flight finishes), then the new one starts with its counters at zero.
+    pub async fn replace(&self, plugin: Plugin) -> Arc<Controller> {
+        let name = plugin.info().name.clone();
+        let _ = self.remove_and_wait(&name).await;
+        self.add(plugin).expect("the old controller was removed")
+    }
+
+    /// Signal a controller to stop and forget it; it finishes in the background.
+    pub fn remove(&self, name: &str) -> Result<(), ManagerError> {
+        let running = self
+            .running()
+            .remove(name)
+            .ok_or_else(|| ManagerError::NotFound(name.to_string()))?;
+        running.stop.cancel();
+        self.metrics.forget(name);
+        tracing::info!(controller = %name, "controller removed");
+        Ok(())
+    }
+
+    /// Stop a controller and wait until it has finished.
+    pub async fn remove_and_wait(&self, name: &str) -> Result<(), ManagerError> {
+        let mut done = self.termination(name)?;
+        self.remove(name)?;
+        let _ = done.wait_for(|d| *d).await;
+        Ok(())
+    }
+
+    /// A receiver that turns true once the controller has terminated.
+    pub fn termination(&self, name: &str) -> Result<watch::Receiver<bool>, ManagerError> {
+        self.running()
+            .get(name)
+            .map(|r| r.done.clone())
+            .ok_or_else(|| ManagerError::NotFound(name.to_string()))
+    }
+
+    /// Stop every controller and wait for all of them.
+    pub async fn shutdown(&self) {
+        let names: Vec<String> = self.running().keys().cloned().collect();
+        for name in names {
+            let _ = self.remove_and_wait(&name).await;
+        }
+    }
+
+    pub fn controller(&self, name: &str) -> Option<Arc<Controller>> {
+        self.running().get(name).map(|r| r.controller.clone())
+    }
+
+    pub fn controllers(&self) -> Vec<Arc<Controller>> {
+        let mut all: Vec<_> = self
+            .running()
+            .values()
+            .map(|r| r.controller.clone())
+            .collect();
+        all.sort_by(|a, b| a.name().cmp(b.name()));
+        all
+    }
+
+    /// Every controller's status model, by name.
+    pub fn status(&self) -> Vec<ControllerStatus> {
+        self.controllers().iter().map(|c| c.status()).collect()
+    }
+
+    /// The metrics text, with the "now" gauges refreshed.
+    pub fn encode_metrics(&self) -> String {
+        let leading = *self.leader.subscribe().borrow();
+        self.metrics.leader.set(i64::from(leading));
+        for c in self.controllers() {
+            c.refresh_metrics();
+        }
+        self.metrics.encode()
     }
 }

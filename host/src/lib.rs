@@ -5,15 +5,21 @@
 //!
 //! - [`object`]: the Kubernetes-style object model and its keys.
 //! - [`store`]: the desired-state store and each object's reconcile status.
-//! - [`queue`]: the per-key deduplicating work queue and the retry back-off.
-//! - [`controller`]: one plugin with its queue and workers.
+//! - [`queue`]: work queue, delay scheduler, retry and dequeue policies, worker routing.
+//! - [`controller`]: one plugin with its queue and workers; the manager of many.
+//! - [`leader`]: leader gating of dispatch.
+//! - [`metrics`]: Prometheus metrics.
 //! - [`plugin`]: the wasmtime engine, compile cache, instances, limits and host imports.
 //! - [`config`]: the daemon's configuration, every setting defaulted.
+//! - [`api`]: the HTTP admin API and `/metrics`.
 //! - [`cli`]: the `setpoint` command line.
 
+pub mod api;
 pub mod cli;
 pub mod config;
 pub mod controller;
+pub mod leader;
+pub mod metrics;
 pub mod object;
 pub mod plugin;
 pub mod queue;

@@ -1,5 +1,10 @@
-//! The minimal engine with real plugins: reconcile, status, deletes, retries,
-//! requeues, and hostile keys failing alone.
+//! The engine with real plugins: every semantic of DESIGN.md's "Engine semantics"
+//! that needs a controller, on tokio's paused clock where time matters.
+//!
+//! Tests that watch a plugin while it runs use a multi-threaded runtime: a plugin
+//! busy in Wasm yields to the executor at every epoch tick, but a single-threaded
+//! executor polls its timers only every few dozen task polls, so the test's own
+//! polling would see the plugin late.
 
 mod common;
 
@@ -8,196 +13,289 @@ use std::time::Duration;
 
 use common::{granting_data, load, runtime, wait_until};
 use serde_json::json;
-use setpoint::config::PluginConfig;
-use setpoint::controller::Controller;
+use setpoint::config::{PluginConfig, ShutdownMode};
+use setpoint::controller::{Controller, Engine, Manager, ManagerError};
+use setpoint::leader::ManualLeader;
+use setpoint::metrics::Metrics;
 use setpoint::object::{Object, ObjectKey};
+use setpoint::plugin::{Plugin, Runtime};
 use setpoint::store::{Phase, Store};
 use tokio_util::sync::CancellationToken;
 
 const LIMIT: Duration = Duration::from_secs(30);
 
-fn start(controller: &Arc<Controller>) -> (CancellationToken, tokio::task::JoinHandle<()>) {
-    let token = CancellationToken::new();
-    let task = tokio::spawn(controller.clone().run(token.clone()));
-    (token, task)
+/// A runtime, a store, metrics, a hand-driven leader and a manager.
+struct Rig {
+    _cache: tempfile::TempDir,
+    rt: Runtime,
+    store: Store,
+    metrics: Arc<Metrics>,
+    leader: Arc<ManualLeader>,
+    manager: Manager,
 }
 
-fn phase(store: &Store, key: &ObjectKey) -> Option<Phase> {
-    store.status(key).map(|s| s.phase)
+impl Rig {
+    fn new(leading: bool) -> Self {
+        let cache = tempfile::tempdir().unwrap();
+        let rt = runtime(&cache);
+        let store = Store::new();
+        let metrics = Arc::new(Metrics::new());
+        let leader = Arc::new(ManualLeader::new(leading));
+        let manager = Manager::new(store.clone(), leader.clone(), metrics.clone());
+        Self {
+            _cache: cache,
+            rt,
+            store,
+            metrics,
+            leader,
+            manager,
+        }
+    }
+
+    async fn plugin(&self, name: &str, settings: PluginConfig) -> Plugin {
+        load(&self.rt, name, settings, &self.store).await
+    }
+
+    fn apply(&self, kind: &str, name: &str, spec: serde_json::Value) -> ObjectKey {
+        self.store.apply(Object::new(kind, "", name, spec)).0.key()
+    }
+
+    fn phase(&self, key: &ObjectKey) -> Option<Phase> {
+        self.store.status(key).map(|s| s.phase)
+    }
 }
 
-#[tokio::test]
+fn hostile(max_retries: u32, min_backoff: Duration) -> PluginConfig {
+    let mut s = PluginConfig::default();
+    s.limits.max_reconcile_time = Duration::from_millis(500);
+    s.limits.memory_mib = 32;
+    s.retry.max_retries = max_retries;
+    s.retry.min_backoff = min_backoff;
+    s.retry.max_backoff = min_backoff * 100;
+    s.retry.jitter = 0.0;
+    s
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn controller_reconciles_every_object_and_every_change() {
-    let cache = tempfile::tempdir().unwrap();
-    let rt = runtime(&cache);
-    let store = Store::new();
-    let plugin = load(&rt, "hello", PluginConfig::default(), &store).await;
+    let rig = Rig::new(true);
+    let plugin = rig.plugin("hello", PluginConfig::default()).await;
     let keys: Vec<ObjectKey> = ["a", "b", "c"]
         .iter()
-        .map(|n| {
-            store
-                .apply(Object::new("Greeting", "", n, json!({"who": n})))
-                .0
-                .key()
-        })
+        .map(|n| rig.apply("Greeting", n, json!({"who": n})))
         .collect();
-    let controller = Controller::new(plugin, store.clone());
-    let (stop, task) = start(&controller);
+    let controller = rig.manager.add(plugin).unwrap();
     wait_until("every greeting is done", LIMIT, || {
-        keys.iter().all(|k| phase(&store, k) == Some(Phase::Done))
+        keys.iter().all(|k| rig.phase(k) == Some(Phase::Done))
     })
     .await;
-    let a = store.get(&keys[0]).unwrap();
+    let a = rig.store.get(&keys[0]).unwrap();
     assert_eq!(a.status.unwrap()["greeting"], "Hello, a!");
 
-    store.apply(Object::new("Greeting", "", "a", json!({"who": "again"})));
+    rig.apply("Greeting", "a", json!({"who": "again"}));
     wait_until("the change is reconciled", LIMIT, || {
-        store
+        rig.store
             .status(&keys[0])
             .is_some_and(|s| s.phase == Phase::Done && s.observed_generation == 2)
     })
     .await;
     assert_eq!(
-        store.get(&keys[0]).unwrap().status.unwrap()["greeting"],
+        rig.store.get(&keys[0]).unwrap().status.unwrap()["greeting"],
         "Hello, again!"
     );
-    stop.cancel();
-    task.await.unwrap();
-    assert_eq!(controller.status().successes, 4);
-    assert_eq!(controller.status().failures, 0);
+    let status = controller.status();
+    assert_eq!((status.successes, status.failures), (4, 0));
+    assert!(status.last_success_at.is_some());
+    rig.manager.shutdown().await;
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn controller_reconciles_a_key_changed_during_its_reconcile_again_after_it() {
+    let rig = Rig::new(true);
+    let mut settings = hostile(0, Duration::from_secs(1));
+    settings.workers = 4;
+    let plugin = rig.plugin("hostile", settings).await;
+    let key = rig.apply("Hostile", "s", json!({"mode": "slow", "delay-ms": 300}));
+    let controller = rig.manager.add(plugin).unwrap();
+    wait_until("the slow reconcile is in flight", LIMIT, || {
+        controller.status().in_flight == 1
+    })
+    .await;
+    rig.apply("Hostile", "s", json!({"mode": "slow", "delay-ms": 301}));
+    assert_eq!(
+        controller.status().in_flight,
+        1,
+        "not handed to a second worker"
+    );
+    wait_until("generation 2 is reconciled", LIMIT, || {
+        rig.store
+            .status(&key)
+            .is_some_and(|s| s.phase == Phase::Done && s.observed_generation == 2)
+    })
+    .await;
+    assert_eq!(controller.status().successes, 2);
+    rig.manager.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn controller_removes_a_deleted_object_only_after_its_delete_is_reconciled() {
-    let cache = tempfile::tempdir().unwrap();
+    let rig = Rig::new(true);
     let data = tempfile::tempdir().unwrap();
-    let rt = runtime(&cache);
-    let store = Store::new();
-    let plugin = load(&rt, "files", granting_data(data.path()), &store).await;
-    let (motd, _) = store.apply(Object::new("File", "", "motd", json!({"content": "hi"})));
-    let controller = Controller::new(plugin, store.clone());
-    let (stop, task) = start(&controller);
+    let plugin = rig.plugin("files", granting_data(data.path())).await;
+    let motd = rig.apply("File", "motd", json!({"content": "hi"}));
+    rig.manager.add(plugin).unwrap();
     let file = data.path().join("motd");
     wait_until("the file is written", LIMIT, || file.exists()).await;
 
-    store.delete(&motd.key()).unwrap();
+    rig.store.delete(&motd).unwrap();
     wait_until("the object is gone", LIMIT, || {
-        store.get(&motd.key()).is_none()
+        rig.store.get(&motd).is_none()
     })
     .await;
     assert!(
         !file.exists(),
         "the delete was reconciled before the object went"
     );
-    stop.cancel();
-    task.await.unwrap();
+    rig.manager.shutdown().await;
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn hostile_keys_fail_alone_while_the_other_keys_are_served() {
-    let cache = tempfile::tempdir().unwrap();
-    let rt = runtime(&cache);
-    let store = Store::new();
-    let mut settings = PluginConfig::default();
-    settings.limits.max_reconcile_time = Duration::from_millis(200);
-    settings.limits.memory_mib = 32;
-    settings.retry.max_retries = 0;
-    let plugin = load(&rt, "hostile", settings, &store).await;
+    let rig = Rig::new(true);
+    let plugin = rig
+        .plugin("hostile", hostile(0, Duration::from_secs(1)))
+        .await;
     let bad: Vec<(ObjectKey, &str)> = [
         ("loop", "time limit"),
         ("oom", "out of memory"),
         ("trap", "trapped"),
     ]
     .iter()
-    .map(|(mode, why)| {
-        (
-            store
-                .apply(Object::new("Hostile", "", mode, json!({"mode": mode})))
-                .0
-                .key(),
-            *why,
-        )
-    })
+    .map(|(mode, why)| (rig.apply("Hostile", mode, json!({"mode": mode})), *why))
     .collect();
     let good: Vec<ObjectKey> = (0..5)
-        .map(|i| {
-            store
-                .apply(Object::new(
-                    "Hostile",
-                    "",
-                    &format!("ok{i}"),
-                    json!({"mode": "ok"}),
-                ))
-                .0
-                .key()
-        })
+        .map(|i| rig.apply("Hostile", &format!("ok{i}"), json!({"mode": "ok"})))
         .collect();
-    let controller = Controller::new(plugin, store.clone());
-    let (stop, task) = start(&controller);
+    rig.manager.add(plugin).unwrap();
     wait_until("every key settled", LIMIT, || {
-        good.iter().all(|k| phase(&store, k) == Some(Phase::Done))
-            && bad
-                .iter()
-                .all(|(k, _)| phase(&store, k) == Some(Phase::Error))
+        good.iter().all(|k| rig.phase(k) == Some(Phase::Done))
+            && bad.iter().all(|(k, _)| rig.phase(k) == Some(Phase::Error))
     })
     .await;
     for (key, why) in &bad {
-        let error = store.status(key).unwrap().last_error.unwrap();
+        let error = rig.store.status(key).unwrap().last_error.unwrap();
         assert!(error.contains(why), "{key}: {error}");
     }
-    stop.cancel();
-    task.await.unwrap();
+    let text = rig.manager.encode_metrics();
+    for outcome in ["timeout", "out-of-memory", "trap"] {
+        let line = format!(
+            "setpoint_plugin_call_failures_total{{plugin=\"hostile\",outcome=\"{outcome}\"}} 1"
+        );
+        assert!(text.contains(&line), "{line} in:\n{text}");
+    }
+    rig.manager.shutdown().await;
 }
 
 #[tokio::test(start_paused = true)]
 async fn retries_back_off_hand_back_state_and_give_up_after_max_retries() {
-    let cache = tempfile::tempdir().unwrap();
-    let rt = runtime(&cache);
-    let store = Store::new();
-    let mut settings = PluginConfig::default();
-    settings.retry.max_retries = 3;
-    settings.retry.min_backoff = Duration::from_secs(1);
-    settings.retry.max_backoff = Duration::from_secs(10);
-    let plugin = load(&rt, "hostile", settings, &store).await;
-    let (obj, _) = store.apply(Object::new("Hostile", "", "f", json!({"mode": "fail"})));
-    let controller = Controller::new(plugin, store.clone());
-    let (stop, task) = start(&controller);
+    let rig = Rig::new(true);
+    let plugin = rig
+        .plugin("hostile", hostile(3, Duration::from_secs(1)))
+        .await;
+    let key = rig.apply("Hostile", "f", json!({"mode": "fail"}));
+    let controller = rig.manager.add(plugin).unwrap();
+    let start = tokio::time::Instant::now();
     wait_until("the key is given up", Duration::from_secs(60), || {
         controller.status().given_up == 1
     })
     .await;
-    let error = store.status(&obj.key()).unwrap().last_error.unwrap();
+    // Back-off 1 s, 2 s, 4 s between the four attempts.
+    let elapsed = start.elapsed();
+    assert!(
+        elapsed >= Duration::from_secs(7) && elapsed < Duration::from_secs(8),
+        "{elapsed:?}"
+    );
+    let error = rig.store.status(&key).unwrap().last_error.unwrap();
     assert!(error.starts_with("gave up after 4 attempts"), "{error}");
     assert!(
         error.contains("(attempt 3, 3 failures in state)"),
-        "attempts are numbered 0..=3 and the state of each failure is handed to the next: {error}"
+        "attempts are numbered 0..=3 and each failure's state reaches the next: {error}"
     );
-    assert_eq!(controller.status().failures, 4);
+    let status = controller.status();
+    assert_eq!(status.failures, 4);
+    assert_eq!(status.last_error.as_deref(), Some(error.as_str()));
+    assert!(status.last_error_at.is_some());
+    assert_eq!(status.pending_timers, 0, "a given-up key is not scheduled");
+    let text = rig.manager.encode_metrics();
+    assert!(
+        text.contains("reconcile_given_up_total{controller=\"hostile\"} 1"),
+        "{text}"
+    );
+    assert!(
+        text.contains("workqueue_retries_total{controller=\"hostile\"} 3"),
+        "{text}"
+    );
 
     // A change brings a given-up key back.
-    store.apply(Object::new("Hostile", "", "f", json!({"mode": "ok"})));
+    rig.apply("Hostile", "f", json!({"mode": "ok"}));
     wait_until("the fixed key is done", Duration::from_secs(60), || {
-        phase(&store, &obj.key()) == Some(Phase::Done)
+        rig.phase(&key) == Some(Phase::Done)
     })
     .await;
-    stop.cancel();
-    task.await.unwrap();
+    rig.manager.shutdown().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn retry_after_from_the_plugin_overrides_the_back_off() {
+    let rig = Rig::new(true);
+    let plugin = rig
+        .plugin("hostile", hostile(5, Duration::from_secs(3600)))
+        .await;
+    rig.apply(
+        "Hostile",
+        "r",
+        json!({"mode": "retry-after", "delay-ms": 2000}),
+    );
+    let controller = rig.manager.add(plugin).unwrap();
+    wait_until("the first attempt", LIMIT, || {
+        controller.status().failures == 1
+    })
+    .await;
+    let first = tokio::time::Instant::now();
+    wait_until("the second attempt", LIMIT, || {
+        controller.status().failures == 2
+    })
+    .await;
+    let gap = first.elapsed();
+    assert!(
+        gap >= Duration::from_secs(2) && gap < Duration::from_secs(3),
+        "{gap:?}"
+    );
+    rig.manager.shutdown().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_fatal_error_is_not_retried() {
+    let rig = Rig::new(true);
+    let plugin = rig
+        .plugin("hostile", hostile(5, Duration::from_millis(10)))
+        .await;
+    let key = rig.apply("Hostile", "x", json!({"mode": "no-such-mode"}));
+    let controller = rig.manager.add(plugin).unwrap();
+    wait_until("the attempt", LIMIT, || controller.status().failures == 1).await;
+    tokio::time::sleep(Duration::from_secs(3600)).await;
+    assert_eq!(controller.status().failures, 1);
+    assert_eq!(controller.status().pending_timers, 0);
+    let error = rig.store.status(&key).unwrap().last_error.unwrap();
+    assert!(error.contains("unknown mode"), "{error}");
 }
 
 #[tokio::test(start_paused = true)]
 async fn requeue_after_reconciles_the_key_again_after_the_delay() {
-    let cache = tempfile::tempdir().unwrap();
-    let rt = runtime(&cache);
-    let store = Store::new();
-    let plugin = load(&rt, "hostile", PluginConfig::default(), &store).await;
-    store.apply(Object::new(
-        "Hostile",
-        "",
-        "r",
-        json!({"mode": "requeue", "delay-ms": 1000}),
-    ));
-    let controller = Controller::new(plugin, store.clone());
-    let (stop, task) = start(&controller);
+    let rig = Rig::new(true);
+    let plugin = rig.plugin("hostile", PluginConfig::default()).await;
+    rig.apply("Hostile", "r", json!({"mode": "requeue", "delay-ms": 1000}));
+    let controller = rig.manager.add(plugin).unwrap();
     wait_until("the first reconcile", LIMIT, || {
         controller.status().successes == 1
     })
@@ -207,11 +305,237 @@ async fn requeue_after_reconciles_the_key_again_after_the_delay() {
         controller.status().successes == 2
     })
     .await;
+    let gap = first.elapsed();
     assert!(
-        first.elapsed() >= Duration::from_millis(1000),
-        "{:?}",
-        first.elapsed()
+        gap >= Duration::from_secs(1) && gap < Duration::from_millis(1100),
+        "{gap:?}"
     );
+    rig.manager.shutdown().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn dequeue_policy_keeps_a_retry_for_the_same_generation_and_replaces_it_for_a_newer_one() {
+    let rig = Rig::new(true);
+    let plugin = rig
+        .plugin("hostile", hostile(5, Duration::from_secs(600)))
+        .await;
+    let key = rig.apply("Hostile", "d", json!({"mode": "fail"}));
+    let controller = rig.manager.add(plugin).unwrap();
+    wait_until("the first failure", LIMIT, || {
+        controller.status().failures == 1
+    })
+    .await;
+    assert_eq!(controller.status().pending_timers, 1);
+
+    // A label change: an update of the same generation. The retry stays.
+    let mut relabelled = Object::new("Hostile", "", "d", json!({"mode": "fail"}));
+    relabelled.metadata.labels.insert("team".into(), "x".into());
+    rig.store.apply(relabelled);
+    tokio::time::sleep(Duration::from_secs(60)).await;
+    assert_eq!(
+        controller.status().failures,
+        1,
+        "the event waited for the retry"
+    );
+    assert_eq!(controller.status().pending_timers, 1);
+
+    // A spec change: a newer generation. It replaces the retry and runs now.
+    rig.apply("Hostile", "d", json!({"mode": "ok"}));
+    wait_until("the new generation is done", LIMIT, || {
+        rig.phase(&key) == Some(Phase::Done)
+    })
+    .await;
+    assert!(tokio::time::Instant::now().elapsed() < Duration::from_secs(600));
+    assert_eq!(
+        controller.status().pending_timers,
+        0,
+        "the retry was cancelled"
+    );
+    rig.manager.shutdown().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn dispatch_waits_for_leadership_stops_when_it_is_lost_and_resumes_from_the_store() {
+    let rig = Rig::new(false);
+    let plugin = rig.plugin("hello", PluginConfig::default()).await;
+    let a = rig.apply("Greeting", "a", json!({"who": "a"}));
+    let controller = rig.manager.add(plugin).unwrap();
+    tokio::time::sleep(Duration::from_secs(60)).await;
+    assert_eq!(
+        controller.status().successes,
+        0,
+        "a follower dispatches nothing"
+    );
+    assert_eq!(rig.phase(&a), Some(Phase::Pending));
+
+    rig.leader.set(true);
+    wait_until("the leader reconciles", LIMIT, || {
+        rig.phase(&a) == Some(Phase::Done)
+    })
+    .await;
+
+    rig.leader.set(false);
+    tokio::task::yield_now().await;
+    let b = rig.apply("Greeting", "b", json!({"who": "b"}));
+    tokio::time::sleep(Duration::from_secs(60)).await;
+    assert_eq!(
+        rig.phase(&b),
+        Some(Phase::Pending),
+        "dispatch stopped at once"
+    );
+
+    rig.leader.set(true);
+    wait_until("dispatch resumes", LIMIT, || {
+        rig.phase(&b) == Some(Phase::Done)
+    })
+    .await;
+    rig.manager.shutdown().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_negative_hasher_answer_drops_the_key_and_counts_it() {
+    let rig = Rig::new(true);
+    let plugin = rig.plugin("hello", PluginConfig::default()).await;
+    let mut engine = Engine::from(plugin.settings());
+    engine.hasher = Arc::new(|key: &str, _count: usize| if key.ends_with("drop") { -1 } else { 0 });
+    let kept = rig.apply("Greeting", "keep", json!({"who": "k"}));
+    let dropped = rig.apply("Greeting", "drop", json!({"who": "d"}));
+    let controller = rig.manager.add_with(plugin, engine).unwrap();
+    wait_until("the kept key is done", LIMIT, || {
+        rig.phase(&kept) == Some(Phase::Done)
+    })
+    .await;
+    tokio::time::sleep(Duration::from_secs(10)).await;
+    assert_eq!(rig.phase(&dropped), Some(Phase::Pending));
+    assert_eq!(controller.status().dropped, 1);
+    let text = rig.manager.encode_metrics();
+    assert!(
+        text.contains("workqueue_dropped_total{controller=\"hello\"} 1"),
+        "{text}"
+    );
+    rig.manager.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_drains_queued_keys_after_the_one_in_flight() {
+    let rig = Rig::new(true);
+    let mut settings = hostile(0, Duration::from_secs(1));
+    settings.workers = 1;
+    settings.shutdown = ShutdownMode::Drain;
+    let plugin = rig.plugin("hostile", settings).await;
+    let keys: Vec<ObjectKey> = (0..3)
+        .map(|i| {
+            rig.apply(
+                "Hostile",
+                &format!("s{i}"),
+                json!({"mode": "slow", "delay-ms": 100}),
+            )
+        })
+        .collect();
+    let controller = Controller::new(plugin, rig.store.clone(), rig.leader.as_ref(), &rig.metrics);
+    let stop = CancellationToken::new();
+    let run = tokio::spawn(controller.clone().run(stop.clone()));
+    wait_until("one key in flight", LIMIT, || {
+        controller.status().in_flight == 1
+    })
+    .await;
     stop.cancel();
-    task.await.unwrap();
+    let handed_back = run.await.unwrap();
+    assert!(handed_back.is_empty());
+    assert!(keys.iter().all(|k| rig.phase(k) == Some(Phase::Done)));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_with_hand_back_finishes_the_key_in_flight_and_returns_the_rest() {
+    let rig = Rig::new(true);
+    let mut settings = hostile(0, Duration::from_secs(1));
+    settings.workers = 1;
+    settings.shutdown = ShutdownMode::HandBack;
+    let plugin = rig.plugin("hostile", settings).await;
+    let keys: Vec<ObjectKey> = (0..3)
+        .map(|i| {
+            rig.apply(
+                "Hostile",
+                &format!("s{i}"),
+                json!({"mode": "slow", "delay-ms": 200}),
+            )
+        })
+        .collect();
+    let controller = Controller::new(plugin, rig.store.clone(), rig.leader.as_ref(), &rig.metrics);
+    let stop = CancellationToken::new();
+    let run = tokio::spawn(controller.clone().run(stop.clone()));
+    wait_until("one key in flight", LIMIT, || {
+        controller.status().in_flight == 1
+    })
+    .await;
+    stop.cancel();
+    let handed_back = run.await.unwrap();
+    let done: Vec<_> = keys
+        .iter()
+        .filter(|k| rig.phase(k) == Some(Phase::Done))
+        .collect();
+    assert_eq!(done.len(), 1, "the key in flight finished");
+    assert_eq!(handed_back.len(), 2, "{handed_back:?}");
+    assert!(
+        handed_back
+            .iter()
+            .all(|k| rig.phase(k) == Some(Phase::Pending))
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn manager_adds_replaces_removes_and_reports_termination() {
+    let rig = Rig::new(true);
+    let hello = rig.plugin("hello", PluginConfig::default()).await;
+    let key = rig.apply("Greeting", "a", json!({"who": "a"}));
+    let first = rig.manager.add(hello.clone()).unwrap();
+    assert_eq!(
+        rig.manager.add(hello.clone()).unwrap_err(),
+        ManagerError::Exists("hello".into())
+    );
+    wait_until("reconciled", LIMIT, || first.status().successes == 1).await;
+
+    let mut terminated = rig.manager.termination("hello").unwrap();
+    let second = rig.manager.replace(hello.clone()).await;
+    assert!(
+        *terminated.borrow_and_update(),
+        "the old controller ended first"
+    );
+    wait_until("the replacement resynced", LIMIT, || {
+        second.status().successes == 1
+    })
+    .await;
+    assert_eq!(
+        second.status().successes,
+        1,
+        "counters start again from zero"
+    );
+    assert_eq!(rig.phase(&key), Some(Phase::Done));
+    assert_eq!(rig.manager.status().len(), 1);
+
+    rig.manager.remove_and_wait("hello").await.unwrap();
+    assert!(rig.manager.status().is_empty());
+    assert_eq!(
+        rig.manager.remove("hello"),
+        Err(ManagerError::NotFound("hello".into()))
+    );
+    assert!(
+        !rig.manager
+            .encode_metrics()
+            .contains("controller=\"hello\"")
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn manager_remove_and_wait_lets_the_reconcile_in_flight_finish() {
+    let rig = Rig::new(true);
+    let plugin = rig
+        .plugin("hostile", hostile(0, Duration::from_secs(1)))
+        .await;
+    let key = rig.apply("Hostile", "s", json!({"mode": "slow", "delay-ms": 300}));
+    let controller = rig.manager.add(plugin).unwrap();
+    wait_until("in flight", LIMIT, || controller.status().in_flight == 1).await;
+    rig.manager.remove_and_wait("hostile").await.unwrap();
+    assert_eq!(rig.phase(&key), Some(Phase::Done));
+    assert_eq!(controller.status().in_flight, 0);
 }

@@ -66,6 +66,14 @@ fn main() -> anyhow::Result<()> {
         }
         Task::Test { args } => {
             let plugins = build_plugins(&root)?;
+            // The metrics test checks /metrics with promtool, from Debian's prometheus.
+            if !succeeds_within(
+                Command::new("promtool").arg("--version"),
+                Duration::from_secs(30),
+            ) {
+                eprintln!("xtask: installing Debian's prometheus package for promtool");
+                apt_install(&["prometheus"])?;
+            }
             // The plugins' own unit tests, natively, against the SDK's fake host.
             run(Command::new(cargo())
                 .args([

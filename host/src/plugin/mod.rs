@@ -34,13 +34,13 @@ pub mod wit {
         exports: { default: async },
     });
 
-    pub use exports::setpoint::reconciler::pruner::{
+    pub use self::exports::setpoint::reconciler::pruner::{
         Guest as Pruner, GuestIndices as PrunerIndices,
     };
-    pub use exports::setpoint::reconciler::reconciler::{
+    pub use self::exports::setpoint::reconciler::reconciler::{
         Guest as Reconciler, GuestIndices as ReconcilerIndices,
     };
-    pub use setpoint::reconciler::types::{
+    pub use self::setpoint::reconciler::types::{
         Action, Failure, Info, Object, Outcome, ReconcileError, Request, RetryAfter,
     };
 }

@@ -1,11 +1,19 @@
-//! Work queues and retry timing.
+//! Work queues, delay scheduling and retry timing.
 //!
-//! - [`WorkQueue`]: a per-key deduplicating queue with client-go's dirty/processing
-//!   semantics, so no key is processed twice at once.
-//! - [`Backoff`]: exponential back-off with jitter between a min and a max.
+//! - [`WorkQueue`]: a bounded per-key deduplicating queue with one lane per worker,
+//!   with client-go's dirty/processing semantics: no key is processed twice at once.
+//! - [`Timers`] / [`DelayScheduler`]: keys due later, earliest deadline wins, at a
+//!   configurable resolution and capacity.
+//! - [`Backoff`] and [`DequeuePolicy`]: when to retry, and whether a new event
+//!   replaces a pending retry.
+//! - [`WorkerHasher`]: which worker lane a key goes to.
 
-mod backoff;
+mod hasher;
+mod retry;
+mod scheduler;
 mod workqueue;
 
-pub use backoff::Backoff;
-pub use workqueue::WorkQueue;
+pub use hasher::{Fnv1a, WorkerHasher};
+pub use retry::{Backoff, DequeuePolicy, EventRef};
+pub use scheduler::{DelayScheduler, Scheduled, SchedulerFull, Timers};
+pub use workqueue::{Added, QueueError, Timings, WorkQueue};

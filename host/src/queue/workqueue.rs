@@ -1,131 +1,234 @@
-//! A per-key deduplicating work queue, with the semantics of client-go's workqueue:
+//! A bounded, per-key deduplicating work queue with one lane per worker, with the
+//! semantics of client-go's workqueue:
 //!
-//! - A key is queued at most once: adding a queued key does nothing.
+//! - A key is queued at most once: adding a key that is already waiting does
+//!   nothing (the add is folded into the waiting one).
 //! - A key added while a worker processes it is marked dirty, and queued again
-//!   when the worker calls [`WorkQueue::done`]. So a key is never handed to two
+//!   when the worker calls [`WorkQueue::done`]. A key is never handed to two
 //!   workers at once, and a change during processing is never lost.
-//! - After [`WorkQueue::shutdown`], `get` hands out what is still queued, then
-//!   returns `None`.
+//! - Each key goes to the lane its caller names (a worker, chosen by a hasher);
+//!   a dirty key goes back to the lane it was added to.
+//! - At most `capacity` keys wait at once. [`WorkQueue::add`] waits for room (so
+//!   a full queue pushes back on its sources); [`WorkQueue::try_add`] answers
+//!   [`QueueError::Full`] instead. Nothing is dropped silently.
+//! - After [`WorkQueue::shutdown`], adds are refused; `get` hands out what is
+//!   still queued (drain) until [`WorkQueue::hand_back`] takes it away.
 
-use std::collections::{HashSet, VecDeque};
+use std::collections::{HashMap, VecDeque};
 use std::hash::Hash;
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Mutex, MutexGuard};
 use std::time::Duration;
 
 use tokio::sync::Notify;
+use tokio::time::Instant;
 
-/// A deduplicating queue of keys.
+/// Why an add was refused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum QueueError {
+    #[error("the work queue is full ({0} keys waiting); try again later")]
+    Full(usize),
+    #[error("the work queue is shut down")]
+    ShutDown,
+}
+
+/// What an accepted add did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Added {
+    /// The key was queued (or marked dirty while processing).
+    Queued,
+    /// The key was already waiting; nothing changed.
+    Folded,
+}
+
+/// How long a key waited and how long it was worked on, for metrics.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Timings {
+    pub waited: Duration,
+}
+
+/// A bounded deduplicating queue of keys with one lane per worker.
 pub struct WorkQueue<K> {
     state: Mutex<State<K>>,
-    notify: Notify,
+    lanes: Vec<Notify>,
+    room: Notify,
+    capacity: usize,
 }
 
 struct State<K> {
-    queue: VecDeque<K>,
-    /// Keys that need processing: queued, or re-added while processing.
-    dirty: HashSet<K>,
-    /// Keys a worker holds right now.
-    processing: HashSet<K>,
+    lanes: Vec<VecDeque<K>>,
+    /// Keys that need processing: queued, or re-added while processing. The
+    /// value is the lane and when the key was first added.
+    dirty: HashMap<K, (usize, Instant)>,
+    /// Keys a worker holds, and since when.
+    processing: HashMap<K, Instant>,
     shutting_down: bool,
 }
 
-impl<K: Clone + Eq + Hash + Send + 'static> Default for WorkQueue<K> {
-    fn default() -> Self {
-        Self::new()
-    }
-}
-
-impl<K: Clone + Eq + Hash + Send + 'static> WorkQueue<K> {
-    pub fn new() -> Self {
+impl<K: Clone + Eq + Hash> WorkQueue<K> {
+    /// A queue with `lanes` lanes (at least one) holding at most `capacity` waiting keys.
+    pub fn new(lanes: usize, capacity: usize) -> Self {
+        let lanes = lanes.max(1);
         Self {
             state: Mutex::new(State {
-                queue: VecDeque::new(),
-                dirty: HashSet::new(),
-                processing: HashSet::new(),
+                lanes: (0..lanes).map(|_| VecDeque::new()).collect(),
+                dirty: HashMap::new(),
+                processing: HashMap::new(),
                 shutting_down: false,
             }),
-            notify: Notify::new(),
+            lanes: (0..lanes).map(|_| Notify::new()).collect(),
+            room: Notify::new(),
+            capacity: capacity.max(1),
         }
     }
 
     fn lock(&self) -> MutexGuard<'_, State<K>> {
+        // Every critical section leaves the maps consistent before it can panic.
         self.state.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Queue a key, unless it is already waiting.
-    pub fn add(&self, key: K) {
-        let mut s = self.lock();
-        if s.shutting_down || !s.dirty.insert(key.clone()) {
-            return;
-        }
-        if s.processing.contains(&key) {
-            return;
-        }
-        s.queue.push_back(key);
-        drop(s);
-        self.notify.notify_one();
+    /// The number of lanes.
+    pub fn lane_count(&self) -> usize {
+        self.lanes.len()
     }
 
-    /// Queue a key after a delay.
-    pub fn add_after(self: &Arc<Self>, key: K, delay: Duration) {
-        if delay.is_zero() {
-            return self.add(key);
-        }
-        let queue = Arc::downgrade(self);
-        tokio::spawn(async move {
-            tokio::time::sleep(delay).await;
-            if let Some(queue) = queue.upgrade() {
-                queue.add(key);
-            }
-        });
-    }
-
-    /// The next key to process; waits for one. `None` once shut down and drained.
-    /// The caller must call [`WorkQueue::done`] with the key when finished.
-    pub async fn get(&self) -> Option<K> {
+    /// Queue `key` on `lane`, waiting while the queue is full.
+    pub async fn add(&self, key: K, lane: usize) -> Result<Added, QueueError> {
         loop {
-            let notified = self.notify.notified();
-            {
-                let mut s = self.lock();
-                if let Some(key) = s.queue.pop_front() {
-                    s.dirty.remove(&key);
-                    s.processing.insert(key.clone());
-                    let more = !s.queue.is_empty();
-                    drop(s);
-                    if more {
-                        // Pass the wake-up on: another worker may be waiting.
-                        self.notify.notify_one();
-                    }
-                    return Some(key);
-                }
-                if s.shutting_down {
-                    return None;
-                }
+            let room = self.room.notified();
+            match self.try_add(key.clone(), lane) {
+                Err(QueueError::Full(_)) => room.await,
+                other => return other,
+            }
+        }
+    }
+
+    /// Queue `key` on `lane`, or say why not at once.
+    pub fn try_add(&self, key: K, lane: usize) -> Result<Added, QueueError> {
+        let lane = lane % self.lanes.len();
+        let mut s = self.lock();
+        if s.shutting_down {
+            return Err(QueueError::ShutDown);
+        }
+        if s.dirty.contains_key(&key) {
+            return Ok(Added::Folded);
+        }
+        if s.dirty.len() >= self.capacity {
+            return Err(QueueError::Full(s.dirty.len()));
+        }
+        s.dirty.insert(key.clone(), (lane, Instant::now()));
+        if !s.processing.contains_key(&key) {
+            s.lanes[lane].push_back(key);
+            drop(s);
+            self.lanes[lane].notify_one();
+        }
+        Ok(Added::Queued)
+    }
+
+    /// The next key of `lane`; waits for one. `None` once shut down and drained.
+    /// The caller must call [`WorkQueue::done`] with the key when finished.
+    pub async fn get(&self, lane: usize) -> Option<(K, Timings)> {
+        let lane = lane % self.lanes.len();
+        loop {
+            let notified = self.lanes[lane].notified();
+            if let Some(got) = self.try_get(lane) {
+                return Some(got);
+            }
+            if self.lock().shutting_down {
+                return None;
             }
             notified.await;
         }
     }
 
-    /// Mark a key finished. If it was added again meanwhile, it is queued now.
-    pub fn done(&self, key: &K) {
+    /// The next key of `lane`, if one is waiting.
+    pub fn try_get(&self, lane: usize) -> Option<(K, Timings)> {
+        let lane = lane % self.lanes.len();
         let mut s = self.lock();
-        s.processing.remove(key);
-        if s.dirty.contains(key) {
-            s.queue.push_back(key.clone());
-            drop(s);
-            self.notify.notify_one();
+        let key = s.lanes[lane].pop_front()?;
+        let now = Instant::now();
+        let added = s.dirty.remove(&key).map_or(now, |(_, at)| at);
+        s.processing.insert(key.clone(), now);
+        let more = !s.lanes[lane].is_empty();
+        drop(s);
+        self.room.notify_one();
+        if more {
+            // Pass the wake-up on: the lane may have several waiters.
+            self.lanes[lane].notify_one();
         }
+        Some((
+            key,
+            Timings {
+                waited: now - added,
+            },
+        ))
     }
 
-    /// Stop taking new keys; `get` drains what is queued, then returns `None`.
+    /// Mark `key` finished; returns how long it was processed. If it was added
+    /// again meanwhile, it is queued now, on the lane it was added to.
+    pub fn done(&self, key: &K) -> Duration {
+        let mut s = self.lock();
+        let worked = s
+            .processing
+            .remove(key)
+            .map_or(Duration::ZERO, |at| at.elapsed());
+        if let Some(&(lane, _)) = s.dirty.get(key) {
+            s.lanes[lane].push_back(key.clone());
+            drop(s);
+            self.lanes[lane].notify_one();
+        }
+        worked
+    }
+
+    /// Forget `key` if it is waiting (not if it is being processed). Returns true
+    /// if it was waiting.
+    pub fn remove(&self, key: &K) -> bool {
+        let mut s = self.lock();
+        let Some((lane, _)) = s.dirty.remove(key) else {
+            return false;
+        };
+        s.lanes[lane].retain(|k| k != key);
+        drop(s);
+        self.room.notify_one();
+        true
+    }
+
+    /// Refuse new keys and wake every waiter; `get` drains what is queued.
     pub fn shutdown(&self) {
         self.lock().shutting_down = true;
-        self.notify.notify_waiters();
+        for lane in &self.lanes {
+            lane.notify_waiters();
+        }
+        self.room.notify_waiters();
+    }
+
+    /// Take every waiting key out of the queue (after or instead of draining), so
+    /// the caller can hand them to whoever runs next.
+    pub fn hand_back(&self) -> Vec<K> {
+        let mut s = self.lock();
+        let keys: Vec<K> = s.lanes.iter_mut().flat_map(|l| l.drain(..)).collect();
+        let State {
+            dirty, processing, ..
+        } = &mut *s;
+        // A dirty key being processed is not in a lane: hand it back too.
+        let mut handed: Vec<K> = keys;
+        handed.extend(
+            dirty
+                .keys()
+                .filter(|k| processing.contains_key(*k))
+                .cloned(),
+        );
+        dirty.clear();
+        handed
+    }
+
+    /// True once [`WorkQueue::shutdown`] was called.
+    pub fn is_shut_down(&self) -> bool {
+        self.lock().shutting_down
     }
 
     /// Keys waiting to be processed.
     pub fn len(&self) -> usize {
-        self.lock().queue.len()
+        self.lock().dirty.len()
     }
 
     pub fn is_empty(&self) -> bool {
@@ -136,72 +239,174 @@ impl<K: Clone + Eq + Hash + Send + 'static> WorkQueue<K> {
     pub fn in_flight(&self) -> usize {
         self.lock().processing.len()
     }
+
+    /// How long the keys in flight have been processed, in total and the longest.
+    pub fn unfinished(&self) -> (Duration, Duration) {
+        let s = self.lock();
+        let now = Instant::now();
+        s.processing
+            .values()
+            .map(|at| now - *at)
+            .fold((Duration::ZERO, Duration::ZERO), |(sum, max), d| {
+                (sum + d, max.max(d))
+            })
+    }
 }
 
 #[cfg(test)]
 mod tests {
+    use std::sync::Arc;
+
     use super::*;
+
+    fn queue(capacity: usize) -> WorkQueue<&'static str> {
+        WorkQueue::new(1, capacity)
+    }
 
     #[tokio::test]
     async fn queue_dedupes_many_adds_of_one_key() {
-        let q = WorkQueue::new();
+        let q = queue(10);
+        assert_eq!(q.try_add("a", 0), Ok(Added::Queued));
         for _ in 0..10 {
-            q.add("a");
+            assert_eq!(q.try_add("a", 0), Ok(Added::Folded));
         }
-        q.add("b");
+        q.try_add("b", 0).unwrap();
         assert_eq!(q.len(), 2);
-        assert_eq!(q.get().await, Some("a"));
-        assert_eq!(q.get().await, Some("b"));
-        assert!(q.is_empty());
+        assert_eq!(q.get(0).await.unwrap().0, "a");
+        assert_eq!(q.get(0).await.unwrap().0, "b");
+        assert_eq!(q.try_get(0), None);
     }
 
     #[tokio::test]
     async fn queue_requeues_a_key_added_while_processing_only_after_done() {
-        let q = WorkQueue::new();
-        q.add("a");
-        let key = q.get().await.unwrap();
-        q.add("a");
-        q.add("a");
-        assert_eq!(q.len(), 0, "a key being processed is not handed out again");
+        let q = queue(10);
+        q.try_add("a", 0).unwrap();
+        let (key, _) = q.get(0).await.unwrap();
+        q.try_add("a", 0).unwrap();
+        q.try_add("a", 0).unwrap();
+        assert_eq!(
+            q.try_get(0),
+            None,
+            "a key being processed is not handed out again"
+        );
         q.done(&key);
-        assert_eq!(q.len(), 1, "the re-add is queued once, after done");
-        assert_eq!(q.get().await, Some("a"));
+        assert_eq!(
+            q.try_get(0).map(|(k, _)| k),
+            Some("a"),
+            "the re-add is queued once, after done"
+        );
         q.done(&"a");
         assert!(q.is_empty());
+        assert_eq!(q.try_get(0), None);
     }
 
     #[tokio::test]
-    async fn queue_shutdown_drains_then_ends() {
-        let q = WorkQueue::new();
-        q.add(1);
-        q.add(2);
-        q.shutdown();
-        q.add(3);
-        assert_eq!(q.get().await, Some(1));
-        assert_eq!(q.get().await, Some(2));
-        assert_eq!(q.get().await, None);
+    async fn queue_never_hands_one_key_to_two_lanes_at_once() {
+        let q = WorkQueue::new(2, 10);
+        q.try_add("a", 0).unwrap();
+        let (key, _) = q.try_get(0).unwrap();
+        // Added again for the other lane while lane 0 holds it: it waits for done,
+        // and then goes where the new add asked.
+        q.try_add("a", 1).unwrap();
+        assert_eq!(q.try_get(1), None);
+        q.done(&key);
+        assert_eq!(q.try_get(1).map(|(k, _)| k), Some("a"));
     }
 
     #[tokio::test]
-    async fn queue_shutdown_wakes_a_waiting_worker() {
-        let q = Arc::new(WorkQueue::<u32>::new());
-        let waiter = tokio::spawn({
+    async fn queue_full_refuses_try_add_with_a_clear_error() {
+        let q = queue(2);
+        q.try_add("a", 0).unwrap();
+        q.try_add("b", 0).unwrap();
+        let err = q.try_add("c", 0).unwrap_err();
+        assert_eq!(err, QueueError::Full(2));
+        assert!(err.to_string().contains("full"));
+        assert_eq!(
+            q.try_add("a", 0),
+            Ok(Added::Folded),
+            "a waiting key still folds"
+        );
+    }
+
+    #[tokio::test]
+    async fn queue_full_pushes_back_on_add_until_a_key_is_taken() {
+        let q = Arc::new(queue(1));
+        q.try_add("a", 0).unwrap();
+        let adder = tokio::spawn({
             let q = q.clone();
-            async move { q.get().await }
+            async move { q.add("b", 0).await }
+        });
+        tokio::task::yield_now().await;
+        assert!(!adder.is_finished(), "add waits while the queue is full");
+        assert_eq!(q.try_get(0).map(|(k, _)| k), Some("a"));
+        assert_eq!(adder.await.unwrap(), Ok(Added::Queued));
+        assert_eq!(q.try_get(0).map(|(k, _)| k), Some("b"));
+    }
+
+    #[tokio::test]
+    async fn queue_shutdown_drains_then_ends_and_refuses_adds() {
+        let q = queue(10);
+        q.try_add("a", 0).unwrap();
+        q.try_add("b", 0).unwrap();
+        q.shutdown();
+        assert_eq!(q.try_add("c", 0), Err(QueueError::ShutDown));
+        assert_eq!(q.get(0).await.unwrap().0, "a");
+        assert_eq!(q.get(0).await.unwrap().0, "b");
+        assert_eq!(q.get(0).await, None);
+    }
+
+    #[tokio::test]
+    async fn queue_shutdown_with_items_in_flight_hands_back_the_rest() {
+        let q = queue(10);
+        for k in ["a", "b", "c"] {
+            q.try_add(k, 0).unwrap();
+        }
+        let (a, _) = q.try_get(0).unwrap();
+        q.try_add("a", 0).unwrap(); // dirty while in flight
+        q.shutdown();
+        let mut handed = q.hand_back();
+        handed.sort();
+        assert_eq!(handed, ["a", "b", "c"]);
+        assert_eq!(q.get(0).await, None, "nothing left to drain");
+        q.done(&a);
+        assert_eq!(q.try_get(0), None, "a handed-back key is not requeued");
+        assert_eq!(q.in_flight(), 0);
+    }
+
+    #[tokio::test]
+    async fn queue_shutdown_wakes_waiting_workers_and_adders() {
+        let q = Arc::new(queue(1));
+        let worker = tokio::spawn({
+            let q = q.clone();
+            async move { q.get(0).await }
         });
         tokio::task::yield_now().await;
         q.shutdown();
-        assert_eq!(waiter.await.unwrap(), None);
+        assert_eq!(worker.await.unwrap(), None);
     }
 
     #[tokio::test(start_paused = true)]
-    async fn queue_add_after_waits_for_the_delay() {
-        let q = Arc::new(WorkQueue::new());
-        q.add_after("a", Duration::from_secs(5));
-        tokio::time::sleep(Duration::from_millis(4999)).await;
-        assert!(q.is_empty());
-        tokio::time::sleep(Duration::from_millis(1)).await;
-        tokio::task::yield_now().await;
-        assert_eq!(q.len(), 1);
+    async fn queue_measures_wait_and_work_on_the_tokio_clock() {
+        let q = queue(10);
+        q.try_add("a", 0).unwrap();
+        tokio::time::advance(Duration::from_secs(3)).await;
+        let (key, timings) = q.try_get(0).unwrap();
+        assert_eq!(timings.waited, Duration::from_secs(3));
+        tokio::time::advance(Duration::from_secs(2)).await;
+        assert_eq!(
+            q.unfinished(),
+            (Duration::from_secs(2), Duration::from_secs(2))
+        );
+        assert_eq!(q.done(&key), Duration::from_secs(2));
+    }
+
+    #[tokio::test]
+    async fn queue_remove_forgets_a_waiting_key_and_frees_room() {
+        let q = queue(1);
+        q.try_add("a", 0).unwrap();
+        assert!(q.remove(&"a"));
+        assert!(!q.remove(&"a"));
+        q.try_add("b", 0).unwrap();
+        assert_eq!(q.try_get(0).map(|(k, _)| k), Some("b"));
     }
 }

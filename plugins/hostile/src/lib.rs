@@ -9,6 +9,8 @@
 //!   report what it found in its status.
 //! - `fail`: return a retryable error, counting attempts in its state.
 //! - `requeue`: succeed and ask to be called again in `delay-ms`.
+//! - `retry-after`: fail and ask to be retried in `delay-ms`.
+//! - `slow`: busy-wait `delay-ms` by the host's clock, then succeed.
 
 use serde::{Deserialize, Serialize};
 use setpoint_sdk::{Error, Host, Info, Outcome, Reconciler, Request};
@@ -70,7 +72,7 @@ impl Reconciler for Hostile {
         Info::new("hostile", env!("CARGO_PKG_VERSION"), ["Hostile"])
     }
 
-    fn reconcile(&self, _host: &dyn Host, req: Request<Spec>) -> Result<Outcome<Status>, Error> {
+    fn reconcile(&self, host: &dyn Host, req: Request<Spec>) -> Result<Outcome<Status>, Error> {
         let status = |mode: &str| Status {
             mode: mode.into(),
             attempt: req.attempt,
@@ -108,11 +110,25 @@ impl Reconciler for Hostile {
                 ))
                 .with_state("failures", (failures + 1).to_string()))
             }
+            "retry-after" => Err(Error::retry_after(
+                std::time::Duration::from_millis(req.spec.delay_ms),
+                format!(
+                    "retry me in {} ms (attempt {})",
+                    req.spec.delay_ms, req.attempt
+                ),
+            )),
+            "slow" => {
+                let until = host.now_ms() + req.spec.delay_ms;
+                while host.now_ms() < until {
+                    std::hint::spin_loop();
+                }
+                Ok(Outcome::done().with_status(status("slow")))
+            }
             "requeue" => Ok(Outcome::done()
                 .with_status(status("requeue"))
                 .requeue_after(std::time::Duration::from_millis(req.spec.delay_ms))),
             other => Err(Error::fatal(format!(
-                "unknown mode {other:?}: use ok, loop, oom, trap, snoop, fail or requeue"
+                "unknown mode {other:?}: use ok, loop, oom, trap, snoop, fail, requeue, retry-after or slow"
             ))),
         }
     }

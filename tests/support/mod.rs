@@ -1,9 +1,10 @@
-//! Helpers for end-to-end tests: find (or build) the real `setpoint` binary and
-//! the example plugins, and run commands with a timeout.
+//! Helpers for end-to-end tests: the real `setpoint` binary of this build and the
+//! example plugins.
+
+#![allow(dead_code)]
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
-use std::sync::OnceLock;
 
 /// The workspace root.
 pub fn root() -> PathBuf {
@@ -11,25 +12,6 @@ pub fn root() -> PathBuf {
         .parent()
         .unwrap()
         .to_path_buf()
-}
-
-/// The `setpoint` binary of this build, built once per test run if needed.
-pub fn setpoint_bin() -> &'static Path {
-    static BIN: OnceLock<PathBuf> = OnceLock::new();
-    BIN.get_or_init(|| {
-        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-        let status = Command::new(cargo)
-            .args(["build", "--quiet", "-p", "setpoint", "--bin", "setpoint"])
-            .current_dir(root())
-            .status()
-            .expect("running cargo build");
-        assert!(status.success(), "cargo build -p setpoint failed");
-        // Test executables live in target/<profile>/deps; the binary one level up.
-        let exe = std::env::current_exe().unwrap();
-        let bin = exe.parent().unwrap().parent().unwrap().join("setpoint");
-        assert!(bin.exists(), "{} was not built", bin.display());
-        bin
-    })
 }
 
 /// The folder of example plugin components.
@@ -50,9 +32,10 @@ pub fn plugin(name: &str) -> PathBuf {
     path
 }
 
-/// A `setpoint` command with its own compile cache in `cache`.
+/// A `setpoint` command (the binary cargo built for these tests) with its own
+/// compile cache in `cache`.
 pub fn setpoint(cache: &Path) -> Command {
-    let mut cmd = Command::new(setpoint_bin());
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_setpoint"));
     cmd.env("XDG_CACHE_HOME", cache)
         .env("SETPOINT_PLUGIN_DIR", plugin_dir())
         .env("NO_COLOR", "1")

@@ -1,0 +1,410 @@
+//! Prometheus metrics, with controller-runtime's names where they apply, labelled
+//! by controller, plus the host's own (plugin loads, traps, timeouts, leadership).
+//!
+//! [`Metrics`] owns the registry; [`Metrics::controller`] gives one controller its
+//! handle. Gauges that describe "now" (queue depth, unfinished work, the longest
+//! running reconcile) are set by the controllers when the registry is encoded, so
+//! a scrape always sees current values. [`Metrics::forget`] drops a controller's
+//! series when it is replaced or removed, so its counters start from zero.
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::Registry;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn metrics_name_counters_with_total_in_prometheus_text() {
+        let metrics = Arc::new(Metrics::new());
+        let c = metrics.controller("files");
+        c.added();
+        c.reconciled("success", Duration::from_millis(3));
+        let open = metrics.encode();
+        assert!(open.ends_with("# EOF\n"));
+        assert!(open.contains("# TYPE workqueue_adds counter"));
+        let text = to_prometheus_text(&open);
+        assert!(
+            text.contains("# TYPE workqueue_adds_total counter\n"),
+            "{text}"
+        );
+        assert!(
+            text.contains("# HELP workqueue_adds_total Keys added"),
+            "{text}"
+        );
+        assert!(
+            text.contains("workqueue_adds_total{controller=\"files\"} 1\n"),
+            "{text}"
+        );
+        assert!(text.contains("# TYPE workqueue_depth gauge\n"), "{text}");
+        assert!(!text.contains("# EOF"));
+    }
+
+    #[test]
+    fn metrics_forget_drops_a_controllers_series() {
+        let metrics = Arc::new(Metrics::new());
+        metrics.controller("a").added();
+        metrics.controller("b").added();
+        metrics.forget("a");
+        let text = metrics.encode();
+        assert!(!text.contains("controller=\"a\""), "{text}");
+        assert!(text.contains("controller=\"b\""), "{text}");
+    }
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ControllerLabel {
+    pub controller: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ResultLabel {
+    pub controller: String,
+    pub result: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct PluginLabel {
+    pub plugin: String,
+    pub outcome: String,
+}
+
+/// The values of `reconcile_total`'s `result` label.
+const RESULTS: [&str; 3] = ["success", "requeue", "error"];
+
+type Seconds = Family<ControllerLabel, Histogram, fn() -> Histogram>;
+type FloatGauge = Family<ControllerLabel, Gauge<f64, std::sync::atomic::AtomicU64>>;
+
+fn seconds_histogram() -> Histogram {
+    // 100 µs to ~100 s.
+    Histogram::new(exponential_buckets(0.0001, 4.0, 11))
+}
+
+/// Every metric the host exports.
+pub struct Metrics {
+    registry: Mutex<Registry>,
+    pub depth: Family<ControllerLabel, Gauge>,
+    pub adds: Family<ControllerLabel, Counter>,
+    pub retries: Family<ControllerLabel, Counter>,
+    pub dropped: Family<ControllerLabel, Counter>,
+    pub queue_duration: Seconds,
+    pub work_duration: Seconds,
+    pub unfinished: FloatGauge,
+    pub longest_running: FloatGauge,
+    pub reconciles: Family<ResultLabel, Counter>,
+    pub errors: Family<ControllerLabel, Counter>,
+    pub given_up: Family<ControllerLabel, Counter>,
+    pub reconcile_time: Seconds,
+    pub active_workers: Family<ControllerLabel, Gauge>,
+    pub plugin_loads: Family<PluginLabel, Counter>,
+    pub plugin_failures: Family<PluginLabel, Counter>,
+    pub leader: Gauge,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Metrics {
+    pub fn new() -> Self {
+        let mut registry = Registry::default();
+        let m = Self {
+            registry: Mutex::new(Registry::default()),
+            depth: Family::default(),
+            adds: Family::default(),
+            retries: Family::default(),
+            dropped: Family::default(),
+            queue_duration: Family::new_with_constructor(seconds_histogram),
+            work_duration: Family::new_with_constructor(seconds_histogram),
+            unfinished: Family::default(),
+            longest_running: Family::default(),
+            reconciles: Family::default(),
+            errors: Family::default(),
+            given_up: Family::default(),
+            reconcile_time: Family::new_with_constructor(seconds_histogram),
+            active_workers: Family::default(),
+            plugin_loads: Family::default(),
+            plugin_failures: Family::default(),
+            leader: Gauge::default(),
+        };
+        let r = &mut registry;
+        r.register(
+            "workqueue_depth",
+            "Keys waiting in the work queue",
+            m.depth.clone(),
+        );
+        r.register(
+            "workqueue_adds",
+            "Keys added to the work queue",
+            m.adds.clone(),
+        );
+        r.register("workqueue_retries", "Retries scheduled", m.retries.clone());
+        r.register(
+            "workqueue_dropped",
+            "Keys the worker hasher dropped",
+            m.dropped.clone(),
+        );
+        r.register(
+            "workqueue_queue_duration_seconds",
+            "How long a key waited in the queue before a worker took it",
+            m.queue_duration.clone(),
+        );
+        r.register(
+            "workqueue_work_duration_seconds",
+            "How long a worker processed a key",
+            m.work_duration.clone(),
+        );
+        r.register(
+            "workqueue_unfinished_work_seconds",
+            "Seconds of work in progress not yet observed by work_duration",
+            m.unfinished.clone(),
+        );
+        r.register(
+            "workqueue_longest_running_processor_seconds",
+            "How long the longest running reconcile has been running",
+            m.longest_running.clone(),
+        );
+        r.register(
+            "reconcile",
+            "Reconciles by result (success, requeue, error)",
+            m.reconciles.clone(),
+        );
+        r.register("reconcile_errors", "Failed reconciles", m.errors.clone());
+        r.register(
+            "reconcile_given_up",
+            "Keys given up after max-retries failures in a row",
+            m.given_up.clone(),
+        );
+        r.register(
+            "reconcile_time_seconds",
+            "How long one reconcile call took",
+            m.reconcile_time.clone(),
+        );
+        r.register(
+            "active_workers",
+            "Workers reconciling right now",
+            m.active_workers.clone(),
+        );
+        r.register(
+            "setpoint_plugin_loads",
+            "Plugin loads by outcome (compiled, cached, failed)",
+            m.plugin_loads.clone(),
+        );
+        r.register(
+            "setpoint_plugin_call_failures",
+            "Plugin calls that failed by trap, timeout or out of memory",
+            m.plugin_failures.clone(),
+        );
+        r.register(
+            "setpoint_leader",
+            "1 while this process leads, else 0",
+            m.leader.clone(),
+        );
+        *m.registry.lock().expect("fresh lock") = registry;
+        m
+    }
+
+    /// A handle for one controller's series, each created at zero so a scrape
+    /// shows every metric from the start.
+    pub fn controller(self: &Arc<Self>, name: &str) -> ControllerMetrics {
+        let label = ControllerLabel {
+            controller: name.to_string(),
+        };
+        drop(self.depth.get_or_create(&label));
+        drop(self.adds.get_or_create(&label));
+        drop(self.retries.get_or_create(&label));
+        drop(self.dropped.get_or_create(&label));
+        drop(self.queue_duration.get_or_create(&label));
+        drop(self.work_duration.get_or_create(&label));
+        drop(self.unfinished.get_or_create(&label));
+        drop(self.longest_running.get_or_create(&label));
+        drop(self.errors.get_or_create(&label));
+        drop(self.given_up.get_or_create(&label));
+        drop(self.reconcile_time.get_or_create(&label));
+        drop(self.active_workers.get_or_create(&label));
+        for result in RESULTS {
+            drop(self.reconciles.get_or_create(&ResultLabel {
+                controller: name.to_string(),
+                result: result.to_string(),
+            }));
+        }
+        ControllerMetrics {
+            metrics: self.clone(),
+            label,
+        }
+    }
+
+    /// Drop every series of `controller`.
+    pub fn forget(&self, controller: &str) {
+        let label = ControllerLabel {
+            controller: controller.to_string(),
+        };
+        self.depth.remove(&label);
+        self.adds.remove(&label);
+        self.retries.remove(&label);
+        self.dropped.remove(&label);
+        self.queue_duration.remove(&label);
+        self.work_duration.remove(&label);
+        self.unfinished.remove(&label);
+        self.longest_running.remove(&label);
+        self.errors.remove(&label);
+        self.given_up.remove(&label);
+        self.reconcile_time.remove(&label);
+        self.active_workers.remove(&label);
+        for result in RESULTS {
+            self.reconciles.remove(&ResultLabel {
+                controller: controller.to_string(),
+                result: result.to_string(),
+            });
+        }
+    }
+
+    /// Count a plugin load or call failure.
+    pub fn plugin_event(&self, family: &Family<PluginLabel, Counter>, plugin: &str, outcome: &str) {
+        family
+            .get_or_create(&PluginLabel {
+                plugin: plugin.to_string(),
+                outcome: outcome.to_string(),
+            })
+            .inc();
+    }
+
+    /// Every metric in the OpenMetrics text format.
+    pub fn encode(&self) -> String {
+        let mut out = String::new();
+        let registry = self.registry.lock().unwrap_or_else(|e| e.into_inner());
+        prometheus_client::encoding::text::encode(&mut out, &registry)
+            .expect("writing to a String cannot fail");
+        out
+    }
+}
+
+/// Rewrite OpenMetrics text as Prometheus text format 0.0.4, for scrapers and
+/// tools (such as `promtool check metrics`) that do not speak OpenMetrics: a
+/// counter family is named with its `_total` suffix, and the `# UNIT` and `# EOF`
+/// lines go.
+pub fn to_prometheus_text(openmetrics: &str) -> String {
+    let counters: std::collections::HashSet<&str> = openmetrics
+        .lines()
+        .filter_map(|l| l.strip_prefix("# TYPE "))
+        .filter_map(|l| l.strip_suffix(" counter"))
+        .collect();
+    let mut out = String::with_capacity(openmetrics.len() + 64);
+    for line in openmetrics.lines() {
+        if line == "# EOF" || line.starts_with("# UNIT ") {
+            continue;
+        }
+        let header = ["# HELP ", "# TYPE "]
+            .into_iter()
+            .find_map(|p| line.strip_prefix(p).map(|rest| (p, rest)));
+        match header {
+            Some((prefix, rest)) => {
+                let (name, tail) = rest.split_once(' ').unwrap_or((rest, ""));
+                let suffix = if counters.contains(name) {
+                    "_total"
+                } else {
+                    ""
+                };
+                out.push_str(&format!("{prefix}{name}{suffix} {tail}"));
+            }
+            None => out.push_str(line),
+        }
+        out.push('\n');
+    }
+    out
+}
+
+/// One controller's view of the metrics.
+#[derive(Clone)]
+pub struct ControllerMetrics {
+    metrics: Arc<Metrics>,
+    label: ControllerLabel,
+}
+
+impl ControllerMetrics {
+    pub fn all(&self) -> &Metrics {
+        &self.metrics
+    }
+
+    pub fn added(&self) {
+        self.metrics.adds.get_or_create(&self.label).inc();
+    }
+
+    pub fn dropped(&self) {
+        self.metrics.dropped.get_or_create(&self.label).inc();
+    }
+
+    pub fn retried(&self) {
+        self.metrics.retries.get_or_create(&self.label).inc();
+    }
+
+    pub fn given_up(&self) {
+        self.metrics.given_up.get_or_create(&self.label).inc();
+    }
+
+    pub fn waited(&self, d: Duration) {
+        self.metrics
+            .queue_duration
+            .get_or_create(&self.label)
+            .observe(d.as_secs_f64());
+    }
+
+    pub fn worked(&self, d: Duration) {
+        self.metrics
+            .work_duration
+            .get_or_create(&self.label)
+            .observe(d.as_secs_f64());
+    }
+
+    /// One reconcile call: its result (`success`, `requeue` or `error`) and time.
+    pub fn reconciled(&self, result: &str, took: Duration) {
+        self.metrics
+            .reconciles
+            .get_or_create(&ResultLabel {
+                controller: self.label.controller.clone(),
+                result: result.to_string(),
+            })
+            .inc();
+        if result == "error" {
+            self.metrics.errors.get_or_create(&self.label).inc();
+        }
+        self.metrics
+            .reconcile_time
+            .get_or_create(&self.label)
+            .observe(took.as_secs_f64());
+    }
+
+    pub fn worker_busy(&self, busy: bool) {
+        let g = self.metrics.active_workers.get_or_create(&self.label);
+        if busy {
+            g.inc()
+        } else {
+            g.dec()
+        };
+    }
+
+    /// Set the gauges that describe "now".
+    pub fn set_now(&self, depth: usize, unfinished: Duration, longest: Duration) {
+        self.metrics
+            .depth
+            .get_or_create(&self.label)
+            .set(depth as i64);
+        self.metrics
+            .unfinished
+            .get_or_create(&self.label)
+            .set(unfinished.as_secs_f64());
+        self.metrics
+            .longest_running
+            .get_or_create(&self.label)
+            .set(longest.as_secs_f64());
+    }
+}
