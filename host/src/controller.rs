@@ -498,6 +498,10 @@ impl Controller {
             let entry = keys.entry(key.clone()).or_default();
             entry.failures = 0;
             entry.state = outcome.state;
+            // A retry still pending (the key ran early, e.g. on a resync) is moot.
+            if entry.retry.take().is_some() {
+                self.timers.cancel(key);
+            }
         }
         self.store.mark_done(key, object.metadata.generation);
         match outcome.requeue_after {

@@ -246,6 +246,32 @@ async fn retries_back_off_hand_back_state_and_give_up_after_max_retries() {
 }
 
 #[tokio::test(start_paused = true)]
+async fn a_retried_requeue_followed_by_success_forgets_the_failures() {
+    // client-go's "rate-limited requeue, then forget": after a success the next
+    // failure backs off from the minimum again, not from where it left off.
+    let rig = Rig::new(true);
+    let plugin = rig
+        .plugin("hostile", hostile(10, Duration::from_secs(1)))
+        .await;
+    rig.apply("Hostile", "f", json!({"mode": "flaky", "delay-ms": 10_000}));
+    let controller = rig.manager.add(plugin).unwrap();
+    let start = tokio::time::Instant::now();
+    let mut events = Vec::new();
+    for (failures, successes) in [(1, 0), (1, 1), (2, 1), (2, 2), (3, 2), (3, 3)] {
+        wait_until("the next attempt", Duration::from_secs(60), || {
+            let s = controller.status();
+            (s.failures, s.successes) == (failures, successes)
+        })
+        .await;
+        events.push(start.elapsed().as_secs());
+    }
+    // fail at 0 s, retried after 1 s, requeued after 10 s: fail at 11 s, and
+    // the retry waits 1 s again (not 2 s), and so on.
+    assert_eq!(events, [0, 1, 11, 12, 22, 23]);
+    rig.manager.shutdown().await;
+}
+
+#[tokio::test(start_paused = true)]
 async fn retry_after_from_the_plugin_overrides_the_back_off() {
     let rig = Rig::new(true);
     let plugin = rig

@@ -11,6 +11,8 @@
 //! - `requeue`: succeed and ask to be called again in `delay-ms`.
 //! - `retry-after`: fail and ask to be retried in `delay-ms`.
 //! - `slow`: busy-wait `delay-ms` by the host's clock, then succeed.
+//! - `flaky`: fail every first attempt; succeed on the retry and ask to be called
+//!   again in `delay-ms` (which then fails again, and so on).
 
 use serde::{Deserialize, Serialize};
 use setpoint_sdk::{Error, Host, Info, Outcome, Reconciler, Request};
@@ -117,6 +119,10 @@ impl Reconciler for Hostile {
                     req.spec.delay_ms, req.attempt
                 ),
             )),
+            "flaky" if req.attempt == 0 => Err(Error::retry("flaky: first attempts fail")),
+            "flaky" => Ok(Outcome::done()
+                .with_status(status("flaky"))
+                .requeue_after(std::time::Duration::from_millis(req.spec.delay_ms))),
             "slow" => {
                 let until = host.now_ms() + req.spec.delay_ms;
                 while host.now_ms() < until {
@@ -128,7 +134,7 @@ impl Reconciler for Hostile {
                 .with_status(status("requeue"))
                 .requeue_after(std::time::Duration::from_millis(req.spec.delay_ms))),
             other => Err(Error::fatal(format!(
-                "unknown mode {other:?}: use ok, loop, oom, trap, snoop, fail, requeue, retry-after or slow"
+                "unknown mode {other:?}: use ok, loop, oom, trap, snoop, fail, requeue, retry-after, slow or flaky"
             ))),
         }
     }

@@ -2,7 +2,7 @@
 //!
 //! A plugin implements [`Reconciler`] and calls [`export!`] once:
 //!
-//! ```ignore
+//! ```
 //! use setpoint_sdk::{Host, Info, Outcome, Reconciler, Request, Error};
 //! use serde::{Deserialize, Serialize};
 //!

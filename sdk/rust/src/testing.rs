@@ -5,7 +5,20 @@
 //! is decoded (a bad one is a fatal error), the state from the last call for the
 //! key is handed back, and a returned status is written to the object.
 //!
-//! ```ignore
+//! ```
+//! # use setpoint_sdk::{Action, Error, Host, Info, Object, Outcome, Reconciler, Request};
+//! # use setpoint_sdk::testing::FakeHost;
+//! # #[derive(serde::Deserialize)] struct Spec { who: String }
+//! # #[derive(serde::Serialize)] struct Status { greeting: String }
+//! # struct Hello;
+//! # impl Reconciler for Hello {
+//! #     type Spec = Spec;
+//! #     type Status = Status;
+//! #     fn describe(&self) -> Info { Info::new("hello", "1.0.0", ["Greeting"]) }
+//! #     fn reconcile(&self, _: &dyn Host, req: Request<Spec>) -> Result<Outcome<Status>, Error> {
+//! #         Ok(Outcome::done().with_status(Status { greeting: format!("Hello, {}!", req.spec.who) }))
+//! #     }
+//! # }
 //! let host = FakeHost::new();
 //! let obj = Object::new("Greeting", "a", serde_json::json!({"who": "world"}));
 //! let outcome = host.reconcile(&Hello, Action::Created, &obj).unwrap();

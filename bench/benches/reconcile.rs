@@ -31,16 +31,7 @@ fn spec(case: &str) -> serde_json::Value {
 }
 
 fn plugin_path() -> PathBuf {
-    let dir = std::env::var_os("SETPOINT_PLUGIN_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target/plugins"));
-    let path = dir.join("bench.wasm");
-    assert!(
-        path.exists(),
-        "{} is missing: run `cargo xtask bench`",
-        path.display()
-    );
-    path
+    setpoint_bench::plugin_path("bench")
 }
 
 /// The native path: what the SDK does inside the component, minus the component.
