@@ -324,7 +324,7 @@ fn end_to_end_report() {
                                 "Greeting",
                                 "",
                                 &format!("g{i}"),
-                                serde_json::json!({"who": i}),
+                                serde_json::json!({"who": format!("{i}")}),
                             ))
                             .0
                             .key()
@@ -348,10 +348,10 @@ fn end_to_end_report() {
                 manager.add(plugin).unwrap();
                 let mut remaining = names.as_slice();
                 while let Some(k) = remaining.first() {
-                    if store.status(k).is_some_and(|s| s.phase == Phase::Done) {
-                        remaining = &remaining[1..];
-                    } else {
-                        tokio::time::sleep(Duration::from_millis(1)).await;
+                    match store.status(k).map(|s| s.phase) {
+                        Some(Phase::Done) => remaining = &remaining[1..],
+                        Some(Phase::Error) => panic!("{k} failed: {:?}", store.status(k)),
+                        _ => tokio::time::sleep(Duration::from_millis(1)).await,
                     }
                 }
                 let took = start.elapsed();
@@ -373,7 +373,7 @@ fn end_to_end_report() {
                                 "Greeting",
                                 "",
                                 &format!("g{i}"),
-                                serde_json::json!({"who": i}),
+                                serde_json::json!({"who": format!("{i}")}),
                             ))
                             .0
                     })

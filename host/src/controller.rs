@@ -238,6 +238,16 @@ impl Controller {
         }
         tasks.spawn(self.clone().fire_timers(shutdown.clone()));
         tasks.spawn(self.clone().follow_leadership(shutdown.clone()));
+        // Close the queue the moment shutdown is asked for: a source waiting for
+        // room in a full queue (with no leader to drain it) must not hold it up.
+        tasks.spawn({
+            let me = self.clone();
+            let shutdown = shutdown.clone();
+            async move {
+                shutdown.cancelled().await;
+                me.queue.shutdown();
+            }
+        });
         self.resync().await;
         loop {
             tokio::select! {

@@ -37,6 +37,12 @@ pub enum Scheduled {
     Kept,
 }
 
+impl Scheduled {
+    fn changed(self) -> bool {
+        self != Scheduled::Kept
+    }
+}
+
 /// Pending timers keyed by `K`. Not synchronized: see [`Timers`] for the shared,
 /// async form.
 pub struct DelayScheduler<K> {
@@ -60,15 +66,19 @@ impl<K: Clone + Eq + Hash> DelayScheduler<K> {
         }
     }
 
-    /// The tick at or after `at`.
+    fn resolution_nanos(&self) -> u64 {
+        u64::try_from(self.resolution.as_nanos()).unwrap_or(u64::MAX)
+    }
+
+    /// The tick at or after `at` (nanoseconds fit in a u64 for 584 years).
     fn tick_of(&self, at: Instant) -> u64 {
-        let since = at.saturating_duration_since(self.origin).as_nanos();
-        since.div_ceil(self.resolution.as_nanos()) as u64
+        let since = u64::try_from(at.saturating_duration_since(self.origin).as_nanos())
+            .unwrap_or(u64::MAX);
+        since.div_ceil(self.resolution_nanos())
     }
 
     fn instant_of(&self, tick: u64) -> Instant {
-        let nanos = self.resolution.as_nanos().saturating_mul(u128::from(tick));
-        self.origin + Duration::from_nanos(u64::try_from(nanos).unwrap_or(u64::MAX))
+        self.origin + Duration::from_nanos(self.resolution_nanos().saturating_mul(tick))
     }
 
     /// Fire `key` at `at` (rounded up to the resolution), unless it is due earlier.
@@ -152,9 +162,19 @@ impl<K: Clone + Eq + Hash> Timers<K> {
 
     /// Fire `key` after `delay`; the earliest deadline wins.
     pub fn schedule_after(&self, key: K, delay: Duration) -> Result<Scheduled, SchedulerFull> {
-        let outcome = self.lock().schedule(key, Instant::now() + delay)?;
-        if outcome != Scheduled::Kept {
-            // The earliest deadline may have moved: let the waiter look again.
+        self.schedule_at(key, Instant::now() + delay)
+    }
+
+    /// Fire `key` at `at`; the earliest deadline wins.
+    pub fn schedule_at(&self, key: K, at: Instant) -> Result<Scheduled, SchedulerFull> {
+        let (outcome, earliest) = {
+            let mut inner = self.lock();
+            let before = inner.next_deadline();
+            let outcome = inner.schedule(key, at)?;
+            (outcome, before != inner.next_deadline())
+        };
+        if outcome.changed() && earliest {
+            // The waiter sleeps until the old earliest deadline: wake it to look again.
             self.changed.notify_one();
         }
         Ok(outcome)
