@@ -347,3 +347,4 @@ mod tests {
         assert_eq!(timers.schedule_after("a", 10 * MS), Ok(Scheduled::Earlier));
     }
 }
+

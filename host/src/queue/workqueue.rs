@@ -56,12 +56,23 @@ pub struct WorkQueue<K> {
 
 struct State<K> {
     lanes: Vec<VecDeque<K>>,
-    /// Keys that need processing: queued, or re-added while processing. The
-    /// value is the lane and when the key was first added.
-    dirty: HashMap<K, (usize, Instant)>,
-    /// Keys a worker holds, and since when.
-    processing: HashMap<K, Instant>,
+    /// Every key the queue knows: waiting, being processed, or both (dirty).
+    keys: HashMap<K, Slot>,
+    /// Keys that need processing (queued, or re-added while processing).
+    waiting: usize,
+    /// Keys being processed.
+    processing: usize,
     shutting_down: bool,
+}
+
+/// One key's place in the queue.
+struct Slot {
+    /// The lane it goes to.
+    lane: usize,
+    /// When it was added, while it needs processing.
+    added: Option<Instant>,
+    /// When a worker took it, while it is being processed.
+    started: Option<Instant>,
 }
 
 impl<K: Clone + Eq + Hash> WorkQueue<K> {
@@ -71,8 +82,9 @@ impl<K: Clone + Eq + Hash> WorkQueue<K> {
         Self {
             state: Mutex::new(State {
                 lanes: (0..lanes).map(|_| VecDeque::new()).collect(),
-                dirty: HashMap::new(),
-                processing: HashMap::new(),
+                keys: HashMap::new(),
+                waiting: 0,
+                processing: 0,
                 shutting_down: false,
             }),
             lanes: (0..lanes).map(|_| Notify::new()).collect(),
@@ -82,7 +94,7 @@ impl<K: Clone + Eq + Hash> WorkQueue<K> {
     }
 
     fn lock(&self) -> MutexGuard<'_, State<K>> {
-        // Every critical section leaves the maps consistent before it can panic.
+        // Every critical section leaves the state consistent before it can panic.
         self.state.lock().unwrap_or_else(|e| e.into_inner())
     }
 
@@ -105,22 +117,36 @@ impl<K: Clone + Eq + Hash> WorkQueue<K> {
     /// Queue `key` on `lane`, or say why not at once.
     pub fn try_add(&self, key: K, lane: usize) -> Result<Added, QueueError> {
         let lane = lane % self.lanes.len();
-        let mut s = self.lock();
+        let mut guard = self.lock();
+        let s = &mut *guard;
         if s.shutting_down {
             return Err(QueueError::ShutDown);
         }
-        if s.dirty.contains_key(&key) {
-            return Ok(Added::Folded);
+        let full = s.waiting >= self.capacity;
+        match s.keys.get_mut(&key) {
+            Some(slot) if slot.added.is_some() => return Ok(Added::Folded),
+            _ if full => return Err(QueueError::Full(s.waiting)),
+            Some(slot) => {
+                // Being processed: mark it dirty; `done` queues it on this lane.
+                slot.added = Some(Instant::now());
+                slot.lane = lane;
+                s.waiting += 1;
+                return Ok(Added::Queued);
+            }
+            None => {}
         }
-        if s.dirty.len() >= self.capacity {
-            return Err(QueueError::Full(s.dirty.len()));
-        }
-        s.dirty.insert(key.clone(), (lane, Instant::now()));
-        if !s.processing.contains_key(&key) {
-            s.lanes[lane].push_back(key);
-            drop(s);
-            self.lanes[lane].notify_one();
-        }
+        s.keys.insert(
+            key.clone(),
+            Slot {
+                lane,
+                added: Some(Instant::now()),
+                started: None,
+            },
+        );
+        s.waiting += 1;
+        s.lanes[lane].push_back(key);
+        drop(guard);
+        self.lanes[lane].notify_one();
         Ok(Added::Queued)
     }
 
@@ -143,13 +169,17 @@ impl<K: Clone + Eq + Hash> WorkQueue<K> {
     /// The next key of `lane`, if one is waiting.
     pub fn try_get(&self, lane: usize) -> Option<(K, Timings)> {
         let lane = lane % self.lanes.len();
-        let mut s = self.lock();
+        let mut guard = self.lock();
+        let s = &mut *guard;
         let key = s.lanes[lane].pop_front()?;
         let now = Instant::now();
-        let added = s.dirty.remove(&key).map_or(now, |(_, at)| at);
-        s.processing.insert(key.clone(), now);
+        let slot = s.keys.get_mut(&key).expect("a queued key has a slot");
+        let added = slot.added.take().unwrap_or(now);
+        slot.started = Some(now);
+        s.waiting -= 1;
+        s.processing += 1;
         let more = !s.lanes[lane].is_empty();
-        drop(s);
+        drop(guard);
         self.room.notify_one();
         if more {
             // Pass the wake-up on: the lane may have several waiters.
@@ -164,30 +194,44 @@ impl<K: Clone + Eq + Hash> WorkQueue<K> {
     }
 
     /// Mark `key` finished; returns how long it was processed. If it was added
-    /// again meanwhile, it is queued now, on the lane it was added to.
+    /// again meanwhile, it is queued now, on the lane it was last added to.
     pub fn done(&self, key: &K) -> Duration {
-        let mut s = self.lock();
-        let worked = s
-            .processing
-            .remove(key)
-            .map_or(Duration::ZERO, |at| at.elapsed());
-        if let Some(&(lane, _)) = s.dirty.get(key) {
-            s.lanes[lane].push_back(key.clone());
-            drop(s);
-            self.lanes[lane].notify_one();
+        let mut guard = self.lock();
+        let s = &mut *guard;
+        let Some(mut slot) = s.keys.remove(key) else {
+            return Duration::ZERO;
+        };
+        let worked = slot.started.take().map_or(Duration::ZERO, |at| at.elapsed());
+        s.processing -= 1;
+        if slot.added.is_none() {
+            return worked;
         }
+        let lane = slot.lane;
+        s.keys.insert(key.clone(), slot);
+        s.lanes[lane].push_back(key.clone());
+        drop(guard);
+        self.lanes[lane].notify_one();
         worked
     }
 
-    /// Forget `key` if it is waiting (not if it is being processed). Returns true
-    /// if it was waiting.
+    /// Forget `key`'s pending add (a waiting key, or a re-add of a key being
+    /// processed). Returns true if it had one.
     pub fn remove(&self, key: &K) -> bool {
-        let mut s = self.lock();
-        let Some((lane, _)) = s.dirty.remove(key) else {
+        let mut guard = self.lock();
+        let s = &mut *guard;
+        let Some(slot) = s.keys.get_mut(key) else {
             return false;
         };
-        s.lanes[lane].retain(|k| k != key);
-        drop(s);
+        if slot.added.take().is_none() {
+            return false;
+        }
+        s.waiting -= 1;
+        if slot.started.is_none() {
+            let lane = slot.lane;
+            s.keys.remove(key);
+            s.lanes[lane].retain(|k| k != key);
+        }
+        drop(guard);
         self.room.notify_one();
         true
     }
@@ -204,20 +248,22 @@ impl<K: Clone + Eq + Hash> WorkQueue<K> {
     /// Take every waiting key out of the queue (after or instead of draining), so
     /// the caller can hand them to whoever runs next.
     pub fn hand_back(&self) -> Vec<K> {
-        let mut s = self.lock();
-        let keys: Vec<K> = s.lanes.iter_mut().flat_map(|l| l.drain(..)).collect();
-        let State {
-            dirty, processing, ..
-        } = &mut *s;
-        // A dirty key being processed is not in a lane: hand it back too.
-        let mut handed: Vec<K> = keys;
-        handed.extend(
-            dirty
-                .keys()
-                .filter(|k| processing.contains_key(*k))
-                .cloned(),
-        );
-        dirty.clear();
+        let mut guard = self.lock();
+        let s = &mut *guard;
+        let mut handed: Vec<K> = Vec::with_capacity(s.waiting);
+        for lane in &mut s.lanes {
+            for key in lane.drain(..) {
+                s.keys.remove(&key);
+                handed.push(key);
+            }
+        }
+        // A key re-added while being processed is not in a lane: hand it back too.
+        for (key, slot) in &mut s.keys {
+            if slot.added.take().is_some() {
+                handed.push(key.clone());
+            }
+        }
+        s.waiting = 0;
         handed
     }
 
@@ -228,7 +274,7 @@ impl<K: Clone + Eq + Hash> WorkQueue<K> {
 
     /// Keys waiting to be processed.
     pub fn len(&self) -> usize {
-        self.lock().dirty.len()
+        self.lock().waiting
     }
 
     pub fn is_empty(&self) -> bool {
@@ -237,16 +283,16 @@ impl<K: Clone + Eq + Hash> WorkQueue<K> {
 
     /// Keys being processed right now.
     pub fn in_flight(&self) -> usize {
-        self.lock().processing.len()
+        self.lock().processing
     }
 
     /// How long the keys in flight have been processed, in total and the longest.
     pub fn unfinished(&self) -> (Duration, Duration) {
         let s = self.lock();
         let now = Instant::now();
-        s.processing
+        s.keys
             .values()
-            .map(|at| now - *at)
+            .filter_map(|slot| slot.started.map(|at| now - at))
             .fold((Duration::ZERO, Duration::ZERO), |(sum, max), d| {
                 (sum + d, max.max(d))
             })
@@ -398,6 +444,18 @@ mod tests {
             (Duration::from_secs(2), Duration::from_secs(2))
         );
         assert_eq!(q.done(&key), Duration::from_secs(2));
+    }
+
+    #[tokio::test]
+    async fn queue_remove_forgets_a_re_add_of_a_key_in_flight() {
+        let q = queue(10);
+        q.try_add("a", 0).unwrap();
+        let (a, _) = q.try_get(0).unwrap();
+        q.try_add("a", 0).unwrap();
+        assert!(q.remove(&"a"));
+        q.done(&a);
+        assert_eq!(q.try_get(0), None);
+        assert!(q.is_empty());
     }
 
     #[tokio::test]
