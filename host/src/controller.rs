@@ -33,7 +33,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::config::{BackoffKind, PluginConfig, ShutdownMode};
 use crate::leader::{LeaderElector, until_leading};
-use crate::metrics::{ControllerMetrics, Metrics};
+use crate::metrics::{ControllerMetrics, Metrics, ReconcileResult};
 use crate::object::{Object, ObjectKey};
 use crate::plugin::wit::{self, ReconcileError};
 use crate::plugin::{CallError, Instance, Plugin, object_to_wit};
@@ -449,23 +449,23 @@ impl Controller {
                     && let Err(e) = self.store.set_status(key, status)
                 {
                     let error = format!("the plugin returned a bad status: {e}");
-                    self.metrics.reconciled("error", took);
+                    self.metrics.reconciled(ReconcileResult::Error, took);
                     return self.failed(key, event, ReconcileError::Fatal(error), outcome.state);
                 }
                 let result = if outcome.requeue_after.is_some() {
-                    "requeue"
+                    ReconcileResult::Requeue
                 } else {
-                    "success"
+                    ReconcileResult::Success
                 };
                 self.metrics.reconciled(result, took);
                 self.succeeded(key, &object, outcome);
             }
             Ok(Err(failure)) => {
-                self.metrics.reconciled("error", took);
+                self.metrics.reconciled(ReconcileResult::Error, took);
                 self.failed(key, event, failure.error, failure.state)
             }
             Err(e) => {
-                self.metrics.reconciled("error", took);
+                self.metrics.reconciled(ReconcileResult::Error, took);
                 let outcome = match &e {
                     CallError::Timeout(_) => "timeout",
                     CallError::OutOfMemory(_) => "out-of-memory",

@@ -26,7 +26,7 @@ mod tests {
         let metrics = Arc::new(Metrics::new());
         let c = metrics.controller("files");
         c.added();
-        c.reconciled("success", Duration::from_millis(3));
+        c.reconciled(ReconcileResult::Success, Duration::from_millis(3));
         let open = metrics.encode();
         assert!(open.ends_with("# EOF\n"));
         assert!(open.contains("# TYPE workqueue_adds counter"));
@@ -214,32 +214,37 @@ impl Metrics {
     }
 
     /// A handle for one controller's series, each created at zero so a scrape
-    /// shows every metric from the start.
+    /// shows every metric from the start. The handle holds the series
+    /// themselves, so recording is an atomic update with no lookup.
     pub fn controller(self: &Arc<Self>, name: &str) -> ControllerMetrics {
         let label = ControllerLabel {
             controller: name.to_string(),
         };
-        drop(self.depth.get_or_create(&label));
-        drop(self.adds.get_or_create(&label));
-        drop(self.retries.get_or_create(&label));
-        drop(self.dropped.get_or_create(&label));
-        drop(self.queue_duration.get_or_create(&label));
-        drop(self.work_duration.get_or_create(&label));
-        drop(self.unfinished.get_or_create(&label));
-        drop(self.longest_running.get_or_create(&label));
-        drop(self.errors.get_or_create(&label));
-        drop(self.given_up.get_or_create(&label));
-        drop(self.reconcile_time.get_or_create(&label));
-        drop(self.active_workers.get_or_create(&label));
-        for result in RESULTS {
-            drop(self.reconciles.get_or_create(&ResultLabel {
-                controller: name.to_string(),
-                result: result.to_string(),
-            }));
-        }
+        let result = |result: &str| {
+            self.reconciles
+                .get_or_create(&ResultLabel {
+                    controller: name.to_string(),
+                    result: result.to_string(),
+                })
+                .clone()
+        };
         ControllerMetrics {
+            depth: self.depth.get_or_create(&label).clone(),
+            adds: self.adds.get_or_create(&label).clone(),
+            retries: self.retries.get_or_create(&label).clone(),
+            dropped: self.dropped.get_or_create(&label).clone(),
+            queue_duration: self.queue_duration.get_or_create(&label).clone(),
+            work_duration: self.work_duration.get_or_create(&label).clone(),
+            unfinished: self.unfinished.get_or_create(&label).clone(),
+            longest_running: self.longest_running.get_or_create(&label).clone(),
+            errors: self.errors.get_or_create(&label).clone(),
+            given_up: self.given_up.get_or_create(&label).clone(),
+            reconcile_time: self.reconcile_time.get_or_create(&label).clone(),
+            active_workers: self.active_workers.get_or_create(&label).clone(),
+            success: result("success"),
+            requeue: result("requeue"),
+            error: result("error"),
             metrics: self.clone(),
-            label,
         }
     }
 
@@ -323,11 +328,25 @@ pub fn to_prometheus_text(openmetrics: &str) -> String {
     out
 }
 
-/// One controller's view of the metrics.
+/// One controller's series.
 #[derive(Clone)]
 pub struct ControllerMetrics {
     metrics: Arc<Metrics>,
-    label: ControllerLabel,
+    depth: Gauge,
+    adds: Counter,
+    retries: Counter,
+    dropped: Counter,
+    queue_duration: Histogram,
+    work_duration: Histogram,
+    unfinished: Gauge<f64, std::sync::atomic::AtomicU64>,
+    longest_running: Gauge<f64, std::sync::atomic::AtomicU64>,
+    errors: Counter,
+    given_up: Counter,
+    reconcile_time: Histogram,
+    active_workers: Gauge,
+    success: Counter,
+    requeue: Counter,
+    error: Counter,
 }
 
 impl ControllerMetrics {
@@ -336,75 +355,62 @@ impl ControllerMetrics {
     }
 
     pub fn added(&self) {
-        self.metrics.adds.get_or_create(&self.label).inc();
+        self.adds.inc();
     }
 
     pub fn dropped(&self) {
-        self.metrics.dropped.get_or_create(&self.label).inc();
+        self.dropped.inc();
     }
 
     pub fn retried(&self) {
-        self.metrics.retries.get_or_create(&self.label).inc();
+        self.retries.inc();
     }
 
     pub fn given_up(&self) {
-        self.metrics.given_up.get_or_create(&self.label).inc();
+        self.given_up.inc();
     }
 
     pub fn waited(&self, d: Duration) {
-        self.metrics
-            .queue_duration
-            .get_or_create(&self.label)
-            .observe(d.as_secs_f64());
+        self.queue_duration.observe(d.as_secs_f64());
     }
 
     pub fn worked(&self, d: Duration) {
-        self.metrics
-            .work_duration
-            .get_or_create(&self.label)
-            .observe(d.as_secs_f64());
+        self.work_duration.observe(d.as_secs_f64());
     }
 
-    /// One reconcile call: its result (`success`, `requeue` or `error`) and time.
-    pub fn reconciled(&self, result: &str, took: Duration) {
-        self.metrics
-            .reconciles
-            .get_or_create(&ResultLabel {
-                controller: self.label.controller.clone(),
-                result: result.to_string(),
-            })
-            .inc();
-        if result == "error" {
-            self.metrics.errors.get_or_create(&self.label).inc();
-        }
-        self.metrics
-            .reconcile_time
-            .get_or_create(&self.label)
-            .observe(took.as_secs_f64());
+    /// One reconcile call: its result and how long it took.
+    pub fn reconciled(&self, result: ReconcileResult, took: Duration) {
+        match result {
+            ReconcileResult::Success => self.success.inc(),
+            ReconcileResult::Requeue => self.requeue.inc(),
+            ReconcileResult::Error => {
+                self.errors.inc();
+                self.error.inc()
+            }
+        };
+        self.reconcile_time.observe(took.as_secs_f64());
     }
 
     pub fn worker_busy(&self, busy: bool) {
-        let g = self.metrics.active_workers.get_or_create(&self.label);
         if busy {
-            g.inc()
+            self.active_workers.inc()
         } else {
-            g.dec()
+            self.active_workers.dec()
         };
     }
 
     /// Set the gauges that describe "now".
     pub fn set_now(&self, depth: usize, unfinished: Duration, longest: Duration) {
-        self.metrics
-            .depth
-            .get_or_create(&self.label)
-            .set(depth as i64);
-        self.metrics
-            .unfinished
-            .get_or_create(&self.label)
-            .set(unfinished.as_secs_f64());
-        self.metrics
-            .longest_running
-            .get_or_create(&self.label)
-            .set(longest.as_secs_f64());
+        self.depth.set(depth as i64);
+        self.unfinished.set(unfinished.as_secs_f64());
+        self.longest_running.set(longest.as_secs_f64());
     }
+}
+
+/// The `result` label of `reconcile_total`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ReconcileResult {
+    Success,
+    Requeue,
+    Error,
 }

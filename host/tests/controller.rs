@@ -512,8 +512,10 @@ async fn shutdown_with_hand_back_finishes_the_key_in_flight_and_returns_the_rest
 #[tokio::test(start_paused = true)]
 async fn shutdown_is_not_held_up_by_a_full_queue_without_a_leader() {
     let rig = Rig::new(false);
-    let mut settings = PluginConfig::default();
-    settings.queue_size = 2;
+    let settings = PluginConfig {
+        queue_size: 2,
+        ..PluginConfig::default()
+    };
     let plugin = rig.plugin("hello", settings).await;
     for i in 0..5 {
         rig.apply("Greeting", &format!("g{i}"), json!({"who": "x"}));
@@ -521,7 +523,10 @@ async fn shutdown_is_not_held_up_by_a_full_queue_without_a_leader() {
     let controller = Controller::new(plugin, rig.store.clone(), rig.leader.as_ref(), &rig.metrics);
     let stop = CancellationToken::new();
     let run = tokio::spawn(controller.clone().run(stop.clone()));
-    wait_until("the queue is full", LIMIT, || controller.status().queue_depth == 2).await;
+    wait_until("the queue is full", LIMIT, || {
+        controller.status().queue_depth == 2
+    })
+    .await;
     stop.cancel();
     tokio::time::timeout(Duration::from_secs(5), run)
         .await

@@ -72,8 +72,8 @@ impl<K: Clone + Eq + Hash> DelayScheduler<K> {
 
     /// The tick at or after `at` (nanoseconds fit in a u64 for 584 years).
     fn tick_of(&self, at: Instant) -> u64 {
-        let since = u64::try_from(at.saturating_duration_since(self.origin).as_nanos())
-            .unwrap_or(u64::MAX);
+        let since =
+            u64::try_from(at.saturating_duration_since(self.origin).as_nanos()).unwrap_or(u64::MAX);
         since.div_ceil(self.resolution_nanos())
     }
 
@@ -347,4 +347,3 @@ mod tests {
         assert_eq!(timers.schedule_after("a", 10 * MS), Ok(Scheduled::Earlier));
     }
 }
-

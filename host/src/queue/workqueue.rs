@@ -201,7 +201,10 @@ impl<K: Clone + Eq + Hash> WorkQueue<K> {
         let Some(mut slot) = s.keys.remove(key) else {
             return Duration::ZERO;
         };
-        let worked = slot.started.take().map_or(Duration::ZERO, |at| at.elapsed());
+        let worked = slot
+            .started
+            .take()
+            .map_or(Duration::ZERO, |at| at.elapsed());
         s.processing -= 1;
         if slot.added.is_none() {
             return worked;
