@@ -295,6 +295,18 @@ fn scheduler_report() {
     }
 }
 
+/// Store `n` distinct `Greeting` objects and return them.
+fn greetings(store: &Store, n: usize) -> Vec<Object> {
+    (0..n)
+        .map(|i| {
+            let spec = serde_json::json!({ "who": format!("{i}") });
+            store
+                .apply(Object::new("Greeting", "", &format!("g{i}"), spec))
+                .0
+        })
+        .collect()
+}
+
 /// Reconciles per second with `hello`, 100k keys, through the engine and in a
 /// plain loop on one warm instance.
 fn end_to_end_report() {
@@ -309,72 +321,53 @@ fn end_to_end_report() {
     println!(
         "\n## End to end: `hello`, {keys} distinct keys, warm instances, 2 threads, median of 3\n"
     );
-    let engine = median_of(
-        3,
-        || {
-            rt.block_on(async {
-                let store = Store::new();
-                let names: Vec<_> = (0..keys)
-                    .map(|i| {
-                        store
-                            .apply(Object::new(
-                                "Greeting",
-                                "",
-                                &format!("g{i}"),
-                                serde_json::json!({"who": format!("{i}")}),
-                            ))
-                            .0
-                            .key()
-                    })
-                    .collect();
-                let settings = PluginConfig {
-                    workers: 2,
-                    queue_size: keys,
-                    ..PluginConfig::default()
-                };
-                let plugin = runtime
-                    .load(&plugin_path("hello"), settings, store.clone())
-                    .await
-                    .unwrap();
-                let manager = Manager::new(
-                    store.clone(),
-                    Arc::new(AlwaysLeader::default()),
-                    Arc::new(Metrics::new()),
-                );
-                let start = Instant::now();
-                manager.add(plugin).unwrap();
-                let mut remaining = names.as_slice();
-                while let Some(k) = remaining.first() {
-                    match store.status(k).map(|s| s.phase) {
-                        Some(Phase::Done) => remaining = &remaining[1..],
-                        Some(Phase::Error) => panic!("{k} failed: {:?}", store.status(k)),
-                        _ => tokio::time::sleep(Duration::from_millis(1)).await,
+    let engine = |workers: usize| {
+        median_of(
+            3,
+            || {
+                rt.block_on(async {
+                    let store = Store::new();
+                    let names: Vec<_> = greetings(&store, keys).iter().map(Object::key).collect();
+                    let settings = PluginConfig {
+                        workers,
+                        queue_size: keys,
+                        ..PluginConfig::default()
+                    };
+                    let plugin = runtime
+                        .load(&plugin_path("hello"), settings, store.clone())
+                        .await
+                        .unwrap();
+                    let manager = Manager::new(
+                        store.clone(),
+                        Arc::new(AlwaysLeader::default()),
+                        Arc::new(Metrics::new()),
+                    );
+                    let start = Instant::now();
+                    manager.add(plugin).unwrap();
+                    let mut remaining = names.as_slice();
+                    while let Some(k) = remaining.first() {
+                        match store.status(k).map(|s| s.phase) {
+                            Some(Phase::Done) => remaining = &remaining[1..],
+                            Some(Phase::Error) => panic!("{k} failed: {:?}", store.status(k)),
+                            _ => tokio::time::sleep(Duration::from_millis(1)).await,
+                        }
                     }
-                }
-                let took = start.elapsed();
-                manager.shutdown().await;
-                took
-            })
-        },
-        |d| *d,
-    );
+                    let took = start.elapsed();
+                    manager.shutdown().await;
+                    took
+                })
+            },
+            |d| *d,
+        )
+    };
+    let one = engine(1);
+    let two = engine(2);
     let direct = median_of(
         3,
         || {
             rt.block_on(async {
                 let store = Store::new();
-                let objects: Vec<_> = (0..keys)
-                    .map(|i| {
-                        store
-                            .apply(Object::new(
-                                "Greeting",
-                                "",
-                                &format!("g{i}"),
-                                serde_json::json!({"who": format!("{i}")}),
-                            ))
-                            .0
-                    })
-                    .collect();
+                let objects = greetings(&store, keys);
                 let plugin = runtime
                     .load(
                         &plugin_path("hello"),
@@ -411,21 +404,30 @@ fn end_to_end_report() {
         direct.as_secs_f64(),
         rate(direct)
     );
-    println!(
-        "| engine, 2 workers | {:.2} s | {:.0} | {:.2}× |",
-        engine.as_secs_f64(),
-        rate(engine),
-        rate(engine) / rate(direct)
-    );
+    for (workers, took) in [(1, one), (2, two)] {
+        println!(
+            "| engine, {workers} worker(s) | {:.2} s | {:.0} | {:.2}× |",
+            took.as_secs_f64(),
+            rate(took),
+            rate(took) / rate(direct)
+        );
+    }
 }
 
 fn main() {
-    // `SETPOINT_BENCH_ONLY=reports` skips criterion and prints only the reports.
-    let only_reports = std::env::var("SETPOINT_BENCH_ONLY").is_ok_and(|v| v == "reports");
-    if only_reports {
-        scheduler_report();
-        end_to_end_report();
-        return;
+    // SETPOINT_BENCH_ONLY=reports skips criterion and prints both reports;
+    // =end-to-end prints only the end-to-end one.
+    match std::env::var("SETPOINT_BENCH_ONLY").as_deref() {
+        Ok("reports") => {
+            scheduler_report();
+            end_to_end_report();
+            return;
+        }
+        Ok("end-to-end") => {
+            end_to_end_report();
+            return;
+        }
+        _ => {}
     }
     let mut c = Criterion::default()
         .configure_from_args()

@@ -14,7 +14,7 @@ use std::time::Duration;
 use common::{granting_data, load, runtime, wait_until};
 use serde_json::json;
 use setpoint::config::{PluginConfig, ShutdownMode};
-use setpoint::controller::{Controller, Engine, Manager, ManagerError};
+use setpoint::controller::{Controller, ControllerStatus, Engine, Manager, ManagerError};
 use setpoint::leader::ManualLeader;
 use setpoint::metrics::Metrics;
 use setpoint::object::{Object, ObjectKey};
@@ -63,6 +63,18 @@ impl Rig {
     fn phase(&self, key: &ObjectKey) -> Option<Phase> {
         self.store.status(key).map(|s| s.phase)
     }
+}
+
+/// How long after the controller's status first meets `first` it meets `second`.
+async fn time_between(
+    controller: &Controller,
+    first: impl Fn(&ControllerStatus) -> bool,
+    second: impl Fn(&ControllerStatus) -> bool,
+) -> Duration {
+    wait_until("the first event", LIMIT, || first(&controller.status())).await;
+    let at = tokio::time::Instant::now();
+    wait_until("the second event", LIMIT, || second(&controller.status())).await;
+    at.elapsed()
 }
 
 fn hostile(max_retries: u32, min_backoff: Duration) -> PluginConfig {
@@ -283,16 +295,7 @@ async fn retry_after_from_the_plugin_overrides_the_back_off() {
         json!({"mode": "retry-after", "delay-ms": 2000}),
     );
     let controller = rig.manager.add(plugin).unwrap();
-    wait_until("the first attempt", LIMIT, || {
-        controller.status().failures == 1
-    })
-    .await;
-    let first = tokio::time::Instant::now();
-    wait_until("the second attempt", LIMIT, || {
-        controller.status().failures == 2
-    })
-    .await;
-    let gap = first.elapsed();
+    let gap = time_between(&controller, |s| s.failures == 1, |s| s.failures == 2).await;
     assert!(
         gap >= Duration::from_secs(2) && gap < Duration::from_secs(3),
         "{gap:?}"
@@ -322,16 +325,7 @@ async fn requeue_after_reconciles_the_key_again_after_the_delay() {
     let plugin = rig.plugin("hostile", PluginConfig::default()).await;
     rig.apply("Hostile", "r", json!({"mode": "requeue", "delay-ms": 1000}));
     let controller = rig.manager.add(plugin).unwrap();
-    wait_until("the first reconcile", LIMIT, || {
-        controller.status().successes == 1
-    })
-    .await;
-    let first = tokio::time::Instant::now();
-    wait_until("the requeued reconcile", LIMIT, || {
-        controller.status().successes == 2
-    })
-    .await;
-    let gap = first.elapsed();
+    let gap = time_between(&controller, |s| s.successes == 1, |s| s.successes == 2).await;
     assert!(
         gap >= Duration::from_secs(1) && gap < Duration::from_millis(1100),
         "{gap:?}"
