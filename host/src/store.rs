@@ -14,7 +14,7 @@
 //! This first store keeps everything in memory; the durable embedded store
 //! replaces the inside of this type, not its interface.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{SystemTime, UNIX_EPOCH};
 
@@ -80,8 +80,10 @@ pub struct Store {
 
 #[derive(Default)]
 struct Inner {
-    objects: BTreeMap<ObjectKey, Object>,
-    status: BTreeMap<ObjectKey, ReconcileStatus>,
+    // Hash maps: every reconcile looks objects up several times, and a B-tree
+    // of `ObjectKey`s pays three string comparisons per level (see BENCHMARKS.md).
+    objects: HashMap<ObjectKey, Object>,
+    status: HashMap<ObjectKey, ReconcileStatus>,
     kv: BTreeMap<(String, String), Vec<u8>>,
     next_uid: u64,
     next_version: u64,
@@ -152,24 +154,33 @@ impl Store {
         self.lock().objects.get(key).cloned()
     }
 
-    /// Every object of `kind` whose labels include `selector`.
+    /// Every object of `kind` whose labels include `selector`, in key order.
     pub fn list(&self, kind: &str, selector: &BTreeMap<String, String>) -> Vec<Object> {
-        self.lock()
+        let mut objects: Vec<Object> = self
+            .lock()
             .objects
             .values()
             .filter(|o| o.kind == kind && o.matches(selector))
             .cloned()
-            .collect()
+            .collect();
+        objects.sort_by(|a, b| {
+            (&a.metadata.namespace, &a.metadata.name)
+                .cmp(&(&b.metadata.namespace, &b.metadata.name))
+        });
+        objects
     }
 
-    /// Every key of `kind`.
+    /// Every key of `kind`, in order.
     pub fn keys(&self, kind: &str) -> Vec<ObjectKey> {
-        self.lock()
+        let mut keys: Vec<ObjectKey> = self
+            .lock()
             .objects
             .keys()
             .filter(|k| k.kind == kind)
             .cloned()
-            .collect()
+            .collect();
+        keys.sort();
+        keys
     }
 
     /// Replace an object's `status` with a JSON document.
