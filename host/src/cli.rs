@@ -168,6 +168,7 @@ async fn run(
     };
     if let Some(listen) = listen {
         config.api.listen = listen;
+        config.api.check()?;
     }
     let store = Store::new();
     let metrics = Arc::new(Metrics::new());
@@ -210,8 +211,13 @@ async fn run(
     }
     let api_stop = CancellationToken::new();
     let api = if config.api.enabled {
-        let (bound, task) =
-            crate::api::serve(config.api.listen, manager.clone(), api_stop.clone()).await?;
+        let (bound, task) = crate::api::serve(
+            config.api.listen,
+            config.api.token.clone(),
+            manager.clone(),
+            api_stop.clone(),
+        )
+        .await?;
         tracing::info!("api listening on http://{bound} (/metrics, /v1/controllers)");
         Some(task)
     } else {

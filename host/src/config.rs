@@ -35,6 +35,27 @@ pub struct ApiConfig {
     pub listen: std::net::SocketAddr,
     /// Serve the API at all.
     pub enabled: bool,
+    /// A bearer token every request but `/healthz` and `/readyz` must carry
+    /// (`Authorization: Bearer <token>`). Required when `listen` is not a
+    /// loopback address.
+    pub token: Option<String>,
+}
+
+impl ApiConfig {
+    /// Refuse an API reachable from other machines without a token.
+    pub fn check(&self) -> anyhow::Result<()> {
+        if self.token.as_deref() == Some("") {
+            bail!("api.token is empty: set a secret, or remove the key");
+        }
+        if self.enabled && !self.listen.ip().is_loopback() && self.token.is_none() {
+            bail!(
+                "api.listen is {}, which other machines can reach: set api.token (a bearer \
+                 token clients must send) or listen on 127.0.0.1",
+                self.listen
+            );
+        }
+        Ok(())
+    }
 }
 
 impl Default for ApiConfig {
@@ -42,6 +63,7 @@ impl Default for ApiConfig {
         Self {
             listen: std::net::SocketAddr::from(([127, 0, 0, 1], 7171)),
             enabled: true,
+            token: None,
         }
     }
 }
@@ -302,6 +324,7 @@ impl Config {
 
     /// Refuse settings that cannot work, saying which and why.
     pub fn check(&self) -> anyhow::Result<()> {
+        self.api.check()?;
         if self.runtime.epoch_tick.is_zero() {
             bail!("runtime.epoch-tick must be more than 0");
         }
@@ -387,6 +410,14 @@ mod tests {
     fn unknown_keys_are_named() {
         let err = Config::parse("[runtime]\nepoch-tik = \"1ms\"\n").unwrap_err();
         assert!(format!("{err:#}").contains("epoch-tik"), "{err:#}");
+    }
+
+    #[test]
+    fn an_api_reachable_from_other_machines_needs_a_token() {
+        let err = Config::parse("[api]\nlisten = \"0.0.0.0:7171\"\n").unwrap_err();
+        assert!(err.to_string().contains("api.token"), "{err}");
+        Config::parse("[api]\nlisten = \"0.0.0.0:7171\"\ntoken = \"s3cret\"\n").unwrap();
+        Config::parse("[api]\nlisten = \"127.0.0.1:0\"\n").unwrap();
     }
 
     #[test]
