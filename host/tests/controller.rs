@@ -436,41 +436,15 @@ async fn a_negative_hasher_answer_drops_the_key_and_counts_it() {
     rig.manager.shutdown().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn shutdown_drains_queued_keys_after_the_one_in_flight() {
-    let rig = Rig::new(true);
+/// One worker, three slow keys; stop the controller while the first is in flight.
+/// Returns the keys and what `run` handed back.
+async fn stop_during_the_first_of_three(
+    rig: &Rig,
+    mode: ShutdownMode,
+) -> (Vec<ObjectKey>, Vec<ObjectKey>) {
     let mut settings = hostile(0, Duration::from_secs(1));
     settings.workers = 1;
-    settings.shutdown = ShutdownMode::Drain;
-    let plugin = rig.plugin("hostile", settings).await;
-    let keys: Vec<ObjectKey> = (0..3)
-        .map(|i| {
-            rig.apply(
-                "Hostile",
-                &format!("s{i}"),
-                json!({"mode": "slow", "delay-ms": 100}),
-            )
-        })
-        .collect();
-    let controller = Controller::new(plugin, rig.store.clone(), rig.leader.as_ref(), &rig.metrics);
-    let stop = CancellationToken::new();
-    let run = tokio::spawn(controller.clone().run(stop.clone()));
-    wait_until("one key in flight", LIMIT, || {
-        controller.status().in_flight == 1
-    })
-    .await;
-    stop.cancel();
-    let handed_back = run.await.unwrap();
-    assert!(handed_back.is_empty());
-    assert!(keys.iter().all(|k| rig.phase(k) == Some(Phase::Done)));
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn shutdown_with_hand_back_finishes_the_key_in_flight_and_returns_the_rest() {
-    let rig = Rig::new(true);
-    let mut settings = hostile(0, Duration::from_secs(1));
-    settings.workers = 1;
-    settings.shutdown = ShutdownMode::HandBack;
+    settings.shutdown = mode;
     let plugin = rig.plugin("hostile", settings).await;
     let keys: Vec<ObjectKey> = (0..3)
         .map(|i| {
@@ -490,6 +464,21 @@ async fn shutdown_with_hand_back_finishes_the_key_in_flight_and_returns_the_rest
     .await;
     stop.cancel();
     let handed_back = run.await.unwrap();
+    (keys, handed_back)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_drains_queued_keys_after_the_one_in_flight() {
+    let rig = Rig::new(true);
+    let (keys, handed_back) = stop_during_the_first_of_three(&rig, ShutdownMode::Drain).await;
+    assert!(handed_back.is_empty());
+    assert!(keys.iter().all(|k| rig.phase(k) == Some(Phase::Done)));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_with_hand_back_finishes_the_key_in_flight_and_returns_the_rest() {
+    let rig = Rig::new(true);
+    let (keys, handed_back) = stop_during_the_first_of_three(&rig, ShutdownMode::HandBack).await;
     let done: Vec<_> = keys
         .iter()
         .filter(|k| rig.phase(k) == Some(Phase::Done))
