@@ -3,13 +3,12 @@
 //! Built as a test of the `setpoint` package (see host/Cargo.toml), so cargo
 //! builds the binary it drives.
 
-use std::io::{BufRead, BufReader};
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 mod support;
 
-use support::{plugin, root, setpoint, texts};
+use support::{Daemon, plugin, root, setpoint, texts};
 
 /// Run `setpoint plugin inspect FILE` and return (success, stdout, stderr).
 fn inspect(file: &std::path::Path) -> (bool, String, String) {
@@ -195,77 +194,9 @@ fn run_without_config_reconciles_the_examples() {
     assert!(err.contains("controller=hello successes=2"), "{err}");
 }
 
-/// A running `setpoint run` whose log lines can be waited for.
-struct Daemon {
-    child: std::process::Child,
-    lines: std::sync::mpsc::Receiver<String>,
-    log: Vec<String>,
-    _cache: tempfile::TempDir,
-    _cwd: tempfile::TempDir,
-}
-
-impl Daemon {
-    fn start() -> Self {
-        let cache = tempfile::tempdir().unwrap();
-        let cwd = tempfile::tempdir().unwrap();
-        let mut child = setpoint(cache.path())
-            .args(["run", "--listen", "127.0.0.1:0"])
-            .current_dir(cwd.path())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
-        let stderr = child.stderr.take().unwrap();
-        let (tx, lines) = std::sync::mpsc::channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-                let _ = tx.send(line);
-            }
-        });
-        Self {
-            child,
-            lines,
-            log: Vec::new(),
-            _cache: cache,
-            _cwd: cwd,
-        }
-    }
-
-    /// Wait for a log line containing `needle`, and return it.
-    fn wait_for(&mut self, needle: &str) -> String {
-        let deadline = Instant::now() + Duration::from_secs(60);
-        loop {
-            if let Some(line) = self.log.iter().find(|l| l.contains(needle)) {
-                return line.clone();
-            }
-            let left = deadline.saturating_duration_since(Instant::now());
-            match self.lines.recv_timeout(left) {
-                Ok(line) => self.log.push(line),
-                Err(_) => panic!("no {needle:?} in the log: {:#?}", self.log),
-            }
-        }
-    }
-
-    /// The API's base URL, from the log.
-    fn url(&mut self) -> String {
-        let line = self.wait_for("api listening on ");
-        let rest = line.split("api listening on ").nth(1).unwrap();
-        rest.split_whitespace().next().unwrap().to_string()
-    }
-
-    fn interrupt(&mut self) -> std::process::ExitStatus {
-        let killed = std::process::Command::new("kill")
-            .args(["-INT", &self.child.id().to_string()])
-            .status()
-            .unwrap();
-        assert!(killed.success());
-        self.wait_for("shutting down");
-        self.child.wait().unwrap()
-    }
-}
-
 #[test]
 fn run_stops_cleanly_on_ctrl_c() {
-    let mut daemon = Daemon::start();
+    let mut daemon = Daemon::start(&[]);
     daemon.wait_for("setpoint is running");
     let status = daemon.interrupt();
     assert!(status.success(), "{status}: {:#?}", daemon.log);
@@ -273,7 +204,7 @@ fn run_stops_cleanly_on_ctrl_c() {
 
 #[test]
 fn run_serves_controller_status_and_metrics_that_promtool_accepts() {
-    let mut daemon = Daemon::start();
+    let mut daemon = Daemon::start(&[]);
     let url = daemon.url();
     // Wait until both controllers have reconciled their examples.
     let deadline = Instant::now() + Duration::from_secs(60);

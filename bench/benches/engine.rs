@@ -302,7 +302,8 @@ fn greetings(store: &Store, n: usize) -> Vec<Object> {
             let spec = serde_json::json!({ "who": format!("{i}") });
             store
                 .apply(Object::new("Greeting", "", &format!("g{i}"), spec))
-                .0
+                .expect("the in-memory store accepts every object")
+                .object
         })
         .collect()
 }

@@ -82,7 +82,10 @@ fn main() {
         .warm_up_time(Duration::from_secs(1))
         .measurement_time(Duration::from_secs(3));
     for (case, kind) in CASES {
-        let (object, _) = store.apply(Object::new(kind, "", case, spec(case)));
+        let object = store
+            .apply(Object::new(kind, "", case, spec(case)))
+            .unwrap()
+            .object;
         let request = wit::Request {
             key: object.key().to_string(),
             action: wit::Action::Created,

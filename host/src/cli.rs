@@ -8,12 +8,14 @@ use anyhow::{Context, bail};
 use clap::{Parser, Subcommand, ValueEnum};
 use tokio_util::sync::CancellationToken;
 
+use crate::client::{Client, query};
 use crate::config::{Config, DirGrant, PluginConfig};
 use crate::controller::Manager;
 use crate::leader::{AlwaysLeader, LeaderElector};
 use crate::metrics::Metrics;
 use crate::object::{Object, parse_all};
 use crate::plugin::{PACKAGE, Runtime, SUPPORTED_VERSIONS, WORLD, object_to_wit, wit};
+use crate::source::manifests::Manifests;
 use crate::store::Store;
 
 /// The example objects `setpoint run` applies when it runs without `--config`.
@@ -26,6 +28,17 @@ pub struct Cli {
     /// More logs: -v for debug, -vv for trace. RUST_LOG overrides.
     #[arg(short, long, action = clap::ArgAction::Count, global = true)]
     pub verbose: u8,
+    /// The API of the daemon to talk to (apply, get, delete, status, wait).
+    #[arg(
+        long,
+        global = true,
+        env = "SETPOINT_SERVER",
+        default_value = "http://127.0.0.1:7171"
+    )]
+    pub server: String,
+    /// The API's bearer token, if it needs one.
+    #[arg(long, global = true, env = "SETPOINT_TOKEN", hide_env_values = true)]
+    pub token: Option<String>,
     #[command(subcommand)]
     pub command: Command,
 }
@@ -44,6 +57,58 @@ pub enum Command {
         /// Serve the API here instead of the configured address (port 0: any).
         #[arg(long)]
         listen: Option<std::net::SocketAddr>,
+        /// Keep the store in this file instead of the configured one.
+        #[arg(long)]
+        store: Option<PathBuf>,
+    },
+    /// Create or update the objects in manifest files or folders, all or none.
+    Apply {
+        /// A YAML/JSON manifest, or a folder of them (repeatable).
+        #[arg(short = 'f', long = "filename", required = true)]
+        files: Vec<PathBuf>,
+    },
+    /// Print objects of a kind, or one object, as YAML (or JSON).
+    Get {
+        kind: String,
+        name: Option<String>,
+        #[arg(short, long, default_value = "")]
+        namespace: String,
+        /// Only objects with these labels: app=web,tier=db.
+        #[arg(short = 'l', long)]
+        selector: Option<String>,
+        /// Print JSON instead of YAML.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Delete an object: it is removed once its plugin has reconciled the delete.
+    Delete {
+        kind: String,
+        name: String,
+        #[arg(short, long, default_value = "")]
+        namespace: String,
+        /// Wait until it is gone.
+        #[arg(long)]
+        wait: bool,
+        /// How long --wait waits.
+        #[arg(long, default_value = "60s", value_parser = humantime::parse_duration)]
+        timeout: Duration,
+    },
+    /// Print reconcile status: of one object, of a kind, or of everything.
+    Status {
+        kind: Option<String>,
+        name: Option<String>,
+        #[arg(short, long, default_value = "")]
+        namespace: String,
+    },
+    /// Wait until objects are reconciled: one, a kind, or everything. Fails
+    /// after --timeout naming what is not.
+    Wait {
+        kind: Option<String>,
+        name: Option<String>,
+        #[arg(short, long, default_value = "")]
+        namespace: String,
+        #[arg(long, default_value = "60s", value_parser = humantime::parse_duration)]
+        timeout: Duration,
     },
     /// Work with plugin files.
     Plugin {
@@ -110,7 +175,8 @@ impl Cli {
                 config,
                 once,
                 listen,
-            } => run(config.as_deref(), once, listen).await,
+                store,
+            } => run(config.as_deref(), once, listen, store).await,
             Command::Plugin {
                 command: PluginCommand::Inspect { file, json },
             } => inspect(&file, json).await,
@@ -121,6 +187,10 @@ impl Cli {
                 dirs,
                 timeout,
             } => reconcile(&file, &object, action, &dirs, timeout).await,
+            command => {
+                let client = Client::new(&self.server, self.token);
+                tokio::task::spawn_blocking(move || talk(&client, command)).await?
+            }
         }
     }
 }
@@ -158,6 +228,7 @@ async fn run(
     config_path: Option<&Path>,
     once: bool,
     listen: Option<std::net::SocketAddr>,
+    store_path: Option<PathBuf>,
 ) -> anyhow::Result<()> {
     let (mut config, examples) = match config_path {
         Some(path) => (Config::load(path)?, Vec::new()),
@@ -170,7 +241,18 @@ async fn run(
         config.api.listen = listen;
         config.api.check()?;
     }
-    let store = Store::new();
+    if let Some(path) = store_path {
+        config.store.path = Some(path);
+        config.store.in_memory = false;
+    }
+    let store = match config.store.path()? {
+        Some(path) => {
+            let store = Store::open(&path)?;
+            tracing::info!(path = %path.display(), "store opened");
+            store
+        }
+        None => Store::new(),
+    };
     let metrics = Arc::new(Metrics::new());
     let leader: Arc<dyn LeaderElector> = Arc::new(AlwaysLeader::default());
     let manager = Arc::new(Manager::new(store.clone(), leader, metrics.clone()));
@@ -196,29 +278,51 @@ async fn run(
             }
         })?);
     }
-    let mut objects = examples;
-    for path in &config.manifests {
-        objects.extend(read_manifests(path)?);
-    }
-    for object in objects {
-        let (stored, _) = store.apply(object);
-        tracing::info!(key = %stored.key(), generation = stored.metadata.generation, "applied");
-    }
 
     let mut signals = ShutdownSignals::install()?;
+    // Controllers first: they put their finalizers on the objects applied below,
+    // and resume whatever the store holds (pending work, deletes) from before.
     for plugin in plugins {
         manager.add(plugin)?;
+    }
+    let kinds: std::collections::BTreeSet<String> = manager.kinds().into_keys().collect();
+    for object in examples {
+        let applied = store.apply(object)?;
+        tracing::info!(key = %applied.object.key(), generation = applied.object.metadata.generation, "applied");
+    }
+    let sources_stop = CancellationToken::new();
+    let mut sources = tokio::task::JoinSet::new();
+    if !config.manifests.is_empty() {
+        let manifests = Manifests::new(config.manifests.clone(), store.clone(), kinds);
+        let report = manifests.sync();
+        if let Some((file, why)) = report.errors.first() {
+            bail!("manifest {} was not applied: {why}", file.display());
+        }
+        tracing::info!(
+            applied = report.applied,
+            deleted = report.deleted.len(),
+            "manifests applied"
+        );
+        if config.watch_manifests {
+            let stop = sources_stop.clone();
+            sources.spawn(async move {
+                if let Err(e) = manifests.watch(stop).await {
+                    tracing::error!("the manifest watcher stopped: {e:#}");
+                }
+            });
+        }
     }
     let api_stop = CancellationToken::new();
     let api = if config.api.enabled {
         let (bound, task) = crate::api::serve(
             config.api.listen,
             config.api.token.clone(),
+            config.api.max_body_bytes,
             manager.clone(),
             api_stop.clone(),
         )
         .await?;
-        tracing::info!("api listening on http://{bound} (/metrics, /v1/controllers)");
+        tracing::info!("api listening on http://{bound} (/v1/objects, /v1/controllers, /metrics)");
         Some(task)
     } else {
         None
@@ -244,13 +348,206 @@ async fn run(
             }
         }
     }
+    sources_stop.cancel();
+    while sources.join_next().await.is_some() {}
     log_status(&manager);
     manager.shutdown().await;
     api_stop.cancel();
     if let Some(api) = api {
         let _ = api.await;
     }
+    store.flush()?;
     Ok(())
+}
+
+/// Run one client command against the daemon's API.
+fn talk(client: &Client, command: Command) -> anyhow::Result<()> {
+    match command {
+        Command::Apply { files } => {
+            let mut objects = Vec::new();
+            for path in &files {
+                objects.extend(read_manifests(path)?);
+            }
+            if objects.is_empty() {
+                bail!("no objects in {}: nothing to apply", show_paths(&files));
+            }
+            let body = serde_json::to_vec(&objects)?;
+            let answer = client.call("POST", "/v1/apply", Some(("application/json", body)))?;
+            for line in answer.json()?.as_array().into_iter().flatten() {
+                println!(
+                    "{} {}",
+                    line["key"].as_str().unwrap_or("?"),
+                    line["result"].as_str().unwrap_or("?")
+                );
+            }
+        }
+        Command::Get {
+            kind,
+            name,
+            namespace,
+            selector,
+            json,
+        } => {
+            let path = match &name {
+                Some(name) => format!(
+                    "/v1/objects/{kind}/{name}{}",
+                    query(&[(
+                        "namespace",
+                        Some(&namespace)
+                            .filter(|n| !n.is_empty())
+                            .map(|s| s.as_str())
+                    )])
+                ),
+                None => format!(
+                    "/v1/objects/{kind}{}",
+                    query(&[
+                        (
+                            "namespace",
+                            Some(namespace.as_str()).filter(|n| !n.is_empty())
+                        ),
+                        ("selector", selector.as_deref()),
+                    ])
+                ),
+            };
+            let value = client.call("GET", &path, None)?.json()?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&value)?);
+            } else {
+                print!("{}", serde_yaml_ng::to_string(&value)?);
+            }
+        }
+        Command::Delete {
+            kind,
+            name,
+            namespace,
+            wait,
+            timeout,
+        } => {
+            let ns = Some(namespace.as_str()).filter(|n| !n.is_empty());
+            let path = format!("/v1/objects/{kind}/{name}{}", query(&[("namespace", ns)]));
+            let answer = client.call("DELETE", &path, None)?;
+            let key = crate::object::ObjectKey::new(&kind, &namespace, &name);
+            if answer.status == 200 {
+                println!("{key} removed");
+            } else {
+                println!("{key} deleting");
+                if wait {
+                    wait_for(client, Some(&kind), Some(&name), &namespace, timeout)?;
+                    println!("{key} removed");
+                }
+            }
+        }
+        Command::Status {
+            kind,
+            name,
+            namespace,
+        } => {
+            let lines = match (&kind, &name) {
+                (Some(kind), Some(name)) => {
+                    let ns = Some(namespace.as_str()).filter(|n| !n.is_empty());
+                    let path = format!(
+                        "/v1/objects/{kind}/{name}/status{}",
+                        query(&[("namespace", ns)])
+                    );
+                    vec![client.call("GET", &path, None)?.json()?]
+                }
+                _ => {
+                    let path = format!("/v1/status{}", query(&[("kind", kind.as_deref())]));
+                    let all = client.call("GET", &path, None)?.json()?;
+                    all.as_array().cloned().unwrap_or_default()
+                }
+            };
+            println!(
+                "{:<40} {:<8} {:>10}  LAST ERROR",
+                "KEY", "PHASE", "OBSERVED"
+            );
+            for s in lines {
+                println!(
+                    "{:<40} {:<8} {:>10}  {}",
+                    s["key"].as_str().unwrap_or("?"),
+                    s["phase"].as_str().unwrap_or("?"),
+                    s["observedGeneration"],
+                    s["lastError"].as_str().unwrap_or("-")
+                );
+            }
+        }
+        Command::Wait {
+            kind,
+            name,
+            namespace,
+            timeout,
+        } => {
+            wait_for(
+                client,
+                kind.as_deref(),
+                name.as_deref(),
+                &namespace,
+                timeout,
+            )?;
+            println!("reconciled");
+        }
+        Command::Run { .. } | Command::Plugin { .. } | Command::Reconcile { .. } => {
+            unreachable!("run, plugin and reconcile do not talk to a daemon")
+        }
+    }
+    Ok(())
+}
+
+/// `GET /v1/wait`, failing with what is still waiting.
+fn wait_for(
+    client: &Client,
+    kind: Option<&str>,
+    name: Option<&str>,
+    namespace: &str,
+    timeout: Duration,
+) -> anyhow::Result<()> {
+    let timeout_text = format!("{}ms", timeout.as_millis());
+    let path = format!(
+        "/v1/wait{}",
+        query(&[
+            ("kind", kind),
+            ("name", name),
+            ("namespace", Some(namespace).filter(|n| !n.is_empty())),
+            ("timeout", Some(&timeout_text)),
+        ])
+    );
+    let answer = client.send("GET", &path, None)?;
+    if answer.status == 200 {
+        return Ok(());
+    }
+    let value = answer.json()?;
+    let Some(waiting) = value["waiting"].as_array() else {
+        bail!(
+            "the API refused ({}): {}",
+            answer.status,
+            value["error"].as_str().unwrap_or(&answer.body)
+        );
+    };
+    let mut message = value["error"]
+        .as_str()
+        .unwrap_or("not reconciled")
+        .to_string();
+    for w in waiting {
+        let status = &w["status"];
+        message.push_str(&format!(
+            "\n  {}: {}{}",
+            w["key"].as_str().unwrap_or("?"),
+            status["phase"].as_str().unwrap_or("no status"),
+            status["lastError"]
+                .as_str()
+                .map(|e| format!(" ({e})"))
+                .unwrap_or_default()
+        ));
+    }
+    bail!("{message}")
+}
+
+fn show_paths(paths: &[PathBuf]) -> String {
+    paths
+        .iter()
+        .map(|p| p.display().to_string())
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
 fn all_settled(manager: &Manager, store: &Store) -> bool {
@@ -408,7 +705,7 @@ async fn reconcile(
         });
     }
     let store = Store::new();
-    let (object, _) = store.apply(object);
+    let object = store.apply(object)?.object;
     let runtime = Runtime::new(&Default::default())?;
     let plugin = runtime.load(file, settings, store.clone()).await?;
     let request = wit::Request {

@@ -13,7 +13,7 @@ use anyhow::{Context, bail};
 use serde::{Deserialize, Serialize};
 
 /// The whole configuration file.
-#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields, rename_all = "kebab-case")]
 pub struct Config {
     /// Engine-wide settings: compile cache, epoch tick, instance pool.
@@ -23,8 +23,57 @@ pub struct Config {
     pub plugins: Vec<PluginConfig>,
     /// Manifests (files or directories of `.yaml`/`.yml`/`.json`) applied at start.
     pub manifests: Vec<PathBuf>,
+    /// Watch the `manifests` paths: a changed file is applied again, and the
+    /// objects of a removed file (or of a document removed from one) are deleted.
+    pub watch_manifests: bool,
     /// The HTTP admin API.
     pub api: ApiConfig,
+    /// The embedded desired-state store.
+    pub store: StoreConfig,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            runtime: RuntimeConfig::default(),
+            plugins: Vec::new(),
+            manifests: Vec::new(),
+            watch_manifests: true,
+            api: ApiConfig::default(),
+            store: StoreConfig::default(),
+        }
+    }
+}
+
+/// Where the desired state lives.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields, rename_all = "kebab-case")]
+pub struct StoreConfig {
+    /// The store file (redb). Default: `$XDG_DATA_HOME/setpoint/store.redb`, or
+    /// `~/.local/share/setpoint/store.redb`.
+    pub path: Option<PathBuf>,
+    /// Keep the store in memory only: nothing survives a restart.
+    pub in_memory: bool,
+}
+
+impl StoreConfig {
+    /// The store file in effect, or `None` for an in-memory store.
+    pub fn path(&self) -> anyhow::Result<Option<PathBuf>> {
+        if self.in_memory {
+            return Ok(None);
+        }
+        if let Some(path) = &self.path {
+            return Ok(Some(path.clone()));
+        }
+        let base = std::env::var_os("XDG_DATA_HOME")
+            .map(PathBuf::from)
+            .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".local/share")))
+            .context(
+                "neither XDG_DATA_HOME nor HOME is set, so the store has no default place: \
+                 set [store] path",
+            )?;
+        Ok(Some(base.join("setpoint").join("store.redb")))
+    }
 }
 
 /// The HTTP admin API and `/metrics`.
@@ -39,6 +88,8 @@ pub struct ApiConfig {
     /// (`Authorization: Bearer <token>`). Required when `listen` is not a
     /// loopback address.
     pub token: Option<String>,
+    /// The largest request body accepted, in bytes; larger ones get 413.
+    pub max_body_bytes: usize,
 }
 
 impl ApiConfig {
@@ -64,6 +115,7 @@ impl Default for ApiConfig {
             listen: std::net::SocketAddr::from(([127, 0, 0, 1], 7171)),
             enabled: true,
             token: None,
+            max_body_bytes: 1024 * 1024,
         }
     }
 }
@@ -153,6 +205,15 @@ pub struct PluginConfig {
     /// At shutdown: reconcile what is queued first (`drain`), or stop at once and
     /// leave it pending in the store (`hand-back`). Work in flight always finishes.
     pub shutdown: ShutdownMode,
+    /// Reconcile every object again at this interval even when nothing changed.
+    /// Default: what the plugin's `describe()` asks for, else never.
+    #[serde(with = "humantime_serde")]
+    pub resync_interval: Option<Duration>,
+    /// Run a full reconciliation at this interval: `prune` with the keys that
+    /// should exist, then every object. Default: never (on demand only, through
+    /// `POST /v1/controllers/<name>/full-reconcile`).
+    #[serde(with = "humantime_serde")]
+    pub full_reconcile_interval: Option<Duration>,
     /// Per-call and per-instance limits.
     pub limits: Limits,
     /// Retry back-off for failed reconciles.
@@ -172,6 +233,8 @@ impl Default for PluginConfig {
             delay_resolution: Duration::from_millis(10),
             delay_capacity: 1_000_000,
             shutdown: ShutdownMode::Drain,
+            resync_interval: None,
+            full_reconcile_interval: None,
             limits: Limits::default(),
             retry: RetryConfig::default(),
             grants: Grants::default(),
@@ -315,6 +378,9 @@ impl Config {
         if let Some(dir) = &mut self.runtime.cache_dir {
             fix(dir);
         }
+        if let Some(path) = &mut self.store.path {
+            fix(path);
+        }
         self.manifests.iter_mut().for_each(fix);
         for plugin in &mut self.plugins {
             fix(&mut plugin.path);
@@ -325,6 +391,9 @@ impl Config {
     /// Refuse settings that cannot work, saying which and why.
     pub fn check(&self) -> anyhow::Result<()> {
         self.api.check()?;
+        if self.api.max_body_bytes == 0 {
+            bail!("api.max-body-bytes must be at least 1");
+        }
         if self.runtime.epoch_tick.is_zero() {
             bail!("runtime.epoch-tick must be more than 0");
         }

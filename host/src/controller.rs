@@ -22,6 +22,13 @@
 //!   it replaces the retry (and resets the failure count), or waits for it.
 //! - The state a plugin returns, with an outcome or an error, is handed back on
 //!   its next call for that key.
+//! - The controller holds a finalizer (`setpoint.dev/<name>`) on every object of
+//!   its kinds; a deleted object is removed only after this controller (and any
+//!   other of the same kind) reconciled its delete successfully.
+//! - Every `resync-interval`, every object is queued again (action `resynced`).
+//!   Every `full-reconcile-interval`, and on demand, a full reconciliation calls
+//!   the plugin's `prune` with every key that should exist, then queues every
+//!   object. Both run only while this process leads.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -40,7 +47,7 @@ use crate::plugin::{CallError, Instance, Plugin, object_to_wit};
 use crate::queue::{
     Added, Backoff, DequeuePolicy, EventRef, Fnv1a, QueueError, Timers, WorkQueue, WorkerHasher,
 };
-use crate::store::{Action, Change, Store};
+use crate::store::{Action, Change, FINALIZER_PREFIX, Store};
 
 /// What a controller reports about itself.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
@@ -96,6 +103,10 @@ pub struct Engine {
     pub dequeue: DequeuePolicy,
     pub shutdown: ShutdownMode,
     pub hasher: Arc<dyn WorkerHasher>,
+    /// Queue every object again at this interval.
+    pub resync_interval: Option<Duration>,
+    /// Run a full reconciliation at this interval.
+    pub full_reconcile_interval: Option<Duration>,
 }
 
 impl From<&PluginConfig> for Engine {
@@ -121,6 +132,8 @@ impl From<&PluginConfig> for Engine {
             dequeue: c.retry.dequeue_policy,
             shutdown: c.shutdown,
             hasher: Arc::new(Fnv1a),
+            resync_interval: c.resync_interval,
+            full_reconcile_interval: c.full_reconcile_interval,
         }
     }
 }
@@ -136,6 +149,34 @@ pub struct Controller {
     stats: Mutex<Stats>,
     leader: watch::Receiver<bool>,
     metrics: ControllerMetrics,
+    /// The finalizer this controller holds on its objects.
+    finalizer: String,
+}
+
+/// What a full reconciliation did.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub struct FullReconciliation {
+    /// The keys that should exist, handed to `prune`.
+    pub desired: usize,
+    /// What became of the prune.
+    pub prune: PruneOutcome,
+    /// Objects queued for a reconcile afterwards.
+    pub queued: usize,
+}
+
+/// The prune step of a full reconciliation.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case", tag = "result", content = "message")]
+pub enum PruneOutcome {
+    /// `prune` succeeded.
+    Done,
+    /// The plugin does not export `pruner`; only the reconciles ran.
+    NotExported,
+    /// `prune` failed; it is not retried until the next full reconciliation.
+    Failed(String),
+    /// This process does not lead: nothing ran.
+    NotLeading,
 }
 
 fn now_ms() -> u64 {
@@ -165,6 +206,12 @@ impl Controller {
         metrics: &Arc<Metrics>,
     ) -> Arc<Self> {
         let metrics = metrics.controller(&plugin.info().name);
+        let finalizer = format!("{FINALIZER_PREFIX}{}", plugin.info().name);
+        for kind in &plugin.info().kinds {
+            if let Err(e) = store.register_finalizer(kind, &plugin.info().name) {
+                tracing::error!(controller = %plugin.info().name, "cannot register the finalizer: {e}");
+            }
+        }
         Arc::new(Self {
             queue: WorkQueue::new(engine.workers, engine.queue_size),
             timers: Timers::new(engine.delay_resolution, engine.delay_capacity),
@@ -175,6 +222,7 @@ impl Controller {
             stats: Mutex::new(Stats::default()),
             leader: leader.subscribe(),
             metrics,
+            finalizer,
         })
     }
 
@@ -238,6 +286,33 @@ impl Controller {
         }
         tasks.spawn(self.clone().fire_timers(shutdown.clone()));
         tasks.spawn(self.clone().follow_leadership(shutdown.clone()));
+        let resync = self.engine.resync_interval.or_else(|| {
+            self.plugin
+                .info()
+                .resync_interval
+                .map(Duration::from_millis)
+        });
+        if let Some(every) = resync.filter(|d| !d.is_zero()) {
+            let me = self.clone();
+            tasks.spawn(periodically(every, shutdown.clone(), move || {
+                let me = me.clone();
+                async move {
+                    if me.leading() {
+                        tracing::debug!(controller = %me.name(), "periodic resync");
+                        me.resync().await;
+                    }
+                }
+            }));
+        }
+        if let Some(every) = self.engine.full_reconcile_interval.filter(|d| !d.is_zero()) {
+            let me = self.clone();
+            tasks.spawn(periodically(every, shutdown.clone(), move || {
+                let me = me.clone();
+                async move {
+                    me.full_reconcile().await;
+                }
+            }));
+        }
         // Close the queue the moment shutdown is asked for: a source waiting for
         // room in a full queue (with no leader to drain it) must not hold it up.
         tasks.spawn({
@@ -288,6 +363,59 @@ impl Controller {
         }
     }
 
+    fn leading(&self) -> bool {
+        *self.leader.borrow()
+    }
+
+    /// Full reconciliation: call the plugin's `prune` with every key that should
+    /// exist (objects not being deleted), then queue every object. A failed prune
+    /// is reported and counted, and the reconciles still run.
+    pub async fn full_reconcile(&self) -> FullReconciliation {
+        if !self.leading() {
+            return FullReconciliation {
+                desired: 0,
+                prune: PruneOutcome::NotLeading,
+                queued: 0,
+            };
+        }
+        let mut desired = Vec::new();
+        let mut all = 0;
+        for kind in &self.plugin.info().kinds {
+            for object in self.store.list(kind, &Default::default()) {
+                all += 1;
+                if !object.is_deleting() {
+                    desired.push(object.key().to_string());
+                }
+            }
+        }
+        let prune = if self.plugin.can_prune() {
+            let span = tracing::info_span!("prune", controller = %self.name(), version = %self.plugin.info().version);
+            let _enter = span.enter();
+            match self.plugin.instance().prune(&desired).await {
+                Ok(Ok(())) => PruneOutcome::Done,
+                Ok(Err(e)) => PruneOutcome::Failed(match e {
+                    ReconcileError::Retry(m) | ReconcileError::Fatal(m) => m,
+                    ReconcileError::RetryAfter(r) => r.message,
+                }),
+                Err(e) => PruneOutcome::Failed(e.to_string()),
+            }
+        } else {
+            PruneOutcome::NotExported
+        };
+        if let PruneOutcome::Failed(why) = &prune {
+            tracing::warn!(controller = %self.name(), "prune failed: {why}");
+        }
+        self.metrics
+            .full_reconciliation(matches!(prune, PruneOutcome::Failed(_)));
+        self.resync().await;
+        tracing::info!(controller = %self.name(), desired = desired.len(), ?prune, "full reconciliation");
+        FullReconciliation {
+            desired: desired.len(),
+            prune,
+            queued: all,
+        }
+    }
+
     async fn follow_leadership(self: Arc<Self>, shutdown: CancellationToken) {
         let mut leader = self.leader.clone();
         loop {
@@ -334,16 +462,42 @@ impl Controller {
         self.enqueue(change.key).await;
     }
 
-    /// Route a key to its worker and queue it, waiting while the queue is full.
-    async fn enqueue(&self, key: ObjectKey) {
+    /// Queue one key now (a `resynced` reconcile), without waiting for room: a
+    /// full queue answers [`QueueError::Full`]. For sources that must push back
+    /// on their caller, such as the HTTP API.
+    pub fn trigger(&self, key: ObjectKey) -> Result<(), QueueError> {
+        let Some(lane) = self.lane(&key) else {
+            return Ok(());
+        };
+        self.keys()
+            .entry(key.clone())
+            .or_default()
+            .pending
+            .get_or_insert(Action::Resynced);
+        if let Added::Queued = self.queue.try_add(key, lane)? {
+            self.metrics.added();
+        }
+        Ok(())
+    }
+
+    /// The worker lane of `key`, or `None` if the hasher drops it (counted).
+    fn lane(&self, key: &ObjectKey) -> Option<usize> {
         let lane = self
             .engine
             .hasher
             .route(&key.to_string(), self.queue.lane_count());
-        let Ok(lane) = usize::try_from(lane) else {
+        let lane = usize::try_from(lane).ok();
+        if lane.is_none() {
             tracing::debug!(controller = %self.name(), %key, "the worker hasher dropped the key");
             self.stats().dropped += 1;
             self.metrics.dropped();
+        }
+        lane
+    }
+
+    /// Route a key to its worker and queue it, waiting while the queue is full.
+    async fn enqueue(&self, key: ObjectKey) {
+        let Some(lane) = self.lane(&key) else {
             return;
         };
         match self.queue.add(key, lane).await {
@@ -407,7 +561,13 @@ impl Controller {
 
     /// Reconcile one key and act on the result.
     pub async fn reconcile(&self, instance: &mut Instance, key: &ObjectKey) {
-        let Some(object) = self.store.get(key) else {
+        let object = match self.store.get(key) {
+            // Gone, or deleting with this controller's part already done.
+            None => None,
+            Some(o) if o.is_deleting() && !o.metadata.finalizers.contains(&self.finalizer) => None,
+            Some(o) => Some(o),
+        };
+        let Some(object) = object else {
             self.keys().remove(key);
             return;
         };
@@ -497,10 +657,16 @@ impl Controller {
             stats.last_success_at = Some(now_ms());
         }
         if object.is_deleting() {
-            self.store.remove(key);
-            self.keys().remove(key);
-            self.timers.cancel(key);
-            tracing::info!("deleted");
+            match self.store.finalize(key, &self.finalizer) {
+                Ok(removed) => {
+                    self.keys().remove(key);
+                    self.timers.cancel(key);
+                    tracing::info!(removed, "delete reconciled");
+                }
+                // Still deleting and still holding the finalizer: the next
+                // resync (or restart) reconciles the delete again.
+                Err(e) => tracing::error!("delete reconciled, but the finalizer stays: {e}"),
+            }
             return;
         }
         {
@@ -513,7 +679,9 @@ impl Controller {
                 self.timers.cancel(key);
             }
         }
-        self.store.mark_done(key, object.metadata.generation);
+        if let Err(e) = self.store.mark_done(key, object.metadata.generation) {
+            tracing::error!("cannot record the success: {e}");
+        }
         match outcome.requeue_after {
             Some(ms) => {
                 tracing::info!(requeue_after_ms = ms, "reconciled");
@@ -561,7 +729,9 @@ impl Controller {
                 message
             }
         };
-        self.store.mark_error(key, &message);
+        if let Err(e) = self.store.mark_error(key, &message) {
+            tracing::error!("cannot record the failure: {e}");
+        }
         let mut stats = self.stats();
         stats.failures += 1;
         stats.last_error = Some(message);
@@ -580,7 +750,8 @@ impl Controller {
                 // Not dropped silently: the status says so, and the next change
                 // or resync brings the key back.
                 tracing::error!(%key, "cannot schedule: {full}");
-                self.store
+                let _ = self
+                    .store
                     .mark_error(key, &format!("not rescheduled: {full}"));
             }
         }
@@ -592,6 +763,22 @@ impl std::fmt::Debug for Controller {
         f.debug_struct("Controller")
             .field("name", &self.name())
             .finish()
+    }
+}
+
+/// Call `tick` every `every` (the first time one `every` from now) until `shutdown`.
+async fn periodically<F, Fut>(every: Duration, shutdown: CancellationToken, mut tick: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = ()>,
+{
+    let mut interval = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
+    interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = interval.tick() => tick().await,
+            _ = shutdown.cancelled() => return,
+        }
     }
 }
 
@@ -656,6 +843,32 @@ impl Manager {
 
     pub fn metrics(&self) -> &Arc<Metrics> {
         &self.metrics
+    }
+
+    pub fn store(&self) -> &Store {
+        &self.store
+    }
+
+    /// Every kind some controller reconciles, with the controllers of each.
+    pub fn kinds(&self) -> std::collections::BTreeMap<String, Vec<String>> {
+        let mut kinds = std::collections::BTreeMap::<String, Vec<String>>::new();
+        for c in self.controllers() {
+            for kind in &c.plugin().info().kinds {
+                kinds
+                    .entry(kind.clone())
+                    .or_default()
+                    .push(c.name().to_string());
+            }
+        }
+        kinds
+    }
+
+    /// The controllers of `kind`.
+    pub fn controllers_of(&self, kind: &str) -> Vec<Arc<Controller>> {
+        self.controllers()
+            .into_iter()
+            .filter(|c| c.plugin().info().kinds.iter().any(|k| k == kind))
+            .collect()
     }
 
     /// Start a controller for `plugin`, named after it.

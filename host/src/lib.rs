@@ -11,11 +11,14 @@
 //! - [`metrics`]: Prometheus metrics.
 //! - [`plugin`]: the wasmtime engine, compile cache, instances, limits and host imports.
 //! - [`config`]: the daemon's configuration, every setting defaulted.
-//! - [`api`]: the HTTP admin API and `/metrics`.
+//! - [`api`]: the HTTP admin API (objects, status, watch, CloudEvents) and `/metrics`.
+//! - [`source`]: event sources: watched manifest folders.
+//! - [`client`]: the command line's client of the API.
 //! - [`cli`]: the `setpoint` command line.
 
 pub mod api;
 pub mod cli;
+pub mod client;
 pub mod config;
 pub mod controller;
 pub mod leader;
@@ -23,4 +26,5 @@ pub mod metrics;
 pub mod object;
 pub mod plugin;
 pub mod queue;
+pub mod source;
 pub mod store;

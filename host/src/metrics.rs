@@ -106,6 +106,8 @@ pub struct Metrics {
     pub plugin_loads: Family<PluginLabel, Counter>,
     pub plugin_failures: Family<PluginLabel, Counter>,
     pub leader: Gauge,
+    pub full_reconciliations: Family<ControllerLabel, Counter>,
+    pub prune_errors: Family<ControllerLabel, Counter>,
 }
 
 impl Default for Metrics {
@@ -135,6 +137,8 @@ impl Metrics {
             plugin_loads: Family::default(),
             plugin_failures: Family::default(),
             leader: Gauge::default(),
+            full_reconciliations: Family::default(),
+            prune_errors: Family::default(),
         };
         let r = &mut registry;
         r.register(
@@ -209,6 +213,16 @@ impl Metrics {
             "1 while this process leads, else 0",
             m.leader.clone(),
         );
+        r.register(
+            "setpoint_full_reconciliations",
+            "Full reconciliations started (prune, then every object)",
+            m.full_reconciliations.clone(),
+        );
+        r.register(
+            "setpoint_prune_errors",
+            "Full reconciliations whose prune failed",
+            m.prune_errors.clone(),
+        );
         *m.registry.lock().expect("fresh lock") = registry;
         m
     }
@@ -241,6 +255,8 @@ impl Metrics {
             given_up: self.given_up.get_or_create(&label).clone(),
             reconcile_time: self.reconcile_time.get_or_create(&label).clone(),
             active_workers: self.active_workers.get_or_create(&label).clone(),
+            full_reconciliations: self.full_reconciliations.get_or_create(&label).clone(),
+            prune_errors: self.prune_errors.get_or_create(&label).clone(),
             success: result("success"),
             requeue: result("requeue"),
             error: result("error"),
@@ -265,6 +281,8 @@ impl Metrics {
         self.given_up.remove(&label);
         self.reconcile_time.remove(&label);
         self.active_workers.remove(&label);
+        self.full_reconciliations.remove(&label);
+        self.prune_errors.remove(&label);
         for result in RESULTS {
             self.reconciles.remove(&ResultLabel {
                 controller: controller.to_string(),
@@ -344,6 +362,8 @@ pub struct ControllerMetrics {
     given_up: Counter,
     reconcile_time: Histogram,
     active_workers: Gauge,
+    full_reconciliations: Counter,
+    prune_errors: Counter,
     success: Counter,
     requeue: Counter,
     error: Counter,
@@ -364,6 +384,14 @@ impl ControllerMetrics {
 
     pub fn retried(&self) {
         self.retries.inc();
+    }
+
+    /// A full reconciliation started; `prune_failed` if its prune did.
+    pub fn full_reconciliation(&self, prune_failed: bool) {
+        self.full_reconciliations.inc();
+        if prune_failed {
+            self.prune_errors.inc();
+        }
     }
 
     pub fn given_up(&self) {

@@ -1,30 +1,61 @@
 //! The desired-state store: objects, their reconcile status, plugin key-value data,
-//! and a change feed.
+//! and the change feeds that drive controllers and `/v1/watch`.
+//!
+//! It is embedded and durable: every write goes to a [redb] database (a single
+//! file, ACID, crash-safe copy-on-write B-trees) before it is visible, and reads
+//! are served from an in-memory copy loaded at open. [`Store::new`] gives the same
+//! store over redb's in-memory backend, for tests and one-off commands.
 //!
 //! Guarantees:
+//! - Writes of desired state (apply, create, update, delete, finalize) are
+//!   committed with fsync before they return: once a caller is told "stored", a
+//!   `kill -9` or power loss does not lose it. Several objects applied together
+//!   are one transaction: all are stored or none is.
+//! - Reconcile status and plugin key-value data are committed without fsync (the
+//!   reconcile path must not wait for the disk); they become durable with the
+//!   next durable commit, at most [`FLUSH_EVERY`] such writes later and at
+//!   [`Store::flush`]. After a crash the newest of them may be lost, which costs
+//!   one more reconcile of an object that is resynced at start anyway.
 //! - A spec change bumps `metadata.generation`; every write bumps
-//!   `metadata.resourceVersion`. Re-applying an identical object changes nothing
-//!   and emits no change.
-//! - A delete only marks the object deleting; it is removed by [`Store::remove`]
-//!   once its controller reconciled the delete (the host's finalizer).
+//!   `metadata.resourceVersion`. A write that names a `resourceVersion` other
+//!   than the stored one is refused as a conflict. Re-applying an identical
+//!   object changes nothing and emits no change.
+//! - A delete only marks the object deleting (`deletionTimestamp`). It is
+//!   removed once every finalizer is gone: each controller of its kind holds one
+//!   (`setpoint.dev/<controller>`, added when the object is stored) and drops it
+//!   after reconciling the delete. This holds across restarts, because the
+//!   deleting mark and the finalizers are stored like the rest of the object.
 //! - Every change is delivered to every watcher of its kind, in order, and none
-//!   is dropped: watchers get an unbounded channel of keys, and the queue behind
-//!   them deduplicates.
+//!   is dropped: controllers get an unbounded channel of keys (the queue behind
+//!   it deduplicates). `/v1/watch` listeners get a bounded broadcast and are told
+//!   when they fall behind.
 //!
-//! This first store keeps everything in memory; the durable embedded store
-//! replaces the inside of this type, not its interface.
+//! [redb]: https://docs.rs/redb
 
 use std::collections::{BTreeMap, HashMap};
+use std::path::Path;
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use serde::Serialize;
-use tokio::sync::mpsc;
+use redb::{Database, Durability, ReadableDatabase, ReadableTable, TableDefinition};
+use serde::{Deserialize, Serialize};
+use tokio::sync::{broadcast, mpsc, watch};
 
 use crate::object::{Object, ObjectKey};
 
+const OBJECTS: TableDefinition<&str, &[u8]> = TableDefinition::new("objects");
+const STATUS: TableDefinition<&str, &[u8]> = TableDefinition::new("status");
+const KV: TableDefinition<(&str, &str), &[u8]> = TableDefinition::new("kv");
+const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
+
+/// Non-durable commits (status, kv) between two durable ones, at most.
+pub const FLUSH_EVERY: u32 = 1000;
+
+/// The prefix of the finalizer each controller holds on the objects it reconciles.
+pub const FINALIZER_PREFIX: &str = "setpoint.dev/";
+
 /// Why a key is being reconciled. Mirrors the WIT `action`.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Action {
     Created,
@@ -41,7 +72,7 @@ pub struct Change {
 }
 
 /// Where an object stands with its controller.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Phase {
     /// Changed since it was last reconciled successfully.
@@ -53,29 +84,115 @@ pub enum Phase {
 }
 
 /// The reconcile status every object has.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct ReconcileStatus {
     pub phase: Phase,
     pub last_error: Option<String>,
     /// Milliseconds since the Unix epoch.
     pub updated_at: u64,
+    /// The generation last reconciled successfully.
     pub observed_generation: u64,
 }
 
-/// A write the store refused.
+/// One event of the `/v1/watch` feed.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+#[serde(tag = "type", rename_all = "lowercase")]
+pub enum WatchEvent {
+    /// An object was created or changed (including being marked deleting).
+    Applied { action: Action, object: Object },
+    /// An object was removed for good.
+    Removed { key: String },
+    /// An object's reconcile status changed.
+    Status {
+        key: String,
+        status: ReconcileStatus,
+    },
+}
+
+impl WatchEvent {
+    /// The kind of the object the event is about.
+    pub fn kind(&self) -> &str {
+        match self {
+            WatchEvent::Applied { object, .. } => &object.kind,
+            WatchEvent::Removed { key } | WatchEvent::Status { key, .. } => {
+                key.split_once(':').map_or("", |(k, _)| k)
+            }
+        }
+    }
+}
+
+/// A write the store refused. Nothing of a refused write is stored.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum StoreError {
     #[error("object {0} not found")]
     NotFound(ObjectKey),
+    #[error("object {0} already exists; update it instead (PUT, or `setpoint apply`)")]
+    AlreadyExists(ObjectKey),
+    #[error(
+        "conflict on {key}: the request names resourceVersion {given}, but the stored \
+         object is at {stored}; read it again and retry on top of that version"
+    )]
+    Conflict {
+        key: ObjectKey,
+        given: u64,
+        stored: u64,
+    },
+    #[error(
+        "object {0} is being deleted; wait until it is gone (`setpoint wait`) before \
+         applying it again"
+    )]
+    Deleting(ObjectKey),
     #[error("status for {key} is not valid JSON: {why}")]
     InvalidStatus { key: ObjectKey, why: String },
+    #[error("the store could not write: {0}")]
+    Storage(String),
+}
+
+impl From<redb::Error> for StoreError {
+    fn from(e: redb::Error) -> Self {
+        StoreError::Storage(e.to_string())
+    }
+}
+
+macro_rules! storage_errors {
+    ($($t:ty),*) => {$(
+        impl From<$t> for StoreError {
+            fn from(e: $t) -> Self {
+                StoreError::Storage(e.to_string())
+            }
+        }
+    )*};
+}
+storage_errors!(
+    redb::TransactionError,
+    redb::TableError,
+    redb::StorageError,
+    redb::CommitError,
+    redb::SetDurabilityError
+);
+
+/// What one applied object became.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Applied {
+    /// The object as stored.
+    pub object: Object,
+    /// The change it caused, or `None` if it was identical to what was stored.
+    pub action: Option<Action>,
 }
 
 /// The desired-state store. Cheap to clone; clones share the same data.
-#[derive(Clone, Default)]
+#[derive(Clone)]
 pub struct Store {
-    inner: Arc<Mutex<Inner>>,
+    shared: Arc<Shared>,
+}
+
+struct Shared {
+    db: Database,
+    inner: Mutex<Inner>,
+    /// Bumped on every status change and removal, for [`Store::wait`].
+    settled: watch::Sender<u64>,
+    feed: broadcast::Sender<WatchEvent>,
 }
 
 #[derive(Default)]
@@ -87,7 +204,11 @@ struct Inner {
     kv: BTreeMap<(String, String), Vec<u8>>,
     next_uid: u64,
     next_version: u64,
+    /// The finalizers each kind's objects get: one per controller of the kind.
+    finalizers: HashMap<String, Vec<String>>,
     watchers: Vec<Watcher>,
+    /// Non-durable commits since the last durable one.
+    unflushed: u32,
 }
 
 struct Watcher {
@@ -103,50 +224,339 @@ pub fn now_ms() -> u64 {
         .unwrap_or(0)
 }
 
+impl Default for Store {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// A staged write: the tables to touch in one transaction.
+#[derive(Default)]
+struct Batch {
+    objects: Vec<(ObjectKey, Option<Object>)>,
+    status: Vec<(ObjectKey, Option<ReconcileStatus>)>,
+}
+
 impl Store {
+    /// A store in memory (redb's in-memory backend): nothing survives the process.
     pub fn new() -> Self {
-        Self::default()
+        let db = Database::builder()
+            .create_with_backend(redb::backends::InMemoryBackend::new())
+            .expect("an in-memory database always opens");
+        Self::from_db(db).expect("an empty in-memory database always loads")
+    }
+
+    /// The durable store in `path`, created if missing. Everything stored is loaded.
+    pub fn open(path: &Path) -> anyhow::Result<Self> {
+        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            std::fs::create_dir_all(dir).map_err(|e| {
+                anyhow::anyhow!(
+                    "cannot create the store's folder {}: {e}; set [store] path",
+                    dir.display()
+                )
+            })?;
+        }
+        let db = Database::create(path).map_err(|e| match e {
+            redb::DatabaseError::DatabaseAlreadyOpen => anyhow::anyhow!(
+                "the store {} is in use by another setpoint process; stop it, or give this \
+                 one its own [store] path",
+                path.display()
+            ),
+            e => anyhow::anyhow!(
+                "cannot open the store {}: {e}; if the file is not a Setpoint store, move it \
+                 away or set [store] path",
+                path.display()
+            ),
+        })?;
+        Self::from_db(db)
+            .map_err(|e| anyhow::anyhow!("cannot load the store {}: {e}", path.display()))
+    }
+
+    fn from_db(db: Database) -> Result<Self, StoreError> {
+        let mut inner = Inner::default();
+        {
+            // Create the tables, so a fresh file reads like an empty store.
+            let txn = db.begin_write()?;
+            txn.open_table(OBJECTS)?;
+            txn.open_table(STATUS)?;
+            txn.open_table(KV)?;
+            txn.open_table(META)?;
+            txn.commit()?;
+        }
+        let txn = db.begin_read()?;
+        let corrupt = |what: &str, key: &str, e: serde_json::Error| {
+            StoreError::Storage(format!("stored {what} {key} is unreadable: {e}"))
+        };
+        for entry in txn.open_table(OBJECTS)?.iter()? {
+            let (k, v) = entry?;
+            let object: Object =
+                serde_json::from_slice(v.value()).map_err(|e| corrupt("object", k.value(), e))?;
+            inner.objects.insert(object.key(), object);
+        }
+        for entry in txn.open_table(STATUS)?.iter()? {
+            let (k, v) = entry?;
+            let key: ObjectKey = k
+                .value()
+                .parse()
+                .map_err(|e: String| StoreError::Storage(e))?;
+            let status =
+                serde_json::from_slice(v.value()).map_err(|e| corrupt("status", k.value(), e))?;
+            inner.status.insert(key, status);
+        }
+        for entry in txn.open_table(KV)?.iter()? {
+            let (k, v) = entry?;
+            let (plugin, key) = k.value();
+            inner
+                .kv
+                .insert((plugin.to_string(), key.to_string()), v.value().to_vec());
+        }
+        let meta = txn.open_table(META)?;
+        inner.next_uid = meta.get("next_uid")?.map_or(0, |v| v.value());
+        inner.next_version = meta.get("next_version")?.map_or(0, |v| v.value());
+        drop(meta);
+        drop(txn);
+        Ok(Self {
+            shared: Arc::new(Shared {
+                db,
+                inner: Mutex::new(inner),
+                settled: watch::channel(0).0,
+                feed: broadcast::channel(4096).0,
+            }),
+        })
     }
 
     fn lock(&self) -> MutexGuard<'_, Inner> {
-        // A panic while holding the lock cannot leave the maps half-updated in a
-        // way later readers would misread, so a poisoned lock is still usable.
-        self.inner.lock().unwrap_or_else(|e| e.into_inner())
+        // Every write reaches the database before the maps, under this lock; a
+        // panic in between leaves the maps behind the disk, never ahead of it.
+        self.shared.inner.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Create or update an object from a manifest. Returns the stored object and
-    /// the change it caused, or `None` if it was identical to what was stored.
-    pub fn apply(&self, mut object: Object) -> (Object, Option<Action>) {
-        let mut inner = self.lock();
-        let key = object.key();
-        let action = match inner.objects.get(&key) {
-            None => {
-                inner.next_uid += 1;
-                object.metadata.uid = format!("{:016x}", inner.next_uid);
-                object.metadata.generation = 1;
-                object.metadata.deletion_timestamp = None;
-                Action::Created
-            }
-            Some(old) => {
-                let spec_changed = old.spec != object.spec;
-                if !spec_changed && old.metadata.labels == object.metadata.labels {
-                    return (old.clone(), None);
+    /// Commit `batch` (and the counters) in one transaction.
+    fn commit(&self, inner: &mut Inner, batch: &Batch, durable: bool) -> Result<(), StoreError> {
+        let mut txn = self.shared.db.begin_write()?;
+        let durable = durable || inner.unflushed + 1 >= FLUSH_EVERY;
+        if !durable {
+            txn.set_durability(Durability::None)?;
+        }
+        {
+            let mut objects = txn.open_table(OBJECTS)?;
+            for (key, object) in &batch.objects {
+                let key = key.to_string();
+                match object {
+                    Some(o) => {
+                        let bytes = serde_json::to_vec(o).expect("objects serialize");
+                        objects.insert(key.as_str(), bytes.as_slice())?;
+                    }
+                    None => {
+                        objects.remove(key.as_str())?;
+                    }
                 }
-                object.metadata.uid = old.metadata.uid.clone();
-                object.metadata.generation = old.metadata.generation + u64::from(spec_changed);
-                object.metadata.deletion_timestamp = old.metadata.deletion_timestamp;
-                object.metadata.finalizers = old.metadata.finalizers.clone();
-                object.status = old.status.clone();
-                Action::Updated
             }
-        };
-        inner.next_version += 1;
-        object.metadata.resource_version = inner.next_version;
-        inner.objects.insert(key.clone(), object.clone());
-        let generation = object.metadata.generation;
-        inner.set_phase(&key, Phase::Pending, None, generation);
-        inner.notify(&key, action);
-        (object, Some(action))
+            let mut status = txn.open_table(STATUS)?;
+            for (key, s) in &batch.status {
+                let key = key.to_string();
+                match s {
+                    Some(s) => {
+                        let bytes = serde_json::to_vec(s).expect("statuses serialize");
+                        status.insert(key.as_str(), bytes.as_slice())?;
+                    }
+                    None => {
+                        status.remove(key.as_str())?;
+                    }
+                }
+            }
+            let mut meta = txn.open_table(META)?;
+            meta.insert("next_uid", inner.next_uid)?;
+            meta.insert("next_version", inner.next_version)?;
+        }
+        txn.commit()?;
+        inner.unflushed = if durable { 0 } else { inner.unflushed + 1 };
+        Ok(())
+    }
+
+    /// Make every write so far durable.
+    pub fn flush(&self) -> Result<(), StoreError> {
+        let mut inner = self.lock();
+        if inner.unflushed > 0 {
+            self.commit(&mut inner, &Batch::default(), true)?;
+        }
+        Ok(())
+    }
+
+    /// Objects of `kind` get the finalizer `setpoint.dev/<controller>` from now
+    /// on, so that `controller` sees their deletes. Objects already stored get
+    /// it too (one durable commit).
+    pub fn register_finalizer(&self, kind: &str, controller: &str) -> Result<(), StoreError> {
+        let finalizer = format!("{FINALIZER_PREFIX}{controller}");
+        let mut inner = self.lock();
+        let list = inner.finalizers.entry(kind.to_string()).or_default();
+        if !list.contains(&finalizer) {
+            list.push(finalizer.clone());
+        }
+        let mut batch = Batch::default();
+        for object in inner.objects.values() {
+            if object.kind == kind
+                && !object.is_deleting()
+                && !object.metadata.finalizers.contains(&finalizer)
+            {
+                let mut object = object.clone();
+                object.metadata.finalizers.push(finalizer.clone());
+                batch.objects.push((object.key(), Some(object)));
+            }
+        }
+        if batch.objects.is_empty() {
+            return Ok(());
+        }
+        for (_, object) in &mut batch.objects {
+            inner.next_version += 1;
+            if let Some(o) = object {
+                o.metadata.resource_version = inner.next_version;
+            }
+        }
+        self.commit(&mut inner, &batch, true)?;
+        for (key, object) in batch.objects {
+            inner.objects.insert(key, object.expect("staged above"));
+        }
+        Ok(())
+    }
+
+    /// Create or update one object from a manifest.
+    pub fn apply(&self, object: Object) -> Result<Applied, StoreError> {
+        Ok(self
+            .apply_all(vec![object])?
+            .pop()
+            .expect("one object in, one out"))
+    }
+
+    /// Create or update several objects in one transaction: if any of them is
+    /// refused (a conflict, a deleting object), none is stored.
+    ///
+    /// Host-owned metadata in a manifest (uid, generation, deletionTimestamp,
+    /// status) is ignored; a non-zero `resourceVersion` is a precondition.
+    pub fn apply_all(&self, objects: Vec<Object>) -> Result<Vec<Applied>, StoreError> {
+        self.write(objects, |_, _| Ok(()))
+    }
+
+    /// Create an object that must not exist yet.
+    pub fn create(&self, object: Object) -> Result<Applied, StoreError> {
+        let mut out = self.write(vec![object], |key, old| match old {
+            Some(_) => Err(StoreError::AlreadyExists(key.clone())),
+            None => Ok(()),
+        })?;
+        Ok(out.pop().expect("one object in, one out"))
+    }
+
+    /// Update an object that must exist.
+    pub fn update(&self, object: Object) -> Result<Applied, StoreError> {
+        let mut out = self.write(vec![object], |key, old| match old {
+            Some(_) => Ok(()),
+            None => Err(StoreError::NotFound(key.clone())),
+        })?;
+        Ok(out.pop().expect("one object in, one out"))
+    }
+
+    fn write(
+        &self,
+        objects: Vec<Object>,
+        check: impl Fn(&ObjectKey, Option<&Object>) -> Result<(), StoreError>,
+    ) -> Result<Vec<Applied>, StoreError> {
+        let mut inner = self.lock();
+        let mut next_uid = inner.next_uid;
+        let mut next_version = inner.next_version;
+        let mut batch = Batch::default();
+        let mut applied = Vec::with_capacity(objects.len());
+        // Later objects in one request see the earlier ones.
+        let mut staged: HashMap<ObjectKey, Object> = HashMap::new();
+        for mut object in objects {
+            let key = object.key();
+            let old = staged.get(&key).or_else(|| inner.objects.get(&key));
+            check(&key, old)?;
+            let given = object.metadata.resource_version;
+            let stored = old.map_or(0, |o| o.metadata.resource_version);
+            if given != 0 && given != stored {
+                return Err(StoreError::Conflict { key, given, stored });
+            }
+            object.status = None;
+            object.metadata.deletion_timestamp = None;
+            // The host's finalizers are the host's; the rest are the manifest's.
+            object
+                .metadata
+                .finalizers
+                .retain(|f| !f.starts_with(FINALIZER_PREFIX));
+            let action = match old {
+                None => {
+                    next_uid += 1;
+                    object.metadata.uid = format!("{next_uid:016x}");
+                    object.metadata.generation = 1;
+                    if let Some(host) = inner.finalizers.get(&key.kind) {
+                        object.metadata.finalizers.extend(host.iter().cloned());
+                    }
+                    Action::Created
+                }
+                Some(old) if old.is_deleting() => return Err(StoreError::Deleting(key)),
+                Some(old) => {
+                    let spec_changed = old.spec != object.spec;
+                    let host: Vec<String> = old
+                        .metadata
+                        .finalizers
+                        .iter()
+                        .filter(|f| f.starts_with(FINALIZER_PREFIX))
+                        .cloned()
+                        .collect();
+                    object.metadata.finalizers.extend(host);
+                    object.metadata.uid = old.metadata.uid.clone();
+                    object.metadata.generation = old.metadata.generation + u64::from(spec_changed);
+                    object.status = old.status.clone();
+                    object.metadata.resource_version = old.metadata.resource_version;
+                    if !spec_changed
+                        && old.metadata.labels == object.metadata.labels
+                        && old.metadata.finalizers == object.metadata.finalizers
+                        && old.api_version == object.api_version
+                    {
+                        applied.push(Applied {
+                            object: old.clone(),
+                            action: None,
+                        });
+                        continue;
+                    }
+                    Action::Updated
+                }
+            };
+            next_version += 1;
+            object.metadata.resource_version = next_version;
+            staged.insert(key.clone(), object.clone());
+            batch.objects.push((key.clone(), Some(object.clone())));
+            batch
+                .status
+                .push((key, Some(pending(object.metadata.generation))));
+            applied.push(Applied {
+                object,
+                action: Some(action),
+            });
+        }
+        if batch.objects.is_empty() {
+            return Ok(applied);
+        }
+        let (saved_uid, saved_version) = (inner.next_uid, inner.next_version);
+        inner.next_uid = next_uid;
+        inner.next_version = next_version;
+        if let Err(e) = self.commit(&mut inner, &batch, true) {
+            inner.next_uid = saved_uid;
+            inner.next_version = saved_version;
+            return Err(e);
+        }
+        for (key, object) in batch.objects {
+            inner.objects.insert(key, object.expect("staged above"));
+        }
+        for (key, status) in batch.status {
+            inner.status.insert(key, status.expect("staged above"));
+        }
+        for a in &applied {
+            if let Some(action) = a.action {
+                self.announce_applied(&mut inner, &a.object, action);
+            }
+        }
+        Ok(applied)
     }
 
     /// One object, deleting or not.
@@ -191,46 +601,113 @@ impl Store {
                 why: e.to_string(),
             })?;
         let mut inner = self.lock();
+        let mut object = inner
+            .objects
+            .get(key)
+            .cloned()
+            .ok_or_else(|| StoreError::NotFound(key.clone()))?;
+        if object.status.as_ref() == Some(&value) {
+            return Ok(());
+        }
         inner.next_version += 1;
-        let version = inner.next_version;
-        let object = inner
-            .objects
-            .get_mut(key)
-            .ok_or_else(|| StoreError::NotFound(key.clone()))?;
         object.status = Some(value);
-        object.metadata.resource_version = version;
+        object.metadata.resource_version = inner.next_version;
+        let batch = Batch {
+            objects: vec![(key.clone(), Some(object.clone()))],
+            status: Vec::new(),
+        };
+        self.commit(&mut inner, &batch, false)?;
+        inner.objects.insert(key.clone(), object.clone());
+        let _ = self.shared.feed.send(WatchEvent::Applied {
+            action: Action::Updated,
+            object,
+        });
         Ok(())
     }
 
-    /// Mark an object deleting. Its controller reconciles the delete, then calls
-    /// [`Store::remove`]. Deleting an object twice is not an error.
-    pub fn delete(&self, key: &ObjectKey) -> Result<(), StoreError> {
+    /// Mark an object deleting, if `resource_version` (when given) still matches.
+    /// Its controllers reconcile the delete and then [`finalize`](Self::finalize)
+    /// it; an object without finalizers is removed at once. Deleting an object
+    /// twice is not an error. Returns the object as it is now (`None` if removed).
+    pub fn delete(
+        &self,
+        key: &ObjectKey,
+        resource_version: Option<u64>,
+    ) -> Result<Option<Object>, StoreError> {
         let mut inner = self.lock();
-        let object = inner
+        let mut object = inner
             .objects
-            .get_mut(key)
+            .get(key)
+            .cloned()
             .ok_or_else(|| StoreError::NotFound(key.clone()))?;
-        if object.metadata.deletion_timestamp.is_none() {
-            object.metadata.deletion_timestamp = Some(now_ms());
+        if let Some(given) = resource_version.filter(|v| *v != 0)
+            && given != object.metadata.resource_version
+        {
+            return Err(StoreError::Conflict {
+                key: key.clone(),
+                given,
+                stored: object.metadata.resource_version,
+            });
         }
-        let generation = object.metadata.generation;
-        inner.set_phase(key, Phase::Pending, None, generation);
-        inner.notify(key, Action::Deleted);
-        Ok(())
+        if object.is_deleting() {
+            return Ok(Some(object));
+        }
+        if object.metadata.finalizers.is_empty() {
+            self.remove_locked(&mut inner, key)?;
+            return Ok(None);
+        }
+        inner.next_version += 1;
+        object.metadata.deletion_timestamp = Some(now_ms());
+        object.metadata.resource_version = inner.next_version;
+        let status = pending(object.metadata.generation);
+        let batch = Batch {
+            objects: vec![(key.clone(), Some(object.clone()))],
+            status: vec![(key.clone(), Some(status.clone()))],
+        };
+        self.commit(&mut inner, &batch, true)?;
+        inner.objects.insert(key.clone(), object.clone());
+        inner.status.insert(key.clone(), status);
+        self.announce_applied(&mut inner, &object, Action::Deleted);
+        Ok(Some(object))
     }
 
-    /// Remove a deleting object for good, once its delete was reconciled.
-    /// Returns false if the object was not deleting (it was re-created since).
-    pub fn remove(&self, key: &ObjectKey) -> bool {
+    /// Drop `finalizer` from a deleting object; once none is left the object is
+    /// removed for good. Returns true if the object is gone. A no-op (false) for
+    /// an object that is not deleting: it was re-created since.
+    pub fn finalize(&self, key: &ObjectKey, finalizer: &str) -> Result<bool, StoreError> {
         let mut inner = self.lock();
-        match inner.objects.get(key) {
-            Some(o) if o.is_deleting() => {
-                inner.objects.remove(key);
-                inner.status.remove(key);
-                true
-            }
-            _ => false,
+        let Some(mut object) = inner.objects.get(key).filter(|o| o.is_deleting()).cloned() else {
+            return Ok(false);
+        };
+        object.metadata.finalizers.retain(|f| f != finalizer);
+        if object.metadata.finalizers.is_empty() {
+            self.remove_locked(&mut inner, key)?;
+            return Ok(true);
         }
+        inner.next_version += 1;
+        object.metadata.resource_version = inner.next_version;
+        let batch = Batch {
+            objects: vec![(key.clone(), Some(object.clone()))],
+            status: Vec::new(),
+        };
+        self.commit(&mut inner, &batch, true)?;
+        inner.objects.insert(key.clone(), object);
+        Ok(false)
+    }
+
+    fn remove_locked(&self, inner: &mut Inner, key: &ObjectKey) -> Result<(), StoreError> {
+        let batch = Batch {
+            objects: vec![(key.clone(), None)],
+            status: vec![(key.clone(), None)],
+        };
+        self.commit(inner, &batch, true)?;
+        inner.objects.remove(key);
+        inner.status.remove(key);
+        let _ = self.shared.feed.send(WatchEvent::Removed {
+            key: key.to_string(),
+        });
+        self.shared.settled.send_modify(|n| *n += 1);
+        Ok(())
     }
 
     /// An object's reconcile status.
@@ -238,21 +715,122 @@ impl Store {
         self.lock().status.get(key).cloned()
     }
 
+    /// Every object's reconcile status, for the kinds given (all if empty), in key order.
+    pub fn statuses(&self, kinds: &[String]) -> Vec<(ObjectKey, ReconcileStatus)> {
+        let mut all: Vec<_> = self
+            .lock()
+            .status
+            .iter()
+            .filter(|(k, _)| kinds.is_empty() || kinds.contains(&k.kind))
+            .map(|(k, s)| (k.clone(), s.clone()))
+            .collect();
+        all.sort_by(|a, b| a.0.cmp(&b.0));
+        all
+    }
+
     /// Record a successful reconcile of `generation`.
-    pub fn mark_done(&self, key: &ObjectKey, generation: u64) {
-        let mut inner = self.lock();
-        if inner.objects.contains_key(key) {
-            inner.set_phase(key, Phase::Done, None, generation);
-        }
+    pub fn mark_done(&self, key: &ObjectKey, generation: u64) -> Result<(), StoreError> {
+        self.set_phase(key, Phase::Done, None, Some(generation))
     }
 
     /// Record a failed reconcile.
-    pub fn mark_error(&self, key: &ObjectKey, error: &str) {
+    pub fn mark_error(&self, key: &ObjectKey, error: &str) -> Result<(), StoreError> {
+        self.set_phase(key, Phase::Error, Some(error.to_string()), None)
+    }
+
+    fn set_phase(
+        &self,
+        key: &ObjectKey,
+        phase: Phase,
+        error: Option<String>,
+        generation: Option<u64>,
+    ) -> Result<(), StoreError> {
         let mut inner = self.lock();
-        let observed = inner.status.get(key).map_or(0, |s| s.observed_generation);
-        if inner.objects.contains_key(key) {
-            inner.set_phase(key, Phase::Error, Some(error.to_string()), observed);
+        let Some(object) = inner.objects.get(key) else {
+            return Ok(());
+        };
+        // A success at an older generation than the object's is not "done":
+        // the newer spec is still to be reconciled.
+        let phase = match (phase, generation) {
+            (Phase::Done, Some(g)) if g < object.metadata.generation => Phase::Pending,
+            (phase, _) => phase,
+        };
+        let observed = generation
+            .or_else(|| inner.status.get(key).map(|s| s.observed_generation))
+            .unwrap_or(0);
+        let status = ReconcileStatus {
+            phase,
+            last_error: error,
+            updated_at: now_ms(),
+            observed_generation: observed,
+        };
+        let batch = Batch {
+            objects: Vec::new(),
+            status: vec![(key.clone(), Some(status.clone()))],
+        };
+        self.commit(&mut inner, &batch, false)?;
+        inner.status.insert(key.clone(), status.clone());
+        let _ = self.shared.feed.send(WatchEvent::Status {
+            key: key.to_string(),
+            status,
+        });
+        self.shared.settled.send_modify(|n| *n += 1);
+        Ok(())
+    }
+
+    /// True if the object is reconciled: done at its current generation, or, if
+    /// it was deleted, gone.
+    pub fn is_reconciled(&self, key: &ObjectKey) -> bool {
+        let inner = self.lock();
+        inner.reconciled(key)
+    }
+
+    /// Wait until every object selected is reconciled (see
+    /// [`is_reconciled`](Self::is_reconciled)): one object (`key`), or every object
+    /// of `kinds` (all kinds if empty). Objects in error are waited for, as they
+    /// may still be retried. On timeout, returns the objects still not
+    /// reconciled with their status.
+    pub async fn wait(
+        &self,
+        key: Option<&ObjectKey>,
+        kinds: &[String],
+        timeout: Duration,
+    ) -> Result<(), Vec<(ObjectKey, Option<ReconcileStatus>)>> {
+        let mut settled = self.shared.settled.subscribe();
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            let waiting = self.unreconciled(key, kinds);
+            if waiting.is_empty() {
+                return Ok(());
+            }
+            tokio::select! {
+                changed = settled.changed() => if changed.is_err() { return Err(waiting) },
+                _ = tokio::time::sleep_until(deadline) => return Err(waiting),
+            }
         }
+    }
+
+    fn unreconciled(
+        &self,
+        key: Option<&ObjectKey>,
+        kinds: &[String],
+    ) -> Vec<(ObjectKey, Option<ReconcileStatus>)> {
+        let inner = self.lock();
+        let mut out: Vec<_> = match key {
+            Some(key) => (!inner.reconciled(key))
+                .then(|| (key.clone(), inner.status.get(key).cloned()))
+                .into_iter()
+                .collect(),
+            None => inner
+                .objects
+                .keys()
+                .filter(|k| kinds.is_empty() || kinds.contains(&k.kind))
+                .filter(|k| !inner.reconciled(k))
+                .map(|k| (k.clone(), inner.status.get(k).cloned()))
+                .collect(),
+        };
+        out.sort_by(|a, b| a.0.cmp(&b.0));
+        out
     }
 
     /// Receive every change to objects of `kinds` from now on.
@@ -265,6 +843,13 @@ impl Store {
         rx
     }
 
+    /// The `/v1/watch` feed: every object change, removal and status change from
+    /// now on. A listener that falls more than 4096 events behind is told so by
+    /// [`broadcast::error::RecvError::Lagged`].
+    pub fn feed(&self) -> broadcast::Receiver<WatchEvent> {
+        self.shared.feed.subscribe()
+    }
+
     /// A plugin's private value for `key`.
     pub fn kv_get(&self, plugin: &str, key: &str) -> Option<Vec<u8>> {
         self.lock()
@@ -273,16 +858,37 @@ impl Store {
             .cloned()
     }
 
-    pub fn kv_set(&self, plugin: &str, key: &str, value: Vec<u8>) {
-        self.lock()
-            .kv
-            .insert((plugin.to_string(), key.to_string()), value);
+    /// Set a plugin's private value (committed without fsync; see the module doc).
+    pub fn kv_set(&self, plugin: &str, key: &str, value: Vec<u8>) -> Result<(), StoreError> {
+        self.kv_write(plugin, key, Some(value))
     }
 
-    pub fn kv_delete(&self, plugin: &str, key: &str) {
-        self.lock()
-            .kv
-            .remove(&(plugin.to_string(), key.to_string()));
+    pub fn kv_delete(&self, plugin: &str, key: &str) -> Result<(), StoreError> {
+        self.kv_write(plugin, key, None)
+    }
+
+    fn kv_write(&self, plugin: &str, key: &str, value: Option<Vec<u8>>) -> Result<(), StoreError> {
+        let mut inner = self.lock();
+        let mut txn = self.shared.db.begin_write()?;
+        let durable = inner.unflushed + 1 >= FLUSH_EVERY;
+        if !durable {
+            txn.set_durability(Durability::None)?;
+        }
+        {
+            let mut kv = txn.open_table(KV)?;
+            match &value {
+                Some(v) => kv.insert((plugin, key), v.as_slice())?,
+                None => kv.remove((plugin, key))?,
+            };
+        }
+        txn.commit()?;
+        inner.unflushed = if durable { 0 } else { inner.unflushed + 1 };
+        let k = (plugin.to_string(), key.to_string());
+        match value {
+            Some(v) => inner.kv.insert(k, v),
+            None => inner.kv.remove(&k),
+        };
+        Ok(())
     }
 
     /// A plugin's keys starting with `prefix`, in order.
@@ -295,23 +901,10 @@ impl Store {
             .map(|((_, k), _)| k.clone())
             .collect()
     }
-}
 
-impl Inner {
-    fn set_phase(&mut self, key: &ObjectKey, phase: Phase, error: Option<String>, generation: u64) {
-        self.status.insert(
-            key.clone(),
-            ReconcileStatus {
-                phase,
-                last_error: error,
-                updated_at: now_ms(),
-                observed_generation: generation,
-            },
-        );
-    }
-
-    fn notify(&mut self, key: &ObjectKey, action: Action) {
-        self.watchers.retain(|w| {
+    fn announce_applied(&self, inner: &mut Inner, object: &Object, action: Action) {
+        let key = object.key();
+        inner.watchers.retain(|w| {
             if !w.kinds.contains(&key.kind) {
                 return !w.tx.is_closed();
             }
@@ -321,6 +914,33 @@ impl Inner {
             })
             .is_ok()
         });
+        let _ = self.shared.feed.send(WatchEvent::Applied {
+            action,
+            object: object.clone(),
+        });
+        self.shared.settled.send_modify(|n| *n += 1);
+    }
+}
+
+fn pending(generation: u64) -> ReconcileStatus {
+    ReconcileStatus {
+        phase: Phase::Pending,
+        last_error: None,
+        updated_at: now_ms(),
+        observed_generation: generation.saturating_sub(1),
+    }
+}
+
+impl Inner {
+    fn reconciled(&self, key: &ObjectKey) -> bool {
+        match (self.objects.get(key), self.status.get(key)) {
+            (None, _) => true,
+            (Some(o), _) if o.is_deleting() => false,
+            (Some(o), Some(s)) => {
+                s.phase == Phase::Done && s.observed_generation >= o.metadata.generation
+            }
+            (Some(_), None) => false,
+        }
     }
 }
 
@@ -336,43 +956,213 @@ mod tests {
     #[test]
     fn apply_bumps_generation_only_when_the_spec_changes() {
         let store = Store::new();
-        let (a, action) = store.apply(file("a", "1"));
-        assert_eq!((a.metadata.generation, action), (1, Some(Action::Created)));
-        let (a2, action) = store.apply(file("a", "1"));
-        assert_eq!((a2.metadata.generation, action), (1, None));
-        let (a3, action) = store.apply(file("a", "2"));
-        assert_eq!((a3.metadata.generation, action), (2, Some(Action::Updated)));
-        assert_eq!(a3.metadata.uid, a.metadata.uid);
-        assert!(a3.metadata.resource_version > a.metadata.resource_version);
+        let a = store.apply(file("a", "1")).unwrap();
+        assert_eq!(
+            (a.object.metadata.generation, a.action),
+            (1, Some(Action::Created))
+        );
+        let a2 = store.apply(file("a", "1")).unwrap();
+        assert_eq!((a2.object.metadata.generation, a2.action), (1, None));
+        let a3 = store.apply(file("a", "2")).unwrap();
+        assert_eq!(
+            (a3.object.metadata.generation, a3.action),
+            (2, Some(Action::Updated))
+        );
+        assert_eq!(a3.object.metadata.uid, a.object.metadata.uid);
+        assert!(a3.object.metadata.resource_version > a.object.metadata.resource_version);
+        let mut relabelled = file("a", "2");
+        relabelled.metadata.labels.insert("x".into(), "y".into());
+        let a4 = store.apply(relabelled).unwrap();
+        assert_eq!(
+            (a4.object.metadata.generation, a4.action),
+            (2, Some(Action::Updated))
+        );
     }
 
     #[test]
-    fn delete_marks_deleting_and_remove_finalizes() {
+    fn a_write_naming_a_stale_resource_version_is_a_conflict_and_stores_nothing() {
         let store = Store::new();
-        let (a, _) = store.apply(file("a", "1"));
-        store.delete(&a.key()).unwrap();
+        let a = store.apply(file("a", "1")).unwrap().object;
+        let mut stale = file("a", "2");
+        stale.metadata.resource_version = a.metadata.resource_version + 7;
+        let err = store.update(stale).unwrap_err();
+        assert!(matches!(err, StoreError::Conflict { .. }), "{err}");
+        assert!(err.to_string().contains("read it again"), "{err}");
+        assert_eq!(store.get(&a.key()).unwrap(), a);
+        let mut current = file("a", "2");
+        current.metadata.resource_version = a.metadata.resource_version;
+        assert_eq!(store.update(current).unwrap().object.metadata.generation, 2);
+    }
+
+    #[test]
+    fn create_refuses_an_existing_object_and_update_a_missing_one() {
+        let store = Store::new();
+        store.create(file("a", "1")).unwrap();
+        assert!(matches!(
+            store.create(file("a", "1")),
+            Err(StoreError::AlreadyExists(_))
+        ));
+        assert!(matches!(
+            store.update(file("b", "1")),
+            Err(StoreError::NotFound(_))
+        ));
+    }
+
+    #[test]
+    fn apply_all_stores_every_object_or_none() {
+        let store = Store::new();
+        let a = store.apply(file("a", "1")).unwrap().object;
+        let mut stale = file("a", "2");
+        stale.metadata.resource_version = 999;
+        let err = store
+            .apply_all(vec![file("b", "1"), stale, file("c", "1")])
+            .unwrap_err();
+        assert!(matches!(err, StoreError::Conflict { .. }));
+        assert_eq!(store.keys("File"), vec![a.key()]);
+        let all = store
+            .apply_all(vec![file("b", "1"), file("c", "1")])
+            .unwrap();
+        assert_eq!(all.len(), 2);
+        assert_eq!(store.keys("File").len(), 3);
+    }
+
+    #[test]
+    fn delete_waits_for_every_finalizer_before_removing() {
+        let store = Store::new();
+        store.register_finalizer("File", "files").unwrap();
+        store.register_finalizer("File", "audit").unwrap();
+        let a = store.apply(file("a", "1")).unwrap().object;
+        assert_eq!(
+            a.metadata.finalizers,
+            vec!["setpoint.dev/files", "setpoint.dev/audit"]
+        );
+        let deleting = store.delete(&a.key(), None).unwrap().unwrap();
+        assert!(deleting.is_deleting());
+        assert!(!store.finalize(&a.key(), "setpoint.dev/files").unwrap());
         assert!(store.get(&a.key()).unwrap().is_deleting());
-        assert!(store.remove(&a.key()));
+        assert!(store.finalize(&a.key(), "setpoint.dev/audit").unwrap());
         assert_eq!(store.get(&a.key()), None);
-        assert_eq!(store.delete(&a.key()), Err(StoreError::NotFound(a.key())));
+        assert_eq!(store.status(&a.key()), None);
+        assert!(matches!(
+            store.delete(&a.key(), None),
+            Err(StoreError::NotFound(_))
+        ));
+    }
+
+    #[test]
+    fn an_object_without_finalizers_is_removed_at_once() {
+        let store = Store::new();
+        let a = store.apply(file("a", "1")).unwrap().object;
+        assert_eq!(store.delete(&a.key(), None).unwrap(), None);
+        assert_eq!(store.get(&a.key()), None);
+    }
+
+    #[test]
+    fn applying_a_deleting_object_is_refused_until_it_is_gone() {
+        let store = Store::new();
+        store.register_finalizer("File", "files").unwrap();
+        let a = store.apply(file("a", "1")).unwrap().object;
+        store.delete(&a.key(), None).unwrap();
+        let err = store.apply(file("a", "2")).unwrap_err();
+        assert_eq!(err, StoreError::Deleting(a.key()));
+    }
+
+    #[test]
+    fn registering_a_finalizer_adds_it_to_objects_already_stored() {
+        let store = Store::new();
+        let a = store.apply(file("a", "1")).unwrap().object;
+        assert!(a.metadata.finalizers.is_empty());
+        store.register_finalizer("File", "files").unwrap();
+        assert_eq!(
+            store.get(&a.key()).unwrap().metadata.finalizers,
+            vec!["setpoint.dev/files"]
+        );
+    }
+
+    #[test]
+    fn everything_survives_a_reopen_of_the_same_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("store.redb");
+        let (a, b) = {
+            let store = Store::open(&path).unwrap();
+            store.register_finalizer("File", "files").unwrap();
+            let a = store.apply(file("a", "1")).unwrap().object;
+            let b = store.apply(file("b", "1")).unwrap().object;
+            store.delete(&b.key(), None).unwrap();
+            store.mark_done(&a.key(), 1).unwrap();
+            store.kv_set("files", "k", b"v".to_vec()).unwrap();
+            store.flush().unwrap();
+            (a, b)
+        };
+        let store = Store::open(&path).unwrap();
+        assert_eq!(store.get(&a.key()).unwrap(), a);
+        assert!(store.get(&b.key()).unwrap().is_deleting());
+        assert_eq!(store.status(&a.key()).unwrap().phase, Phase::Done);
+        assert_eq!(store.kv_get("files", "k"), Some(b"v".to_vec()));
+        // Counters carry on: no uid or resourceVersion is handed out twice.
+        let c = store.apply(file("c", "1")).unwrap().object;
+        assert!(c.metadata.resource_version > b.metadata.resource_version);
+        assert_ne!(c.metadata.uid, a.metadata.uid);
+        assert_ne!(c.metadata.uid, b.metadata.uid);
+    }
+
+    #[test]
+    fn a_second_process_on_the_same_file_is_refused_clearly() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("store.redb");
+        let _first = Store::open(&path).unwrap();
+        let err = Store::open(&path)
+            .err()
+            .expect("the file is in use")
+            .to_string();
+        assert!(err.contains("in use by another setpoint process"), "{err}");
     }
 
     #[test]
     fn watchers_get_changes_of_their_kinds_only() {
         let store = Store::new();
+        store.register_finalizer("File", "files").unwrap();
         let mut files = store.watch(&["File".to_string()]);
-        store.apply(Object::new("Other", "", "x", json!({})));
-        let (a, _) = store.apply(file("a", "1"));
-        store.delete(&a.key()).unwrap();
+        store
+            .apply(Object::new("Other", "", "x", json!({})))
+            .unwrap();
+        let a = store.apply(file("a", "1")).unwrap().object;
+        store.delete(&a.key(), None).unwrap();
         assert_eq!(files.try_recv().unwrap().action, Action::Created);
         assert_eq!(files.try_recv().unwrap().action, Action::Deleted);
         assert!(files.try_recv().is_err());
     }
 
     #[test]
+    fn the_feed_reports_applies_statuses_and_removals() {
+        let store = Store::new();
+        let mut feed = store.feed();
+        let a = store.apply(file("a", "1")).unwrap().object;
+        store.mark_done(&a.key(), 1).unwrap();
+        store.delete(&a.key(), None).unwrap();
+        let events: Vec<WatchEvent> = std::iter::from_fn(|| feed.try_recv().ok()).collect();
+        assert!(matches!(
+            &events[0],
+            WatchEvent::Applied {
+                action: Action::Created,
+                ..
+            }
+        ));
+        assert!(
+            matches!(&events[1], WatchEvent::Status { status, .. } if status.phase == Phase::Done)
+        );
+        assert_eq!(
+            events[2],
+            WatchEvent::Removed {
+                key: "File:a".into()
+            }
+        );
+    }
+
+    #[test]
     fn set_status_refuses_invalid_json_and_missing_objects() {
         let store = Store::new();
-        let (a, _) = store.apply(file("a", "1"));
+        let a = store.apply(file("a", "1")).unwrap().object;
         assert!(matches!(
             store.set_status(&a.key(), "{not json"),
             Err(StoreError::InvalidStatus { .. })
@@ -391,15 +1181,57 @@ mod tests {
     }
 
     #[test]
+    fn done_at_an_older_generation_is_still_pending() {
+        let store = Store::new();
+        let a = store.apply(file("a", "1")).unwrap().object;
+        store.apply(file("a", "2")).unwrap();
+        store.mark_done(&a.key(), 1).unwrap();
+        assert_eq!(store.status(&a.key()).unwrap().phase, Phase::Pending);
+        assert!(!store.is_reconciled(&a.key()));
+        store.mark_done(&a.key(), 2).unwrap();
+        assert!(store.is_reconciled(&a.key()));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn wait_returns_once_every_object_is_reconciled_or_names_the_rest() {
+        let store = Store::new();
+        let a = store.apply(file("a", "1")).unwrap().object;
+        let b = store.apply(file("b", "1")).unwrap().object;
+        store.mark_done(&a.key(), 1).unwrap();
+        store.mark_error(&b.key(), "disk full").unwrap();
+        let waiting = store
+            .wait(None, &[], Duration::from_secs(1))
+            .await
+            .unwrap_err();
+        assert_eq!(waiting.len(), 1);
+        assert_eq!(waiting[0].0, b.key());
+        assert_eq!(
+            waiting[0].1.as_ref().unwrap().last_error.as_deref(),
+            Some("disk full")
+        );
+        assert_eq!(
+            store.wait(Some(&a.key()), &[], Duration::ZERO).await,
+            Ok(())
+        );
+        let waiter = {
+            let store = store.clone();
+            tokio::spawn(async move { store.wait(None, &[], Duration::from_secs(60)).await })
+        };
+        tokio::task::yield_now().await;
+        store.mark_done(&b.key(), 1).unwrap();
+        assert_eq!(waiter.await.unwrap(), Ok(()));
+    }
+
+    #[test]
     fn kv_keys_are_private_to_each_plugin() {
         let store = Store::new();
-        store.kv_set("p1", "a/1", b"x".to_vec());
-        store.kv_set("p1", "a/2", b"y".to_vec());
-        store.kv_set("p1", "b/1", b"z".to_vec());
-        store.kv_set("p2", "a/3", b"w".to_vec());
+        store.kv_set("p1", "a/1", b"x".to_vec()).unwrap();
+        store.kv_set("p1", "a/2", b"y".to_vec()).unwrap();
+        store.kv_set("p1", "b/1", b"z".to_vec()).unwrap();
+        store.kv_set("p2", "a/3", b"w".to_vec()).unwrap();
         assert_eq!(store.kv_keys("p1", "a/"), vec!["a/1", "a/2"]);
         assert_eq!(store.kv_get("p2", "a/1"), None);
-        store.kv_delete("p1", "a/1");
+        store.kv_delete("p1", "a/1").unwrap();
         assert_eq!(store.kv_keys("p1", ""), vec!["a/2", "b/1"]);
     }
 }

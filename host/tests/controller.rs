@@ -57,7 +57,11 @@ impl Rig {
     }
 
     fn apply(&self, kind: &str, name: &str, spec: serde_json::Value) -> ObjectKey {
-        self.store.apply(Object::new(kind, "", name, spec)).0.key()
+        self.store
+            .apply(Object::new(kind, "", name, spec))
+            .unwrap()
+            .object
+            .key()
     }
 
     fn phase(&self, key: &ObjectKey) -> Option<Phase> {
@@ -159,7 +163,7 @@ async fn controller_removes_a_deleted_object_only_after_its_delete_is_reconciled
     let file = data.path().join("motd");
     wait_until("the file is written", LIMIT, || file.exists()).await;
 
-    rig.store.delete(&motd).unwrap();
+    rig.store.delete(&motd, None).unwrap();
     wait_until("the object is gone", LIMIT, || {
         rig.store.get(&motd).is_none()
     })
@@ -350,7 +354,7 @@ async fn dequeue_policy_keeps_a_retry_for_the_same_generation_and_replaces_it_fo
     // A label change: an update of the same generation. The retry stays.
     let mut relabelled = Object::new("Hostile", "", "d", json!({"mode": "fail"}));
     relabelled.metadata.labels.insert("team".into(), "x".into());
-    rig.store.apply(relabelled);
+    rig.store.apply(relabelled).unwrap();
     tokio::time::sleep(Duration::from_secs(60)).await;
     assert_eq!(
         controller.status().failures,

@@ -20,7 +20,10 @@ fn hostile_settings() -> PluginConfig {
 }
 
 fn request(store: &Store, kind: &str, name: &str, spec: serde_json::Value) -> wit::Request {
-    let (object, _) = store.apply(Object::new(kind, "", name, spec));
+    let object = store
+        .apply(Object::new(kind, "", name, spec))
+        .unwrap()
+        .object;
     wit::Request {
         key: object.key().to_string(),
         action: wit::Action::Created,

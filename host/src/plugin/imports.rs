@@ -129,11 +129,16 @@ impl kv::Host for HostState {
     }
 
     fn set(&mut self, key: String, value: Vec<u8>) {
-        self.host.store.kv_set(&self.host.plugin, &key, value)
+        // The WIT function cannot fail; a disk error is the operator's to see.
+        if let Err(e) = self.host.store.kv_set(&self.host.plugin, &key, value) {
+            tracing::error!(plugin = %self.host.plugin, key, "kv set lost: {e}");
+        }
     }
 
     fn delete(&mut self, key: String) {
-        self.host.store.kv_delete(&self.host.plugin, &key)
+        if let Err(e) = self.host.store.kv_delete(&self.host.plugin, &key) {
+            tracing::error!(plugin = %self.host.plugin, key, "kv delete lost: {e}");
+        }
     }
 
     fn keys(&mut self, prefix: String) -> Vec<String> {
