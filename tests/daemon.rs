@@ -122,6 +122,8 @@ fn a_full_reconciliation_prunes_a_stray_and_keeps_what_is_wanted() {
     assert_eq!(wait(&url, "kind=File").status, 200);
     let stray = home.path().join("files/stray");
     std::fs::write(&stray, "nobody wants me").unwrap();
+    let kept = home.path().join("files/keep");
+    std::fs::write(&kept, "edited behind Setpoint's back").unwrap();
 
     let report = http(
         "POST",
@@ -134,7 +136,21 @@ fn a_full_reconciliation_prunes_a_stray_and_keeps_what_is_wanted() {
     assert_eq!(report["prune"]["result"], "done", "{report}");
     assert_eq!(report["desired"], 1);
     assert!(!stray.exists(), "the stray file was pruned");
-    assert!(home.path().join("files/keep").exists());
+    eventually(
+        "the edited file is found out of sync and restored",
+        LIMIT,
+        || {
+            let files = http("GET", &format!("{url}/v1/controllers"), &[], None).json();
+            files[0]["out-of-sync"] == 1 && std::fs::read_to_string(&kept).unwrap() == "k"
+        },
+    );
+    let metrics = http("GET", &format!("{url}/metrics"), &[], None).body;
+    for line in [
+        "setpoint_full_reconciliation_out_of_sync_total{controller=\"files\"} 1",
+        "setpoint_full_reconciliations_total{controller=\"files\"} 1",
+    ] {
+        assert!(metrics.contains(line), "{line} in {metrics}");
+    }
 
     let missing = http(
         "POST",

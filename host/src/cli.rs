@@ -14,7 +14,9 @@ use crate::controller::Manager;
 use crate::leader::{AlwaysLeader, LeaderElector};
 use crate::metrics::Metrics;
 use crate::object::{Object, parse_all};
-use crate::plugin::{PACKAGE, Runtime, SUPPORTED_VERSIONS, WORLD, object_to_wit, wit};
+use crate::plugin::{
+    CONTRACT_VERSION, PACKAGE, Runtime, SUPPORTED_VERSIONS, WORLD, object_to_wit, wit,
+};
 use crate::source::manifests::Manifests;
 use crate::store::Store;
 
@@ -650,7 +652,7 @@ async fn inspect(file: &Path, json: bool) -> anyhow::Result<()> {
             "kinds": info.kinds,
             "resync-interval-ms": info.resync_interval,
             "world": WORLD,
-            "package": format!("{PACKAGE}@0.1.0"),
+            "package": format!("{PACKAGE}@{CONTRACT_VERSION}"),
             "prune": plugin.can_prune(),
             "sha256": report.sha256,
             "cache": report.cache,

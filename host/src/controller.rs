@@ -59,6 +59,8 @@ pub struct ControllerStatus {
     pub failures: u64,
     pub given_up: u64,
     pub dropped: u64,
+    /// Objects a full reconciliation found out of line with their desired state.
+    pub out_of_sync: u64,
     pub last_error: Option<String>,
     /// Milliseconds since the Unix epoch.
     pub last_error_at: Option<u64>,
@@ -75,6 +77,7 @@ struct Stats {
     failures: u64,
     given_up: u64,
     dropped: u64,
+    out_of_sync: u64,
     last_error: Option<String>,
     last_error_at: Option<u64>,
     last_success_at: Option<u64>,
@@ -89,6 +92,9 @@ struct KeyState {
     pending: Option<Action>,
     /// The event a scheduled retry is for, while one is scheduled.
     retry: Option<EventRef>,
+    /// Queued by a full reconciliation and not reconciled since: drift the
+    /// plugin reports on this key's next call counts as out of sync.
+    full_round: bool,
 }
 
 /// How the engine treats one plugin's keys; read from [`PluginConfig`].
@@ -244,6 +250,7 @@ impl Controller {
             failures: stats.failures,
             given_up: stats.given_up,
             dropped: stats.dropped,
+            out_of_sync: stats.out_of_sync,
             last_error: stats.last_error.clone(),
             last_error_at: stats.last_error_at,
             last_success_at: stats.last_success_at,
@@ -385,6 +392,14 @@ impl Controller {
                 all += 1;
                 if !object.is_deleting() {
                     desired.push(object.key().to_string());
+                }
+            }
+        }
+        {
+            let mut keys = self.keys();
+            for key in &desired {
+                if let Ok(key) = key.parse::<ObjectKey>() {
+                    keys.entry(key).or_default().full_round = true;
                 }
             }
         }
@@ -571,7 +586,7 @@ impl Controller {
             self.keys().remove(key);
             return;
         };
-        let (action, attempt, state) = {
+        let (action, attempt, state, full_round) = {
             let mut keys = self.keys();
             let entry = keys.entry(key.clone()).or_default();
             let action = if object.is_deleting() {
@@ -579,7 +594,8 @@ impl Controller {
             } else {
                 entry.pending.take().unwrap_or(Action::Resynced)
             };
-            (action, entry.failures, entry.state.clone())
+            let full_round = std::mem::take(&mut entry.full_round);
+            (action, entry.failures, entry.state.clone(), full_round)
         };
         let request = wit::Request {
             key: key.to_string(),
@@ -599,6 +615,10 @@ impl Controller {
         let started = tokio::time::Instant::now();
         let result = instance.reconcile(&request).await;
         let took = started.elapsed();
+        if instance.take_drift().is_some() && full_round {
+            self.stats().out_of_sync += 1;
+            self.metrics.out_of_sync();
+        }
         let event = EventRef {
             action,
             generation: object.metadata.generation,

@@ -108,6 +108,7 @@ pub struct Metrics {
     pub leader: Gauge,
     pub full_reconciliations: Family<ControllerLabel, Counter>,
     pub prune_errors: Family<ControllerLabel, Counter>,
+    pub out_of_sync: Family<ControllerLabel, Counter>,
 }
 
 impl Default for Metrics {
@@ -139,6 +140,7 @@ impl Metrics {
             leader: Gauge::default(),
             full_reconciliations: Family::default(),
             prune_errors: Family::default(),
+            out_of_sync: Family::default(),
         };
         let r = &mut registry;
         r.register(
@@ -223,6 +225,11 @@ impl Metrics {
             "Full reconciliations whose prune failed",
             m.prune_errors.clone(),
         );
+        r.register(
+            "setpoint_full_reconciliation_out_of_sync",
+            "Objects a full reconciliation found out of line with their desired state",
+            m.out_of_sync.clone(),
+        );
         *m.registry.lock().expect("fresh lock") = registry;
         m
     }
@@ -257,6 +264,7 @@ impl Metrics {
             active_workers: self.active_workers.get_or_create(&label).clone(),
             full_reconciliations: self.full_reconciliations.get_or_create(&label).clone(),
             prune_errors: self.prune_errors.get_or_create(&label).clone(),
+            out_of_sync: self.out_of_sync.get_or_create(&label).clone(),
             success: result("success"),
             requeue: result("requeue"),
             error: result("error"),
@@ -283,6 +291,7 @@ impl Metrics {
         self.active_workers.remove(&label);
         self.full_reconciliations.remove(&label);
         self.prune_errors.remove(&label);
+        self.out_of_sync.remove(&label);
         for result in RESULTS {
             self.reconciles.remove(&ResultLabel {
                 controller: controller.to_string(),
@@ -364,6 +373,7 @@ pub struct ControllerMetrics {
     active_workers: Gauge,
     full_reconciliations: Counter,
     prune_errors: Counter,
+    out_of_sync: Counter,
     success: Counter,
     requeue: Counter,
     error: Counter,
@@ -392,6 +402,10 @@ impl ControllerMetrics {
         if prune_failed {
             self.prune_errors.inc();
         }
+    }
+
+    pub fn out_of_sync(&self) {
+        self.out_of_sync.inc();
     }
 
     pub fn given_up(&self) {

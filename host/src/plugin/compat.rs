@@ -8,6 +8,8 @@ use wasmtime::component::Component;
 pub const PACKAGE: &str = "setpoint:reconciler";
 /// The world a plugin implements.
 pub const WORLD: &str = "setpoint:reconciler/plugin";
+/// The version of the WIT package in `wit/`, which this host implements.
+pub const CONTRACT_VERSION: &str = "0.1.1";
 /// The package versions this host accepts, as a semver requirement.
 pub const SUPPORTED_VERSIONS: &str = "0.1.x (>=0.1.0, <0.2.0)";
 
@@ -37,7 +39,7 @@ impl std::fmt::Display for Mismatch {
                 };
                 write!(
                     f,
-                    "it is not a Setpoint plugin: a plugin must export `{REQUIRED_EXPORT}@0.1.0` \
+                    "it is not a Setpoint plugin: a plugin must export `{REQUIRED_EXPORT}@{CONTRACT_VERSION}` \
                      (world `{WORLD}`), and this component exports {found}. Build it against \
                      the WIT in Setpoint's `wit/` folder, e.g. with the setpoint-sdk crate"
                 )

@@ -33,6 +33,8 @@ pub struct HostState {
     pub(super) key: String,
     /// Epoch ticks left before the current call is stopped.
     pub(super) ticks_left: u64,
+    /// What the current call reported through `objects.report-drift`.
+    pub(super) drift: Option<String>,
 }
 
 impl WasiView for HostState {
@@ -120,6 +122,11 @@ impl objects::Host for HostState {
             .store
             .set_status(&key, &status)
             .map_err(|e| e.to_string())
+    }
+
+    fn report_drift(&mut self, detail: String) {
+        tracing::info!(plugin = %self.host.plugin, key = %self.key, "drift: {detail}");
+        self.drift = Some(detail);
     }
 }
 

@@ -39,6 +39,8 @@ pub enum CallError {
 pub struct Instance {
     plugin: Plugin,
     live: Option<Live>,
+    /// What the last call reported through `objects.report-drift`, if anything.
+    drift: Option<String>,
 }
 
 /// An instantiated component and its `Store`.
@@ -51,7 +53,16 @@ struct Live {
 
 impl Instance {
     pub(super) fn new(plugin: Plugin) -> Self {
-        Self { plugin, live: None }
+        Self {
+            plugin,
+            live: None,
+            drift: None,
+        }
+    }
+
+    /// The drift the last call reported (`objects.report-drift`), taken.
+    pub fn take_drift(&mut self) -> Option<String> {
+        self.drift.take()
     }
 
     /// True if the slot holds a live instance (for tests of recycling).
@@ -102,6 +113,7 @@ impl Instance {
         let settings = &self.plugin.inner.settings;
         let live = self.live.as_mut().expect("a call ran on it");
         live.calls += 1;
+        self.drift = live.store.data_mut().drift.take();
         match result {
             Ok(value) => {
                 if settings.instances == InstanceMode::Fresh || live.calls >= settings.recycle_after
@@ -159,6 +171,7 @@ impl Live {
             host: plugin.host.clone(),
             key: String::new(),
             ticks_left: 0,
+            drift: None,
         };
         let engine = plugin.runtime.engine();
         let mut store = wasmtime::Store::new(engine, state);
@@ -212,6 +225,7 @@ impl Live {
         state.limiter.memory_refused = false;
         state.key.clear();
         state.key.push_str(key);
+        state.drift = None;
         self.store.set_epoch_deadline(1);
     }
 }

@@ -21,7 +21,7 @@ mod limits;
 mod runtime;
 
 pub use cache::{CacheOutcome, CompileCache};
-pub use compat::{PACKAGE, SUPPORTED_VERSIONS, WORLD};
+pub use compat::{CONTRACT_VERSION, PACKAGE, SUPPORTED_VERSIONS, WORLD};
 pub use imports::object_to_wit;
 pub use instance::{CallError, Instance};
 pub use runtime::{LoadError, LoadReport, Plugin, Runtime};

@@ -6,7 +6,7 @@
 use std::path::PathBuf;
 
 use serde::{Deserialize, Serialize};
-use setpoint_sdk::{Error, Host, Info, Level, Outcome, Reconciler, Request, ResultExt};
+use setpoint_sdk::{Action, Error, Host, Info, Level, Outcome, Reconciler, Request, ResultExt};
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -68,6 +68,16 @@ impl Reconciler for Files {
         }
         let current = std::fs::read_to_string(&path).ok();
         if current.as_deref() != Some(req.spec.content.as_str()) {
+            // Nothing changed on our side, yet the file differs: someone else
+            // touched it. Say so; a full reconciliation counts it.
+            if req.action == Action::Resynced {
+                let what = if current.is_some() {
+                    "edited"
+                } else {
+                    "missing"
+                };
+                host.report_drift(&format!("{} was {what}", path.display()));
+            }
             std::fs::write(&path, &req.spec.content)
                 .or_retry(&format!("cannot write {}", path.display()))?;
             host.log(
@@ -103,8 +113,8 @@ setpoint_sdk::export!(Files);
 mod tests {
     use super::*;
     use serde_json::json;
+    use setpoint_sdk::Object;
     use setpoint_sdk::testing::FakeHost;
-    use setpoint_sdk::{Action, Object};
 
     fn temp_root(test: &str) -> PathBuf {
         let dir =
@@ -130,6 +140,30 @@ mod tests {
         assert_eq!(std::fs::read_to_string(&path).unwrap(), "hello");
         host.reconcile(&plugin, Action::Deleted, &motd).unwrap();
         assert!(!path.exists());
+    }
+
+    #[test]
+    fn files_reports_drift_only_when_a_resync_finds_the_file_changed() {
+        let plugin = Files {
+            root: temp_root("drift"),
+        };
+        let host = FakeHost::new();
+        let motd = Object::new("File", "motd", json!({"content": "hi"}));
+        host.reconcile(&plugin, Action::Created, &motd).unwrap();
+        host.reconcile(&plugin, Action::Resynced, &motd).unwrap();
+        assert!(host.drift().is_empty(), "in line: no drift");
+        std::fs::write(plugin.root.join("motd"), "edited by hand").unwrap();
+        host.reconcile(&plugin, Action::Resynced, &motd).unwrap();
+        assert_eq!(host.drift().len(), 1);
+        assert!(
+            host.drift()[0].ends_with("motd was edited"),
+            "{:?}",
+            host.drift()
+        );
+        assert_eq!(
+            std::fs::read_to_string(plugin.root.join("motd")).unwrap(),
+            "hi"
+        );
     }
 
     #[test]

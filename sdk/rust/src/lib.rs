@@ -292,6 +292,9 @@ pub trait Host {
     fn kv_keys(&self, prefix: &str) -> Vec<String>;
     /// Milliseconds since the Unix epoch.
     fn now_ms(&self) -> u64;
+    /// Say that this reconcile found the world out of line with the desired
+    /// state (and fixed it); full reconciliations count these as out of sync.
+    fn report_drift(&self, detail: &str);
 }
 
 /// A reconciler. One value is made with `Default` when the component starts and
@@ -473,6 +476,10 @@ pub mod __private {
 
         fn now_ms(&self) -> u64 {
             clock::now()
+        }
+
+        fn report_drift(&self, detail: &str) {
+            objects::report_drift(detail)
         }
     }
 

@@ -38,6 +38,7 @@ pub struct FakeHost {
     logs: RefCell<Vec<(Level, String)>>,
     states: RefCell<BTreeMap<String, (u32, State)>>,
     now: Cell<u64>,
+    drift: RefCell<Vec<String>>,
 }
 
 impl FakeHost {
@@ -113,6 +114,11 @@ impl FakeHost {
     pub fn prune<R: Reconciler>(&self, plugin: &R) -> Result<(), Error> {
         let keys: Vec<String> = self.objects.borrow().keys().cloned().collect();
         plugin.prune(self, &keys)
+    }
+
+    /// Every drift the plugin reported, oldest first.
+    pub fn drift(&self) -> Vec<String> {
+        self.drift.borrow().clone()
     }
 
     /// Remove an object, as the host does after a successful delete.
@@ -193,6 +199,10 @@ impl Host for FakeHost {
 
     fn now_ms(&self) -> u64 {
         self.now.get()
+    }
+
+    fn report_drift(&self, detail: &str) {
+        self.drift.borrow_mut().push(detail.to_string());
     }
 }
 
