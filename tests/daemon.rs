@@ -101,6 +101,29 @@ fn apply_reconciles_to_done_and_delete_runs_the_finalizer_before_the_object_goes
         "the plugin's status: {object}"
     );
 
+    let yaml = http(
+        "GET",
+        &format!("{url}/v1/objects/File/motd"),
+        &[("Accept", "application/yaml")],
+        None,
+    );
+    assert!(
+        yaml.body
+            .starts_with("apiVersion: setpoint.dev/v1\nkind: File\n"),
+        "{}",
+        yaml.body
+    );
+    let plugins = http("GET", &format!("{url}/v1/plugins"), &[], None).json();
+    let files = plugins
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|p| p["name"] == "files")
+        .unwrap();
+    assert_eq!(files["kinds"][0], "File");
+    assert_eq!(files["prune"], true);
+    assert_eq!(files["sha256"].as_str().unwrap().len(), 64);
+
     let deleting = http("DELETE", &format!("{url}/v1/objects/File/motd"), &[], None);
     assert_eq!(deleting.status, 202, "{}", deleting.body);
     assert!(deleting.json()["metadata"]["deletionTimestamp"].is_u64());

@@ -577,3 +577,115 @@ async fn manager_remove_and_wait_lets_the_reconcile_in_flight_finish() {
     assert_eq!(rig.phase(&key), Some(Phase::Done));
     assert_eq!(controller.status().in_flight, 0);
 }
+
+#[tokio::test(start_paused = true)]
+async fn resync_interval_reconciles_every_object_again_while_nothing_changes() {
+    let rig = Rig::new(true);
+    let settings = PluginConfig {
+        resync_interval: Some(Duration::from_secs(20)),
+        ..PluginConfig::default()
+    };
+    let plugin = rig.plugin("hello", settings).await;
+    rig.apply("Greeting", "a", json!({"who": "a"}));
+    rig.apply("Greeting", "b", json!({"who": "b"}));
+    let controller = rig.manager.add(plugin).unwrap();
+    let gap = time_between(&controller, |s| s.successes == 2, |s| s.successes == 4).await;
+    assert!(
+        gap >= Duration::from_secs(19) && gap <= Duration::from_secs(21),
+        "{gap:?}"
+    );
+    rig.manager.shutdown().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn periodic_resync_and_full_reconciliation_wait_for_leadership() {
+    let rig = Rig::new(false);
+    let settings = PluginConfig {
+        resync_interval: Some(Duration::from_secs(10)),
+        full_reconcile_interval: Some(Duration::from_secs(10)),
+        ..PluginConfig::default()
+    };
+    let plugin = rig.plugin("hello", settings).await;
+    rig.apply("Greeting", "a", json!({"who": "a"}));
+    let controller = rig.manager.add(plugin).unwrap();
+    tokio::time::sleep(Duration::from_secs(35)).await;
+    assert_eq!(controller.status().successes, 0);
+    assert_eq!(
+        controller.full_reconcile().await.prune,
+        setpoint::controller::PruneOutcome::NotLeading
+    );
+    assert!(
+        rig.manager
+            .encode_metrics()
+            .contains("setpoint_full_reconciliations_total{controller=\"hello\"} 0")
+    );
+    rig.manager.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn full_reconciliation_at_its_interval_prunes_then_reconciles_every_object() {
+    let rig = Rig::new(true);
+    let data = tempfile::tempdir().unwrap();
+    let mut settings = granting_data(data.path());
+    settings.full_reconcile_interval = Some(Duration::from_millis(200));
+    let plugin = rig.plugin("files", settings).await;
+    rig.apply("File", "keep", json!({"content": "k"}));
+    let controller = rig.manager.add(plugin).unwrap();
+    let kept = data.path().join("keep");
+    wait_until("the file is written", LIMIT, || kept.exists()).await;
+    std::fs::write(data.path().join("stray"), "x").unwrap();
+    std::fs::write(&kept, "edited").unwrap();
+    wait_until("the stray is pruned and the edit undone", LIMIT, || {
+        !data.path().join("stray").exists()
+            && std::fs::read_to_string(&kept).is_ok_and(|c| c == "k")
+    })
+    .await;
+    wait_until("the edit is counted as out of sync", LIMIT, || {
+        controller.status().out_of_sync == 1
+    })
+    .await;
+    rig.manager.shutdown().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn trigger_queues_a_key_and_answers_queue_full_instead_of_waiting() {
+    let rig = Rig::new(false);
+    let settings = PluginConfig {
+        queue_size: 1,
+        ..PluginConfig::default()
+    };
+    let plugin = rig.plugin("hello", settings).await;
+    let a = rig.apply("Greeting", "a", json!({"who": "a"}));
+    let b = rig.apply("Greeting", "b", json!({"who": "b"}));
+    let controller = Controller::new(plugin, rig.store.clone(), rig.leader.as_ref(), &rig.metrics);
+    // Not leading, so nothing drains the queue; not running, so nothing fills it.
+    controller.trigger(a.clone()).unwrap();
+    controller.trigger(a).unwrap();
+    assert_eq!(
+        controller.status().queue_depth,
+        1,
+        "a key is queued at most once"
+    );
+    let full = controller.trigger(b).unwrap_err();
+    assert!(full.to_string().contains("full"), "{full}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_controllers_of_one_kind_both_reconcile_a_delete_before_the_object_goes() {
+    let rig = Rig::new(true);
+    let data = tempfile::tempdir().unwrap();
+    let files = rig.plugin("files", granting_data(data.path())).await;
+    let key = rig.apply("File", "motd", json!({"content": "hi"}));
+    rig.manager.add(files).unwrap();
+    // A second holder of the kind: the store's finalizer list is per controller.
+    rig.store.register_finalizer("File", "audit").unwrap();
+    let file = data.path().join("motd");
+    wait_until("the file is written", LIMIT, || file.exists()).await;
+    rig.store.delete(&key, None).unwrap();
+    wait_until("files did its part", LIMIT, || !file.exists()).await;
+    let object = rig.store.get(&key).expect("audit still holds it");
+    assert_eq!(object.metadata.finalizers, vec!["setpoint.dev/audit"]);
+    assert!(rig.store.finalize(&key, "setpoint.dev/audit").unwrap());
+    assert!(rig.store.get(&key).is_none());
+    rig.manager.shutdown().await;
+}
