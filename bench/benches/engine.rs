@@ -322,12 +322,17 @@ fn end_to_end_report() {
     println!(
         "\n## End to end: `hello`, {keys} distinct keys, warm instances, 2 threads, median of 3\n"
     );
-    let engine = |workers: usize| {
+    let engine = |workers: usize, on_disk: bool| {
         median_of(
             3,
             || {
                 rt.block_on(async {
-                    let store = Store::new();
+                    let dir = tempfile::tempdir().unwrap();
+                    let store = if on_disk {
+                        Store::open(&dir.path().join("store.redb")).unwrap()
+                    } else {
+                        Store::new()
+                    };
                     let names: Vec<_> = greetings(&store, keys).iter().map(Object::key).collect();
                     let settings = PluginConfig {
                         workers,
@@ -343,6 +348,14 @@ fn end_to_end_report() {
                         Arc::new(AlwaysLeader::default()),
                         Arc::new(Metrics::new()),
                     );
+                    // As the daemon does: written-behind changes are committed
+                    // by a flusher task, off the reconcile path.
+                    let stop = tokio_util::sync::CancellationToken::new();
+                    let flusher = tokio::spawn(
+                        store
+                            .clone()
+                            .flush_every(Duration::from_secs(1), stop.clone()),
+                    );
                     let start = Instant::now();
                     manager.add(plugin).unwrap();
                     let mut remaining = names.as_slice();
@@ -355,14 +368,17 @@ fn end_to_end_report() {
                     }
                     let took = start.elapsed();
                     manager.shutdown().await;
+                    stop.cancel();
+                    flusher.await.unwrap();
                     took
                 })
             },
             |d| *d,
         )
     };
-    let one = engine(1);
-    let two = engine(2);
+    let one = engine(1, false);
+    let two = engine(2, false);
+    let two_on_disk = engine(2, true);
     let direct = median_of(
         3,
         || {
@@ -405,9 +421,13 @@ fn end_to_end_report() {
         direct.as_secs_f64(),
         rate(direct)
     );
-    for (workers, took) in [(1, one), (2, two)] {
+    for (path, took) in [
+        ("engine, 1 worker", one),
+        ("engine, 2 workers", two),
+        ("engine, 2 workers, store on disk", two_on_disk),
+    ] {
         println!(
-            "| engine, {workers} worker(s) | {:.2} s | {:.0} | {:.2}× |",
+            "| {path} | {:.2} s | {:.0} | {:.2}× |",
             took.as_secs_f64(),
             rate(took),
             rate(took) / rate(direct)
@@ -415,13 +435,83 @@ fn end_to_end_report() {
     }
 }
 
+/// Store writes per second: durable applies one by one and in batches, and the
+/// reconcile path's non-durable status writes, on disk and in memory.
+fn store_report() {
+    let n = 2_000;
+    println!("\n## Store writes, {n} objects, median of 3\n");
+    let object = |i: usize| {
+        Object::new(
+            "Greeting",
+            "",
+            &format!("g{i}"),
+            serde_json::json!({ "who": format!("{i}") }),
+        )
+    };
+    let run = |on_disk: bool, what: &str| {
+        median_of(
+            3,
+            || {
+                let dir = tempfile::tempdir().unwrap();
+                let store = if on_disk {
+                    Store::open(&dir.path().join("store.redb")).unwrap()
+                } else {
+                    Store::new()
+                };
+                let start = Instant::now();
+                match what {
+                    "apply" => (0..n).for_each(|i| {
+                        store.apply(object(i)).unwrap();
+                    }),
+                    "batch" => (0..n).step_by(100).for_each(|i| {
+                        store.apply_all((i..i + 100).map(object).collect()).unwrap();
+                    }),
+                    _ => {
+                        store.apply_all((0..n).map(object).collect()).unwrap();
+                        let keys: Vec<_> = (0..n).map(|i| object(i).key()).collect();
+                        let start = Instant::now();
+                        for k in &keys {
+                            store.mark_done(k, 1).unwrap();
+                        }
+                        return start.elapsed();
+                    }
+                }
+                start.elapsed()
+            },
+            |d| *d,
+        )
+    };
+    println!("| write | on disk | in memory | disk vs memory |");
+    println!("|---|---:|---:|---:|");
+    for (what, label) in [
+        ("apply", "apply one object per commit (fsync)"),
+        ("batch", "apply 100 objects per commit (fsync)"),
+        ("status", "reconcile status, no fsync"),
+    ] {
+        let disk = run(true, what);
+        let memory = run(false, what);
+        let rate = |d: Duration| n as f64 / d.as_secs_f64();
+        println!(
+            "| {label} | {:.0}/s | {:.0}/s | {:.2}× |",
+            rate(disk),
+            rate(memory),
+            rate(disk) / rate(memory)
+        );
+    }
+}
+
 fn main() {
-    // SETPOINT_BENCH_ONLY=reports skips criterion and prints both reports;
-    // =end-to-end prints only the end-to-end one.
+    // SETPOINT_BENCH_ONLY=reports skips criterion and prints the reports;
+    // =end-to-end or =store prints only that one.
     match std::env::var("SETPOINT_BENCH_ONLY").as_deref() {
         Ok("reports") => {
             scheduler_report();
+            store_report();
             end_to_end_report();
+            return;
+        }
+        Ok("store") => {
+            store_report();
             return;
         }
         Ok("end-to-end") => {
@@ -439,5 +529,6 @@ fn main() {
     bench_scheduler(&mut c);
     c.final_summary();
     scheduler_report();
+    store_report();
     end_to_end_report();
 }

@@ -292,6 +292,12 @@ async fn run(
         let applied = store.apply(object)?;
         tracing::info!(key = %applied.object.key(), generation = applied.object.metadata.generation, "applied");
     }
+    let flush_stop = CancellationToken::new();
+    let flusher = tokio::spawn(
+        store
+            .clone()
+            .flush_every(Duration::from_secs(1), flush_stop.clone()),
+    );
     let sources_stop = CancellationToken::new();
     let mut sources = tokio::task::JoinSet::new();
     if !config.manifests.is_empty() {
@@ -358,6 +364,8 @@ async fn run(
     if let Some(api) = api {
         let _ = api.await;
     }
+    flush_stop.cancel();
+    let _ = flusher.await;
     store.flush()?;
     Ok(())
 }

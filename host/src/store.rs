@@ -11,11 +11,14 @@
 //!   committed with fsync before they return: once a caller is told "stored", a
 //!   `kill -9` or power loss does not lose it. Several objects applied together
 //!   are one transaction: all are stored or none is.
-//! - Reconcile status and plugin key-value data are committed without fsync (the
-//!   reconcile path must not wait for the disk); they become durable with the
-//!   next durable commit, at most [`FLUSH_EVERY`] such writes later and at
-//!   [`Store::flush`]. After a crash the newest of them may be lost, which costs
-//!   one more reconcile of an object that is resynced at start anyway.
+//! - Reconcile status, the status a plugin writes and plugin key-value data are
+//!   written behind: they change the in-memory copy at once and reach the disk
+//!   with the next commit, which is at the latest [`FLUSH_EVERY`] such writes
+//!   later, at every write of desired state, at every [`Store::flush`] (the
+//!   daemon flushes every second) and at shutdown. The reconcile path never
+//!   waits for a transaction. After a crash the newest of them may be lost,
+//!   which costs one more reconcile of an object that is resynced at start anyway.
+//! - Every commit is durable (fsync); there are no half-durable commits.
 //! - A spec change bumps `metadata.generation`; every write bumps
 //!   `metadata.resourceVersion`. A write that names a `resourceVersion` other
 //!   than the stored one is refused as a conflict. Re-applying an identical
@@ -32,12 +35,12 @@
 //!
 //! [redb]: https://docs.rs/redb
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::Path;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use redb::{Database, Durability, ReadableDatabase, ReadableTable, TableDefinition};
+use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
 use serde::{Deserialize, Serialize};
 use tokio::sync::{broadcast, mpsc, watch};
 
@@ -48,8 +51,8 @@ const STATUS: TableDefinition<&str, &[u8]> = TableDefinition::new("status");
 const KV: TableDefinition<(&str, &str), &[u8]> = TableDefinition::new("kv");
 const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
 
-/// Non-durable commits (status, kv) between two durable ones, at most.
-pub const FLUSH_EVERY: u32 = 1000;
+/// Written-behind changes (status, kv) held in memory before a commit, at most.
+pub const FLUSH_EVERY: usize = 1000;
 
 /// The prefix of the finalizer each controller holds on the objects it reconciles.
 pub const FINALIZER_PREFIX: &str = "setpoint.dev/";
@@ -168,8 +171,7 @@ storage_errors!(
     redb::TransactionError,
     redb::TableError,
     redb::StorageError,
-    redb::CommitError,
-    redb::SetDurabilityError
+    redb::CommitError
 );
 
 /// What one applied object became.
@@ -190,6 +192,10 @@ pub struct Store {
 struct Shared {
     db: Database,
     inner: Mutex<Inner>,
+    /// Held from reading a commit's contents until it is committed.
+    commit_order: Mutex<()>,
+    /// Wakes [`Store::flush_every`] when many changes are pending.
+    flush_wanted: tokio::sync::Notify,
     /// Bumped on every status change and removal, for [`Store::wait`].
     settled: watch::Sender<u64>,
     feed: broadcast::Sender<WatchEvent>,
@@ -207,8 +213,16 @@ struct Inner {
     /// The finalizers each kind's objects get: one per controller of the kind.
     finalizers: HashMap<String, Vec<String>>,
     watchers: Vec<Watcher>,
-    /// Non-durable commits since the last durable one.
-    unflushed: u32,
+    /// Written behind: changed in memory, not yet committed.
+    dirty_objects: HashSet<ObjectKey>,
+    dirty_status: HashSet<ObjectKey>,
+    dirty_kv: HashSet<(String, String)>,
+}
+
+impl Inner {
+    fn dirty(&self) -> usize {
+        self.dirty_objects.len() + self.dirty_status.len() + self.dirty_kv.len()
+    }
 }
 
 struct Watcher {
@@ -229,6 +243,9 @@ impl Default for Store {
         Self::new()
     }
 }
+
+/// One plugin key-value entry to write (`None`: remove it).
+type KvRow = ((String, String), Option<Vec<u8>>);
 
 /// A staged write: the tables to touch in one transaction.
 #[derive(Default)]
@@ -319,6 +336,8 @@ impl Store {
             shared: Arc::new(Shared {
                 db,
                 inner: Mutex::new(inner),
+                commit_order: Mutex::new(()),
+                flush_wanted: tokio::sync::Notify::new(),
                 settled: watch::channel(0).0,
                 feed: broadcast::channel(4096).0,
             }),
@@ -331,56 +350,191 @@ impl Store {
         self.shared.inner.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Commit `batch` (and the counters) in one transaction.
-    fn commit(&self, inner: &mut Inner, batch: &Batch, durable: bool) -> Result<(), StoreError> {
-        let mut txn = self.shared.db.begin_write()?;
-        let durable = durable || inner.unflushed + 1 >= FLUSH_EVERY;
-        if !durable {
-            txn.set_durability(Durability::None)?;
-        }
+    /// Commit `batch`, everything written behind and the counters, in one
+    /// durable transaction, holding the store's lock (for writes of desired
+    /// state). On failure nothing of `batch` is applied and the written-behind
+    /// changes stay pending.
+    fn commit(&self, inner: &mut Inner, batch: &Batch) -> Result<(), StoreError> {
+        let _order = self.commit_order();
+        let mut objects = batch.objects.clone();
+        let in_batch: HashSet<&ObjectKey> = batch.objects.iter().map(|(k, _)| k).collect();
+        objects.extend(
+            inner
+                .dirty_objects
+                .iter()
+                .filter(|k| !in_batch.contains(k))
+                .map(|k| (k.clone(), inner.objects.get(k).cloned())),
+        );
+        let mut status = batch.status.clone();
+        let in_batch: HashSet<&ObjectKey> = batch.status.iter().map(|(k, _)| k).collect();
+        status.extend(
+            inner
+                .dirty_status
+                .iter()
+                .filter(|k| !in_batch.contains(k))
+                .map(|k| (k.clone(), inner.status.get(k).cloned())),
+        );
+        let kv: Vec<_> = inner
+            .dirty_kv
+            .iter()
+            .map(|k| (k.clone(), inner.kv.get(k).cloned()))
+            .collect();
+        self.write_txn(&objects, &status, &kv, inner.next_uid, inner.next_version)?;
+        inner.dirty_objects.clear();
+        inner.dirty_status.clear();
+        inner.dirty_kv.clear();
+        Ok(())
+    }
+
+    /// Commits happen in the order their contents were read from memory: a
+    /// committer takes this lock before it lets go of the store's lock.
+    fn commit_order(&self) -> MutexGuard<'_, ()> {
+        self.shared
+            .commit_order
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn write_txn(
+        &self,
+        objects: &[(ObjectKey, Option<Object>)],
+        status: &[(ObjectKey, Option<ReconcileStatus>)],
+        kv: &[KvRow],
+        next_uid: u64,
+        next_version: u64,
+    ) -> Result<(), StoreError> {
+        let txn = self.shared.db.begin_write()?;
         {
-            let mut objects = txn.open_table(OBJECTS)?;
-            for (key, object) in &batch.objects {
+            let mut table = txn.open_table(OBJECTS)?;
+            for (key, object) in objects {
                 let key = key.to_string();
                 match object {
                     Some(o) => {
                         let bytes = serde_json::to_vec(o).expect("objects serialize");
-                        objects.insert(key.as_str(), bytes.as_slice())?;
+                        table.insert(key.as_str(), bytes.as_slice())?;
                     }
                     None => {
-                        objects.remove(key.as_str())?;
+                        table.remove(key.as_str())?;
                     }
                 }
             }
-            let mut status = txn.open_table(STATUS)?;
-            for (key, s) in &batch.status {
+            let mut table = txn.open_table(STATUS)?;
+            for (key, s) in status {
                 let key = key.to_string();
                 match s {
                     Some(s) => {
                         let bytes = serde_json::to_vec(s).expect("statuses serialize");
-                        status.insert(key.as_str(), bytes.as_slice())?;
+                        table.insert(key.as_str(), bytes.as_slice())?;
                     }
                     None => {
-                        status.remove(key.as_str())?;
+                        table.remove(key.as_str())?;
                     }
                 }
             }
+            let mut table = txn.open_table(KV)?;
+            for ((plugin, key), value) in kv {
+                let key = (plugin.as_str(), key.as_str());
+                match value {
+                    Some(v) => table.insert(key, v.as_slice())?,
+                    None => table.remove(key)?,
+                };
+            }
             let mut meta = txn.open_table(META)?;
-            meta.insert("next_uid", inner.next_uid)?;
-            meta.insert("next_version", inner.next_version)?;
+            meta.insert("next_uid", next_uid)?;
+            meta.insert("next_version", next_version)?;
         }
         txn.commit()?;
-        inner.unflushed = if durable { 0 } else { inner.unflushed + 1 };
         Ok(())
     }
 
-    /// Make every write so far durable.
-    pub fn flush(&self) -> Result<(), StoreError> {
-        let mut inner = self.lock();
-        if inner.unflushed > 0 {
-            self.commit(&mut inner, &Batch::default(), true)?;
+    /// After a write behind: wake the flusher once enough are pending, and
+    /// commit right here only if it falls far behind (or none runs).
+    fn written_behind(&self, inner: MutexGuard<'_, Inner>) -> Result<(), StoreError> {
+        let dirty = inner.dirty();
+        if dirty >= 10 * FLUSH_EVERY {
+            return self.flush_locked(inner);
+        }
+        if dirty >= FLUSH_EVERY {
+            self.shared.flush_wanted.notify_one();
         }
         Ok(())
+    }
+
+    /// Commit every change written behind so far. The store's lock is held
+    /// only while the changes are copied out, not during the transaction.
+    pub fn flush(&self) -> Result<(), StoreError> {
+        self.flush_locked(self.lock())
+    }
+
+    fn flush_locked(&self, mut inner: MutexGuard<'_, Inner>) -> Result<(), StoreError> {
+        if inner.dirty() == 0 {
+            return Ok(());
+        }
+        let objects: Vec<_> = std::mem::take(&mut inner.dirty_objects)
+            .into_iter()
+            .map(|k| {
+                let v = inner.objects.get(&k).cloned();
+                (k, v)
+            })
+            .collect();
+        let status: Vec<_> = std::mem::take(&mut inner.dirty_status)
+            .into_iter()
+            .map(|k| {
+                let v = inner.status.get(&k).cloned();
+                (k, v)
+            })
+            .collect();
+        let kv: Vec<_> = std::mem::take(&mut inner.dirty_kv)
+            .into_iter()
+            .map(|k| {
+                let v = inner.kv.get(&k).cloned();
+                (k, v)
+            })
+            .collect();
+        let (uid, version) = (inner.next_uid, inner.next_version);
+        let order = self.commit_order();
+        drop(inner);
+        let result = self.write_txn(&objects, &status, &kv, uid, version);
+        drop(order);
+        if result.is_err() {
+            // Still pending: memory has their newest values, the next commit writes them.
+            let mut inner = self.lock();
+            inner
+                .dirty_objects
+                .extend(objects.into_iter().map(|(k, _)| k));
+            inner
+                .dirty_status
+                .extend(status.into_iter().map(|(k, _)| k));
+            inner.dirty_kv.extend(kv.into_iter().map(|(k, _)| k));
+        }
+        result
+    }
+
+    /// [`flush`](Self::flush) every `period`, and whenever [`FLUSH_EVERY`]
+    /// changes are pending, until `shutdown`; then once more.
+    pub async fn flush_every(
+        self,
+        period: Duration,
+        shutdown: tokio_util::sync::CancellationToken,
+    ) {
+        let mut tick = tokio::time::interval(period);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            let stop = tokio::select! {
+                _ = tick.tick() => false,
+                _ = self.shared.flush_wanted.notified() => false,
+                _ = shutdown.cancelled() => true,
+            };
+            let store = self.clone();
+            match tokio::task::spawn_blocking(move || store.flush()).await {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => tracing::error!("the store could not flush: {e}"),
+                Err(e) => tracing::error!("the store's flush panicked: {e}"),
+            }
+            if stop {
+                return;
+            }
+        }
     }
 
     /// Objects of `kind` get the finalizer `setpoint.dev/<controller>` from now
@@ -413,7 +567,7 @@ impl Store {
                 o.metadata.resource_version = inner.next_version;
             }
         }
-        self.commit(&mut inner, &batch, true)?;
+        self.commit(&mut inner, &batch)?;
         for (key, object) in batch.objects {
             inner.objects.insert(key, object.expect("staged above"));
         }
@@ -540,7 +694,7 @@ impl Store {
         let (saved_uid, saved_version) = (inner.next_uid, inner.next_version);
         inner.next_uid = next_uid;
         inner.next_version = next_version;
-        if let Err(e) = self.commit(&mut inner, &batch, true) {
+        if let Err(e) = self.commit(&mut inner, &batch) {
             inner.next_uid = saved_uid;
             inner.next_version = saved_version;
             return Err(e);
@@ -612,17 +766,13 @@ impl Store {
         inner.next_version += 1;
         object.status = Some(value);
         object.metadata.resource_version = inner.next_version;
-        let batch = Batch {
-            objects: vec![(key.clone(), Some(object.clone()))],
-            status: Vec::new(),
-        };
-        self.commit(&mut inner, &batch, false)?;
         inner.objects.insert(key.clone(), object.clone());
-        let _ = self.shared.feed.send(WatchEvent::Applied {
+        inner.dirty_objects.insert(key.clone());
+        self.publish(|| WatchEvent::Applied {
             action: Action::Updated,
             object,
         });
-        Ok(())
+        self.written_behind(inner)
     }
 
     /// Mark an object deleting, if `resource_version` (when given) still matches.
@@ -664,7 +814,7 @@ impl Store {
             objects: vec![(key.clone(), Some(object.clone()))],
             status: vec![(key.clone(), Some(status.clone()))],
         };
-        self.commit(&mut inner, &batch, true)?;
+        self.commit(&mut inner, &batch)?;
         inner.objects.insert(key.clone(), object.clone());
         inner.status.insert(key.clone(), status);
         self.announce_applied(&mut inner, &object, Action::Deleted);
@@ -690,7 +840,7 @@ impl Store {
             objects: vec![(key.clone(), Some(object.clone()))],
             status: Vec::new(),
         };
-        self.commit(&mut inner, &batch, true)?;
+        self.commit(&mut inner, &batch)?;
         inner.objects.insert(key.clone(), object);
         Ok(false)
     }
@@ -700,10 +850,10 @@ impl Store {
             objects: vec![(key.clone(), None)],
             status: vec![(key.clone(), None)],
         };
-        self.commit(inner, &batch, true)?;
+        self.commit(inner, &batch)?;
         inner.objects.remove(key);
         inner.status.remove(key);
-        let _ = self.shared.feed.send(WatchEvent::Removed {
+        self.publish(|| WatchEvent::Removed {
             key: key.to_string(),
         });
         self.shared.settled.send_modify(|n| *n += 1);
@@ -764,18 +914,14 @@ impl Store {
             updated_at: now_ms(),
             observed_generation: observed,
         };
-        let batch = Batch {
-            objects: Vec::new(),
-            status: vec![(key.clone(), Some(status.clone()))],
-        };
-        self.commit(&mut inner, &batch, false)?;
         inner.status.insert(key.clone(), status.clone());
-        let _ = self.shared.feed.send(WatchEvent::Status {
+        inner.dirty_status.insert(key.clone());
+        self.publish(|| WatchEvent::Status {
             key: key.to_string(),
             status,
         });
         self.shared.settled.send_modify(|n| *n += 1);
-        Ok(())
+        self.written_behind(inner)
     }
 
     /// True if the object is reconciled: done at its current generation, or, if
@@ -858,7 +1004,7 @@ impl Store {
             .cloned()
     }
 
-    /// Set a plugin's private value (committed without fsync; see the module doc).
+    /// Set a plugin's private value (written behind; see the module doc).
     pub fn kv_set(&self, plugin: &str, key: &str, value: Vec<u8>) -> Result<(), StoreError> {
         self.kv_write(plugin, key, Some(value))
     }
@@ -869,26 +1015,13 @@ impl Store {
 
     fn kv_write(&self, plugin: &str, key: &str, value: Option<Vec<u8>>) -> Result<(), StoreError> {
         let mut inner = self.lock();
-        let mut txn = self.shared.db.begin_write()?;
-        let durable = inner.unflushed + 1 >= FLUSH_EVERY;
-        if !durable {
-            txn.set_durability(Durability::None)?;
-        }
-        {
-            let mut kv = txn.open_table(KV)?;
-            match &value {
-                Some(v) => kv.insert((plugin, key), v.as_slice())?,
-                None => kv.remove((plugin, key))?,
-            };
-        }
-        txn.commit()?;
-        inner.unflushed = if durable { 0 } else { inner.unflushed + 1 };
         let k = (plugin.to_string(), key.to_string());
         match value {
-            Some(v) => inner.kv.insert(k, v),
+            Some(v) => inner.kv.insert(k.clone(), v),
             None => inner.kv.remove(&k),
         };
-        Ok(())
+        inner.dirty_kv.insert(k);
+        self.written_behind(inner)
     }
 
     /// A plugin's keys starting with `prefix`, in order.
@@ -900,6 +1033,14 @@ impl Store {
             .take_while(|((p, k), _)| p == plugin && k.starts_with(prefix))
             .map(|((_, k), _)| k.clone())
             .collect()
+    }
+
+    /// Send an event to `/v1/watch` listeners; built only if there are any
+    /// (the reconcile path would otherwise clone every object it touches).
+    fn publish(&self, event: impl FnOnce() -> WatchEvent) {
+        if self.shared.feed.receiver_count() > 0 {
+            let _ = self.shared.feed.send(event());
+        }
     }
 
     fn announce_applied(&self, inner: &mut Inner, object: &Object, action: Action) {
@@ -914,7 +1055,7 @@ impl Store {
             })
             .is_ok()
         });
-        let _ = self.shared.feed.send(WatchEvent::Applied {
+        self.publish(|| WatchEvent::Applied {
             action,
             object: object.clone(),
         });
@@ -1104,6 +1245,37 @@ mod tests {
         assert!(c.metadata.resource_version > b.metadata.resource_version);
         assert_ne!(c.metadata.uid, a.metadata.uid);
         assert_ne!(c.metadata.uid, b.metadata.uid);
+    }
+
+    #[test]
+    fn written_behind_changes_reach_the_disk_at_a_flush_or_the_next_durable_write() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("store.redb");
+        let reopen = |path: &Path| Store::open(path).unwrap();
+        let a = {
+            let store = reopen(&path);
+            let a = store.apply(file("a", "1")).unwrap().object;
+            store.mark_done(&a.key(), 1).unwrap();
+            store.kv_set("p", "k", b"v".to_vec()).unwrap();
+            // Dropped without a flush: like a crash, the writes behind are lost.
+            a
+        };
+        {
+            let store = reopen(&path);
+            assert_eq!(store.status(&a.key()).unwrap().phase, Phase::Pending);
+            assert_eq!(store.kv_get("p", "k"), None);
+            store.mark_done(&a.key(), 1).unwrap();
+            store.flush().unwrap();
+            store.kv_set("p", "k", b"v".to_vec()).unwrap();
+            store.apply(file("b", "1")).unwrap();
+        }
+        let store = reopen(&path);
+        assert_eq!(store.status(&a.key()).unwrap().phase, Phase::Done);
+        assert_eq!(
+            store.kv_get("p", "k"),
+            Some(b"v".to_vec()),
+            "carried by the apply"
+        );
     }
 
     #[test]
