@@ -48,7 +48,8 @@ pub struct Cli {
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Run the daemon. Without --config: the example plugins from
-    /// $SETPOINT_PLUGIN_DIR (default target/plugins) and the example objects.
+    /// $SETPOINT_PLUGIN_DIR (default target/plugins) and the example objects,
+    /// with the store in target/demo/store.redb.
     Run {
         /// A TOML configuration file; every setting has a default.
         #[arg(long, short)]
@@ -222,6 +223,11 @@ pub fn default_config() -> Config {
             },
             files,
         ],
+        // The demo keeps its state beside its files, not in the user's data folder.
+        store: crate::config::StoreConfig {
+            path: Some(PathBuf::from("target/demo/store.redb")),
+            in_memory: false,
+        },
         ..Default::default()
     }
 }
@@ -476,7 +482,7 @@ fn talk(client: &Client, command: Command) -> anyhow::Result<()> {
                     "{:<40} {:<8} {:>10}  {}",
                     s["key"].as_str().unwrap_or("?"),
                     s["phase"].as_str().unwrap_or("?"),
-                    s["observedGeneration"],
+                    s["observedGeneration"].to_string(),
                     s["lastError"].as_str().unwrap_or("-")
                 );
             }

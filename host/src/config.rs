@@ -476,6 +476,42 @@ mod tests {
     }
 
     #[test]
+    fn the_readme_configuration_reference_parses_and_means_what_it_says() {
+        let readme = include_str!("../../README.md");
+        let section = readme
+            .split("## Configuration reference")
+            .nth(1)
+            .expect("the README has a configuration reference");
+        let toml = section
+            .split("```toml\n")
+            .nth(1)
+            .and_then(|t| t.split("```").next())
+            .expect("with a toml block");
+        let c = Config::parse(toml).unwrap();
+        assert!(c.watch_manifests);
+        assert!(!c.store.in_memory);
+        assert_eq!(c.api.max_body_bytes, 1024 * 1024);
+        assert_eq!(c.plugins[0].retry.max_retries, 10);
+    }
+
+    #[test]
+    fn the_store_defaults_to_the_data_folder_and_can_stay_in_memory() {
+        let c = Config::parse("[store]\nin-memory = true\n").unwrap();
+        assert_eq!(c.store.path().unwrap(), None);
+        let c = Config::parse("[store]\npath = \"/tmp/x.redb\"\n").unwrap();
+        assert_eq!(c.store.path().unwrap(), Some(PathBuf::from("/tmp/x.redb")));
+        let c = Config::parse(
+            "[[plugin]]\npath = \"a.wasm\"\nresync-interval = \"10m\"\nfull-reconcile-interval = \"1h\"\n",
+        )
+        .unwrap();
+        assert_eq!(c.plugins[0].resync_interval, Some(Duration::from_secs(600)));
+        assert_eq!(
+            c.plugins[0].full_reconcile_interval,
+            Some(Duration::from_secs(3600))
+        );
+    }
+
+    #[test]
     fn unknown_keys_are_named() {
         let err = Config::parse("[runtime]\nepoch-tik = \"1ms\"\n").unwrap_err();
         assert!(format!("{err:#}").contains("epoch-tik"), "{err:#}");
