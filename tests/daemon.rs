@@ -57,17 +57,16 @@ fn daemon(home: &Path, top: &str, api: &str) -> (Daemon, String) {
 const YAML: (&str, &str) = ("Content-Type", "application/yaml");
 const JSON: (&str, &str) = ("Content-Type", "application/json");
 
+fn get(url: &str) -> Http {
+    http("GET", url, &[], None)
+}
+
 fn apply(url: &str, yaml: &str) -> Http {
     http("POST", &format!("{url}/v1/apply"), &[YAML], Some(yaml))
 }
 
 fn wait(url: &str, query: &str) -> Http {
-    http(
-        "GET",
-        &format!("{url}/v1/wait?timeout=60s&{query}"),
-        &[],
-        None,
-    )
+    get(&format!("{url}/v1/wait?timeout=60s&{query}"))
 }
 
 fn file(name: &str, content: &str) -> String {
@@ -83,18 +82,12 @@ fn apply_reconciles_to_done_and_delete_runs_the_finalizer_before_the_object_goes
     assert_eq!(answer.json()[0]["result"], "created");
     assert_eq!(wait(&url, "kind=File&name=motd").status, 200);
 
-    let status = http(
-        "GET",
-        &format!("{url}/v1/objects/File/motd/status"),
-        &[],
-        None,
-    )
-    .json();
+    let status = get(&format!("{url}/v1/objects/File/motd/status")).json();
     assert_eq!(status["phase"], "done", "{status}");
     assert_eq!(status["observedGeneration"], 1);
     let written = home.path().join("files/motd");
     assert_eq!(std::fs::read_to_string(&written).unwrap(), "hi\n");
-    let object = http("GET", &format!("{url}/v1/objects/File/motd"), &[], None).json();
+    let object = get(&format!("{url}/v1/objects/File/motd")).json();
     assert_eq!(object["metadata"]["finalizers"][0], "setpoint.dev/files");
     assert_eq!(
         object["status"]["bytes"], 3,
@@ -113,7 +106,7 @@ fn apply_reconciles_to_done_and_delete_runs_the_finalizer_before_the_object_goes
         "{}",
         yaml.body
     );
-    let plugins = http("GET", &format!("{url}/v1/plugins"), &[], None).json();
+    let plugins = get(&format!("{url}/v1/plugins")).json();
     let files = plugins
         .as_array()
         .unwrap()
@@ -128,7 +121,7 @@ fn apply_reconciles_to_done_and_delete_runs_the_finalizer_before_the_object_goes
     assert_eq!(deleting.status, 202, "{}", deleting.body);
     assert!(deleting.json()["metadata"]["deletionTimestamp"].is_u64());
     assert_eq!(wait(&url, "kind=File&name=motd").status, 200);
-    let gone = http("GET", &format!("{url}/v1/objects/File/motd"), &[], None);
+    let gone = get(&format!("{url}/v1/objects/File/motd"));
     assert_eq!(gone.status, 404, "{}", gone.body);
     assert!(
         !written.exists(),
@@ -163,11 +156,11 @@ fn a_full_reconciliation_prunes_a_stray_and_keeps_what_is_wanted() {
         "the edited file is found out of sync and restored",
         LIMIT,
         || {
-            let files = http("GET", &format!("{url}/v1/controllers"), &[], None).json();
+            let files = get(&format!("{url}/v1/controllers")).json();
             files[0]["out-of-sync"] == 1 && std::fs::read_to_string(&kept).unwrap() == "k"
         },
     );
-    let metrics = http("GET", &format!("{url}/metrics"), &[], None).body;
+    let metrics = get(&format!("{url}/metrics")).body;
     for line in [
         "setpoint_full_reconciliation_out_of_sync_total{controller=\"files\"} 1",
         "setpoint_full_reconciliations_total{controller=\"files\"} 1",
@@ -237,10 +230,10 @@ fn kill_9_under_load_loses_no_acknowledged_object_and_finishes_pending_work_afte
         })
     };
     eventually("the writer has written", LIMIT, || {
-        let list = http("GET", &format!("{url}/v1/objects/Greeting"), &[], None);
+        let list = get(&format!("{url}/v1/objects/Greeting"));
         list.json().as_array().is_some_and(|a| a.len() >= 20)
     });
-    let statuses = http("GET", &format!("{url}/v1/status?kind=Hostile"), &[], None).json();
+    let statuses = get(&format!("{url}/v1/status?kind=Hostile")).json();
     let pending = statuses
         .as_array()
         .unwrap()
@@ -258,7 +251,7 @@ fn kill_9_under_load_loses_no_acknowledged_object_and_finishes_pending_work_afte
         200,
         "everything reconciled after the restart"
     );
-    let greetings = http("GET", &format!("{url}/v1/objects/Greeting"), &[], None).json();
+    let greetings = get(&format!("{url}/v1/objects/Greeting")).json();
     let names: Vec<&str> = greetings
         .as_array()
         .unwrap()
@@ -271,7 +264,7 @@ fn kill_9_under_load_loses_no_acknowledged_object_and_finishes_pending_work_afte
             "{name} was acknowledged and lost"
         );
     }
-    let hostile = http("GET", &format!("{url}/v1/objects/Hostile"), &[], None).json();
+    let hostile = get(&format!("{url}/v1/objects/Hostile")).json();
     let names: Vec<&str> = hostile
         .as_array()
         .unwrap()
@@ -284,7 +277,7 @@ fn kill_9_under_load_loses_no_acknowledged_object_and_finishes_pending_work_afte
         "the 5 deletes finished, the rest stayed: {names:?}"
     );
     assert!(!names.contains(&"s0"));
-    let all = http("GET", &format!("{url}/v1/status"), &[], None).json();
+    let all = get(&format!("{url}/v1/status")).json();
     assert!(
         all.as_array().unwrap().iter().all(|s| s["phase"] == "done"),
         "{all}"
@@ -313,7 +306,7 @@ fn cloudevents_apply_delete_and_reconcile_in_binary_and_structured_mode() {
     assert_eq!(binary.status, 202, "{}", binary.body);
     assert_eq!(binary.json()["key"], "Greeting:ce");
     assert_eq!(wait(&url, "kind=Greeting&name=ce").status, 200);
-    let object = http("GET", &format!("{url}/v1/objects/Greeting/ce"), &[], None).json();
+    let object = get(&format!("{url}/v1/objects/Greeting/ce")).json();
     assert_eq!(object["status"]["greeting"], "Hello, events!");
 
     // Structured mode: the whole event as JSON.
@@ -337,10 +330,7 @@ fn cloudevents_apply_delete_and_reconcile_in_binary_and_structured_mode() {
     );
     assert_eq!(delete.status, 202, "{}", delete.body);
     assert_eq!(wait(&url, "kind=Greeting&name=ce").status, 200);
-    assert_eq!(
-        http("GET", &format!("{url}/v1/objects/Greeting/ce"), &[], None).status,
-        404
-    );
+    assert_eq!(get(&format!("{url}/v1/objects/Greeting/ce")).status, 404);
 
     // Not an event, and an event of a type nobody maps.
     let junk = http("POST", &events, &[JSON], Some(r#"{"hello":1}"#));
@@ -426,10 +416,7 @@ fn bad_input_gets_a_clear_4xx_and_nothing_is_stored_half_way() {
         &format!("{}kind: Gizmo\nmetadata: {{name: g}}\n", file("half", "h")),
     );
     assert_eq!(mixed.status, 422);
-    assert_eq!(
-        http("GET", &format!("{url}/v1/objects/File/half"), &[], None).status,
-        404
-    );
+    assert_eq!(get(&format!("{url}/v1/objects/File/half")).status, 404);
 
     // Optimistic concurrency on resourceVersion.
     let created = apply(&url, &file("a", "1")).json();
@@ -467,7 +454,7 @@ fn bad_input_gets_a_clear_4xx_and_nothing_is_stored_half_way() {
     );
     assert_eq!(exists.status, 409);
 
-    let no_route = http("GET", &format!("{url}/v1/nothing"), &[], None);
+    let no_route = get(&format!("{url}/v1/nothing"));
     assert_eq!(no_route.status, 404);
     assert!(error(&no_route).contains("no route GET /v1/nothing"));
     assert!(d.interrupt().success());
@@ -553,16 +540,16 @@ fn a_watched_manifest_folder_is_applied_on_change_and_a_removed_file_deletes_its
     )
     .unwrap();
     eventually("b.json is applied", LIMIT, || {
-        http("GET", &format!("{url}/v1/objects/File/from-b"), &[], None).status == 200
+        get(&format!("{url}/v1/objects/File/from-b")).status == 200
     });
     std::fs::write(manifests.join("a.yaml"), file("from-a", "changed")).unwrap();
     eventually("a.yaml's change is applied", LIMIT, || {
-        let o = http("GET", &format!("{url}/v1/objects/File/from-a"), &[], None);
+        let o = get(&format!("{url}/v1/objects/File/from-a"));
         o.status == 200 && o.json()["metadata"]["generation"] == 2
     });
     std::fs::remove_file(manifests.join("a.yaml")).unwrap();
     eventually("from-a is deleted", LIMIT, || {
-        http("GET", &format!("{url}/v1/objects/File/from-a"), &[], None).status == 404
+        get(&format!("{url}/v1/objects/File/from-a")).status == 404
     });
     assert!(!home.path().join("files/from-a").exists());
     assert!(d.interrupt().success());

@@ -288,25 +288,23 @@ async fn run(
     }
 
     let mut signals = ShutdownSignals::install()?;
-    // Controllers first: they put their finalizers on the objects applied below,
-    // and resume whatever the store holds (pending work, deletes) from before.
-    for plugin in plugins {
-        manager.add(plugin)?;
+    // Finalizers before objects, so every object applied below is held for its
+    // controllers; controllers after, so each starts from one list of the store
+    // instead of seeing these applies twice (listed, and as changes).
+    let mut kinds = std::collections::BTreeSet::new();
+    for plugin in &plugins {
+        for kind in &plugin.info().kinds {
+            store.register_finalizer(kind, &plugin.info().name)?;
+            kinds.insert(kind.clone());
+        }
     }
-    let kinds: std::collections::BTreeSet<String> = manager.kinds().into_keys().collect();
     for object in examples {
         let applied = store.apply(object)?;
         tracing::info!(key = %applied.object.key(), generation = applied.object.metadata.generation, "applied");
     }
-    let flush_stop = CancellationToken::new();
-    let flusher = tokio::spawn(
-        store
-            .clone()
-            .flush_every(Duration::from_secs(1), flush_stop.clone()),
-    );
-    let sources_stop = CancellationToken::new();
-    let mut sources = tokio::task::JoinSet::new();
-    if !config.manifests.is_empty() {
+    let manifests = if config.manifests.is_empty() {
+        None
+    } else {
         let manifests = Manifests::new(config.manifests.clone(), store.clone(), kinds);
         let report = manifests.sync();
         if let Some((file, why)) = report.errors.first() {
@@ -317,14 +315,26 @@ async fn run(
             deleted = report.deleted.len(),
             "manifests applied"
         );
-        if config.watch_manifests {
-            let stop = sources_stop.clone();
-            sources.spawn(async move {
-                if let Err(e) = manifests.watch(stop).await {
-                    tracing::error!("the manifest watcher stopped: {e:#}");
-                }
-            });
-        }
+        Some(manifests)
+    };
+    for plugin in plugins {
+        manager.add(plugin)?;
+    }
+    let flush_stop = CancellationToken::new();
+    let flusher = tokio::spawn(
+        store
+            .clone()
+            .flush_every(Duration::from_secs(1), flush_stop.clone()),
+    );
+    let sources_stop = CancellationToken::new();
+    let mut sources = tokio::task::JoinSet::new();
+    if let Some(manifests) = manifests.filter(|_| config.watch_manifests) {
+        let stop = sources_stop.clone();
+        sources.spawn(async move {
+            if let Err(e) = manifests.watch(stop).await {
+                tracing::error!("the manifest watcher stopped: {e:#}");
+            }
+        });
     }
     let api_stop = CancellationToken::new();
     let api = if config.api.enabled {

@@ -405,32 +405,8 @@ impl Store {
     ) -> Result<(), StoreError> {
         let txn = self.shared.db.begin_write()?;
         {
-            let mut table = txn.open_table(OBJECTS)?;
-            for (key, object) in objects {
-                let key = key.to_string();
-                match object {
-                    Some(o) => {
-                        let bytes = serde_json::to_vec(o).expect("objects serialize");
-                        table.insert(key.as_str(), bytes.as_slice())?;
-                    }
-                    None => {
-                        table.remove(key.as_str())?;
-                    }
-                }
-            }
-            let mut table = txn.open_table(STATUS)?;
-            for (key, s) in status {
-                let key = key.to_string();
-                match s {
-                    Some(s) => {
-                        let bytes = serde_json::to_vec(s).expect("statuses serialize");
-                        table.insert(key.as_str(), bytes.as_slice())?;
-                    }
-                    None => {
-                        table.remove(key.as_str())?;
-                    }
-                }
-            }
+            put_json(&mut txn.open_table(OBJECTS)?, objects)?;
+            put_json(&mut txn.open_table(STATUS)?, status)?;
             let mut table = txn.open_table(KV)?;
             for ((plugin, key), value) in kv {
                 let key = (plugin.as_str(), key.as_str());
@@ -1061,6 +1037,26 @@ impl Store {
         });
         self.shared.settled.send_modify(|n| *n += 1);
     }
+}
+
+/// Write rows keyed by object key as JSON, removing those that are `None`.
+fn put_json<T: Serialize>(
+    table: &mut redb::Table<&str, &[u8]>,
+    rows: &[(ObjectKey, Option<T>)],
+) -> Result<(), StoreError> {
+    for (key, value) in rows {
+        let key = key.to_string();
+        match value {
+            Some(v) => {
+                let bytes = serde_json::to_vec(v).expect("stored rows serialize");
+                table.insert(key.as_str(), bytes.as_slice())?;
+            }
+            None => {
+                table.remove(key.as_str())?;
+            }
+        }
+    }
+    Ok(())
 }
 
 fn pending(generation: u64) -> ReconcileStatus {
