@@ -419,8 +419,13 @@ fn bad_input_gets_a_clear_4xx_and_nothing_is_stored_half_way() {
     assert_eq!(get(&format!("{url}/v1/objects/File/half")).status, 404);
 
     // Optimistic concurrency on resourceVersion.
-    let created = apply(&url, &file("a", "1")).json();
-    let version = created[0]["resourceVersion"].as_u64().unwrap();
+    // The plugin's status write bumps resourceVersion too: read it once the
+    // object is reconciled, when nothing else writes it.
+    assert_eq!(apply(&url, &file("a", "1")).status, 200);
+    assert_eq!(wait(&url, "kind=File&name=a").status, 200);
+    let version = get(&format!("{url}/v1/objects/File/a")).json()["metadata"]["resourceVersion"]
+        .as_u64()
+        .unwrap();
     let stale = format!(
         "kind: File\nmetadata: {{name: a, resourceVersion: {}}}\nspec: {{content: two}}\n",
         version + 100
