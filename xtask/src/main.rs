@@ -7,7 +7,8 @@
 //!
 //! Each task installs what it is missing. For plugins that means a wasm32-wasip2
 //! toolchain: rustup's target where rustup can download it, otherwise Debian's
-//! rustc-web with `-Zbuild-std` (see README, "Toolchains").
+//! rustc-web with `-Zbuild-std` (see README, "Toolchains"); and, for the Python
+//! plugins under plugins/python/, componentize-py in a venv (target/python-venv).
 
 use std::net::{TcpStream, ToSocketAddrs};
 use std::path::{Path, PathBuf};
@@ -74,6 +75,14 @@ fn main() -> anyhow::Result<()> {
                 eprintln!("xtask: installing Debian's prometheus package for promtool");
                 apt_install(&["prometheus"])?;
             }
+            // The Python plugins' unit tests, in plain CPython against the SDK's FakeHost.
+            for dir in python_plugins(&root)? {
+                run(Command::new(python3())
+                    .args(["-m", "unittest", "-v"])
+                    .current_dir(&dir)
+                    .env("PYTHONPATH", root.join("sdk/python"))
+                    .env("PYTHONDONTWRITEBYTECODE", "1"))?;
+            }
             // The plugins' own unit tests, natively, against the SDK's fake host.
             run(Command::new(cargo())
                 .args([
@@ -108,6 +117,102 @@ fn main() -> anyhow::Result<()> {
         }
     }
     Ok(())
+}
+
+/// The componentize-py release the Python plugins are built with.
+const COMPONENTIZE_PY: &str = "componentize-py==0.25.1";
+
+fn python3() -> String {
+    std::env::var("PYTHON").unwrap_or_else(|_| "python3".into())
+}
+
+/// Every Python plugin: a folder under plugins/python/ with an app.py.
+fn python_plugins(root: &Path) -> anyhow::Result<Vec<PathBuf>> {
+    let base = root.join("plugins/python");
+    let mut dirs = Vec::new();
+    if base.is_dir() {
+        for entry in std::fs::read_dir(&base)? {
+            let dir = entry?.path();
+            if dir.join("app.py").is_file() {
+                dirs.push(dir);
+            }
+        }
+    }
+    dirs.sort();
+    Ok(dirs)
+}
+
+/// componentize-py in target/python-venv, installed from PyPI if missing.
+fn componentize_py(root: &Path) -> anyhow::Result<PathBuf> {
+    let venv = root.join("target/python-venv");
+    let tool = venv.join("bin/componentize-py");
+    if tool.exists() {
+        return Ok(tool);
+    }
+    let version = Command::new(python3())
+        .args(["-c", "import sys; print(sys.version_info >= (3, 11))"])
+        .output()
+        .context("Python plugins need python3 (3.11 or newer) on PATH, or $PYTHON")?;
+    if String::from_utf8_lossy(&version.stdout).trim() != "True" {
+        bail!(
+            "Python plugins need Python 3.11 or newer (componentize-py's bindings use \
+             typing.Self); set $PYTHON to one"
+        );
+    }
+    eprintln!(
+        "xtask: installing {COMPONENTIZE_PY} into {}",
+        venv.display()
+    );
+    run(Command::new(python3()).args(["-m", "venv"]).arg(&venv))?;
+    run(Command::new(venv.join("bin/pip")).args(["install", "--quiet", COMPONENTIZE_PY]))?;
+    Ok(tool)
+}
+
+/// Newest modification time of the files under `paths`.
+fn newest(paths: &[PathBuf]) -> std::time::SystemTime {
+    let mut newest = std::time::SystemTime::UNIX_EPOCH;
+    let mut stack: Vec<PathBuf> = paths.to_vec();
+    while let Some(p) = stack.pop() {
+        if p.is_dir() {
+            if let Ok(entries) = std::fs::read_dir(&p) {
+                stack.extend(entries.flatten().map(|e| e.path()));
+            }
+        } else if let Ok(m) = p.metadata().and_then(|m| m.modified()) {
+            newest = newest.max(m);
+        }
+    }
+    newest
+}
+
+/// Build each Python plugin with componentize-py into `out/<folder>-py.wasm`,
+/// skipping those already newer than their sources, the SDK and the WIT.
+fn build_python_plugins(root: &Path, out: &Path) -> anyhow::Result<usize> {
+    let dirs = python_plugins(root)?;
+    if dirs.is_empty() {
+        return Ok(0);
+    }
+    let tool = componentize_py(root)?;
+    for dir in &dirs {
+        let name = dir.file_name().expect("a folder").to_string_lossy();
+        let wasm = out.join(format!("{name}-py.wasm"));
+        let inputs = [dir.clone(), root.join("sdk/python"), root.join("wit")];
+        let built = wasm.metadata().and_then(|m| m.modified()).ok();
+        if built.is_some_and(|b| b > newest(&inputs)) {
+            continue;
+        }
+        eprintln!("xtask: building {} with componentize-py", wasm.display());
+        run(Command::new(&tool)
+            .arg("-d")
+            .arg(root.join("wit"))
+            .args(["-w", "plugin", "componentize", "app", "-p"])
+            .arg(dir)
+            .arg("-p")
+            .arg(root.join("sdk/python"))
+            .arg("-o")
+            .arg(&wasm)
+            .env("PYTHONDONTWRITEBYTECODE", "1"))?;
+    }
+    Ok(dirs.len())
 }
 
 fn workspace_root() -> PathBuf {
@@ -226,6 +331,7 @@ fn build_plugins(root: &Path) -> anyhow::Result<PathBuf> {
             count += 1;
         }
     }
+    count += build_python_plugins(root, &out)?;
     let how = match toolchain {
         Toolchain::Rustup => "rustup wasm32-wasip2",
         Toolchain::DebianBuildStd => "Debian rustc-web + -Zbuild-std",
