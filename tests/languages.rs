@@ -95,3 +95,11 @@ fn a_python_plugin_retries_requeues_and_writes_status_in_the_real_host() {
     retry_requeue_and_status(&url, "hello-py");
     assert!(daemon.interrupt().success());
 }
+
+#[test]
+fn a_javascript_plugin_retries_requeues_and_writes_status_in_the_real_host() {
+    let home = tempfile::tempdir().unwrap();
+    let (mut daemon, url) = start(home.path(), &plugin("hello-js"));
+    retry_requeue_and_status(&url, "hello-js");
+    assert!(daemon.interrupt().success());
+}

@@ -7,8 +7,10 @@
 //!
 //! Each task installs what it is missing. For plugins that means a wasm32-wasip2
 //! toolchain: rustup's target where rustup can download it, otherwise Debian's
-//! rustc-web with `-Zbuild-std` (see README, "Toolchains"); and, for the Python
-//! plugins under plugins/python/, componentize-py in a venv (target/python-venv).
+//! rustc-web with `-Zbuild-std` (see README, "Toolchains"); for the Python
+//! plugins under plugins/python/, componentize-py in a venv (target/python-venv);
+//! for the JavaScript plugins under plugins/js/, componentize-js from npm
+//! (target/js-tools).
 
 use std::net::{TcpStream, ToSocketAddrs};
 use std::path::{Path, PathBuf};
@@ -83,6 +85,21 @@ fn main() -> anyhow::Result<()> {
                     .env("PYTHONPATH", root.join("sdk/python"))
                     .env("PYTHONDONTWRITEBYTECODE", "1"))?;
             }
+            // The JavaScript plugins' unit tests, in plain Node against the SDK's FakeHost.
+            for dir in guest_plugins(&root, "js", "app.js")? {
+                let mut tests = Vec::new();
+                for entry in std::fs::read_dir(&dir)? {
+                    let path = entry?.path();
+                    if path.to_string_lossy().ends_with(".test.mjs") {
+                        tests.push(path);
+                    }
+                }
+                tests.sort();
+                run(Command::new("node")
+                    .arg("--test")
+                    .args(&tests)
+                    .current_dir(&dir))?;
+            }
             // The plugins' own unit tests, natively, against the SDK's fake host.
             run(Command::new(cargo())
                 .args([
@@ -128,18 +145,83 @@ fn python3() -> String {
 
 /// Every Python plugin: a folder under plugins/python/ with an app.py.
 fn python_plugins(root: &Path) -> anyhow::Result<Vec<PathBuf>> {
-    let base = root.join("plugins/python");
+    guest_plugins(root, "python", "app.py")
+}
+
+/// The folders under plugins/LANG/ that hold an `entry` file.
+fn guest_plugins(root: &Path, lang: &str, entry: &str) -> anyhow::Result<Vec<PathBuf>> {
+    let base = root.join("plugins").join(lang);
     let mut dirs = Vec::new();
     if base.is_dir() {
-        for entry in std::fs::read_dir(&base)? {
-            let dir = entry?.path();
-            if dir.join("app.py").is_file() {
+        for item in std::fs::read_dir(&base)? {
+            let dir = item?.path();
+            if dir.join(entry).is_file() {
                 dirs.push(dir);
             }
         }
     }
     dirs.sort();
     Ok(dirs)
+}
+
+/// The componentize-js release the JavaScript plugins are built with.
+const COMPONENTIZE_JS: &str = "0.23.0";
+
+/// target/js-tools with componentize-js installed from npm, and the SDK's build
+/// script beside it (so that its import resolves to that node_modules).
+fn js_tools(root: &Path) -> anyhow::Result<PathBuf> {
+    let tools = root.join("target/js-tools");
+    std::fs::create_dir_all(&tools)?;
+    std::fs::copy(root.join("sdk/js/build.mjs"), tools.join("build.mjs"))?;
+    if tools
+        .join("node_modules/@bytecodealliance/componentize-js/package.json")
+        .exists()
+    {
+        return Ok(tools);
+    }
+    std::fs::write(
+        tools.join("package.json"),
+        format!(
+            "{{\"name\": \"setpoint-js-tools\", \"private\": true, \"type\": \"module\", \
+             \"dependencies\": {{\"@bytecodealliance/componentize-js\": \"{COMPONENTIZE_JS}\"}}}}\n"
+        ),
+    )?;
+    eprintln!(
+        "xtask: installing componentize-js {COMPONENTIZE_JS} into {}",
+        tools.display()
+    );
+    run(Command::new("npm")
+        .args(["install", "--no-audit", "--no-fund", "--loglevel=error"])
+        .current_dir(&tools))
+    .context("JavaScript plugins need Node.js and npm (Debian: nodejs npm)")?;
+    Ok(tools)
+}
+
+/// Build each JavaScript plugin (entry app.js) into `out/<folder>-js.wasm`,
+/// skipping those already newer than their sources, the SDK and the WIT.
+fn build_js_plugins(root: &Path, out: &Path) -> anyhow::Result<usize> {
+    let dirs = guest_plugins(root, "js", "app.js")?;
+    if dirs.is_empty() {
+        return Ok(0);
+    }
+    let tools = js_tools(root)?;
+    for dir in &dirs {
+        let name = dir.file_name().expect("a folder").to_string_lossy();
+        let wasm = out.join(format!("{name}-js.wasm"));
+        let inputs = [dir.clone(), root.join("sdk/js"), root.join("wit")];
+        let built = wasm.metadata().and_then(|m| m.modified()).ok();
+        if built.is_some_and(|b| b > newest(&inputs)) {
+            continue;
+        }
+        eprintln!("xtask: building {} with componentize-js", wasm.display());
+        // componentize-js wants the WIT folder under the current directory.
+        run(Command::new("node")
+            .arg(tools.join("build.mjs"))
+            .arg(dir.join("app.js"))
+            .arg(&wasm)
+            .current_dir(root))?;
+    }
+    Ok(dirs.len())
 }
 
 /// componentize-py in target/python-venv, installed from PyPI if missing.
@@ -332,6 +414,7 @@ fn build_plugins(root: &Path) -> anyhow::Result<PathBuf> {
         }
     }
     count += build_python_plugins(root, &out)?;
+    count += build_js_plugins(root, &out)?;
     let how = match toolchain {
         Toolchain::Rustup => "rustup wasm32-wasip2",
         Toolchain::DebianBuildStd => "Debian rustc-web + -Zbuild-std",
