@@ -92,6 +92,8 @@ fn retry_requeue_and_status(url: &str, controller: &str) {
 fn a_python_plugin_retries_requeues_and_writes_status_in_the_real_host() {
     let home = tempfile::tempdir().unwrap();
     let (mut daemon, url) = start(home.path(), &plugin("hello-py"));
+    // An 18 MB component compiles for seconds on its first load: the log says so.
+    daemon.wait_for("MB component: 1s so far (first load only");
     retry_requeue_and_status(&url, "hello-py");
     assert!(daemon.interrupt().success());
 }

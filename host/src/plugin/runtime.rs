@@ -194,15 +194,32 @@ impl Runtime {
         let sha256 = sha256_hex(&bytes);
         let runtime = self.clone();
         let digest = sha256.clone();
-        // Compiling a large component takes seconds of CPU: keep it off the executor.
-        let compiled = tokio::task::spawn_blocking(move || {
+        let megabytes = bytes.len() as f64 / 1e6;
+        // Compiling a large component takes seconds of CPU: keep it off the executor,
+        // and say what is going on while it runs (a cache hit ends before the first word).
+        let task = tokio::task::spawn_blocking(move || {
             runtime
                 .inner
                 .cache
                 .get_or_compile(&runtime.inner.engine, &bytes, &digest)
-        })
-        .await
-        .expect("the compile task does not panic");
+        });
+        tokio::pin!(task);
+        let every = Duration::from_secs(2);
+        let mut progress = tokio::time::interval_at(
+            tokio::time::Instant::now() + Duration::from_secs(1),
+            every,
+        );
+        let compiled = loop {
+            tokio::select! {
+                done = &mut task => break done.expect("the compile task does not panic"),
+                _ = progress.tick() => tracing::info!(
+                    path = %path.display(),
+                    "compiling a {megabytes:.1} MB component: {}s so far (first load only; \
+                     the compiled form is cached)",
+                    started.elapsed().as_secs()
+                ),
+            }
+        };
         let (component, cache) = compiled.map_err(|e| LoadError::Invalid {
             path: path.clone(),
             reason: root_cause(&e),
