@@ -54,9 +54,15 @@ fn main() {
         .build()
         .unwrap();
     println!("\n## Load: cold (compile) vs warm (cache hit on a new runtime), median of 3\n");
-    println!("| plugin | size | cold | cold peak RSS | warm | warm peak RSS | warm vs cold time | warm vs cold RSS |");
+    println!(
+        "| plugin | size | cold | cold peak RSS | warm | warm peak RSS | warm vs cold time | warm vs cold RSS |"
+    );
     println!("|---|---:|---:|---:|---:|---:|---:|---:|");
-    for (name, language) in [("hello", "Rust"), ("hello-py", "Python"), ("hello-js", "JavaScript")] {
+    for (name, language) in [
+        ("hello", "Rust"),
+        ("hello-py", "Python"),
+        ("hello-js", "JavaScript"),
+    ] {
         let size = std::fs::metadata(plugin_path(name)).unwrap().len();
         let cold = median_of(
             3,

@@ -64,6 +64,17 @@ pub enum Command {
         #[arg(long)]
         store: Option<PathBuf>,
     },
+    /// Scaffold a plugin project that builds and passes its own test as it is.
+    New {
+        /// The plugin's language.
+        #[arg(long, value_enum)]
+        lang: crate::scaffold::Lang,
+        /// The plugin's name (lower-case, '-'); its kind is the CamelCase of it.
+        name: String,
+        /// Where to create the project's folder.
+        #[arg(long, default_value = ".")]
+        dir: PathBuf,
+    },
     /// Create or update the objects in manifest files or folders, all or none.
     Apply {
         /// A YAML/JSON manifest, or a folder of them (repeatable).
@@ -190,6 +201,11 @@ impl Cli {
                 dirs,
                 timeout,
             } => reconcile(&file, &object, action, &dirs, timeout).await,
+            Command::New { lang, name, dir } => {
+                let project = crate::scaffold::create(&dir, &name, lang)?;
+                println!("{}", crate::scaffold::next_steps(&project, lang));
+                Ok(())
+            }
             command => {
                 let client = Client::new(&self.server, self.token);
                 tokio::task::spawn_blocking(move || talk(&client, command)).await?
@@ -512,8 +528,11 @@ fn talk(client: &Client, command: Command) -> anyhow::Result<()> {
             )?;
             println!("reconciled");
         }
-        Command::Run { .. } | Command::Plugin { .. } | Command::Reconcile { .. } => {
-            unreachable!("run, plugin and reconcile do not talk to a daemon")
+        Command::Run { .. }
+        | Command::Plugin { .. }
+        | Command::Reconcile { .. }
+        | Command::New { .. } => {
+            unreachable!("run, plugin, reconcile and new do not talk to a daemon")
         }
     }
     Ok(())

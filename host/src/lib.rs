@@ -14,6 +14,7 @@
 //! - [`api`]: the HTTP admin API (objects, status, watch, CloudEvents) and `/metrics`.
 //! - [`source`]: event sources: watched manifest folders.
 //! - [`client`]: the command line's client of the API.
+//! - [`scaffold`]: `setpoint new`, plugin projects in Rust, Python and JavaScript.
 //! - [`cli`]: the `setpoint` command line.
 
 pub mod api;
@@ -26,5 +27,6 @@ pub mod metrics;
 pub mod object;
 pub mod plugin;
 pub mod queue;
+pub mod scaffold;
 pub mod source;
 pub mod store;

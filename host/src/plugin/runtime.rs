@@ -205,10 +205,8 @@ impl Runtime {
         });
         tokio::pin!(task);
         let every = Duration::from_secs(2);
-        let mut progress = tokio::time::interval_at(
-            tokio::time::Instant::now() + Duration::from_secs(1),
-            every,
-        );
+        let mut progress =
+            tokio::time::interval_at(tokio::time::Instant::now() + Duration::from_secs(1), every);
         let compiled = loop {
             tokio::select! {
                 done = &mut task => break done.expect("the compile task does not panic"),
