@@ -659,10 +659,7 @@ pub fn read_manifests(path: &Path) -> anyhow::Result<Vec<Object>> {
             .with_context(|| format!("cannot read folder {}", path.display()))?
         {
             let p = entry?.path();
-            if matches!(
-                p.extension().and_then(|e| e.to_str()),
-                Some("yaml" | "yml" | "json")
-            ) {
+            if crate::source::manifests::is_manifest(&p) {
                 files.push(p);
             }
         }

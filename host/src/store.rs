@@ -446,27 +446,10 @@ impl Store {
         if inner.dirty() == 0 {
             return Ok(());
         }
-        let objects: Vec<_> = std::mem::take(&mut inner.dirty_objects)
-            .into_iter()
-            .map(|k| {
-                let v = inner.objects.get(&k).cloned();
-                (k, v)
-            })
-            .collect();
-        let status: Vec<_> = std::mem::take(&mut inner.dirty_status)
-            .into_iter()
-            .map(|k| {
-                let v = inner.status.get(&k).cloned();
-                (k, v)
-            })
-            .collect();
-        let kv: Vec<_> = std::mem::take(&mut inner.dirty_kv)
-            .into_iter()
-            .map(|k| {
-                let v = inner.kv.get(&k).cloned();
-                (k, v)
-            })
-            .collect();
+        let inner_ref = &mut *inner;
+        let objects = rows(&mut inner_ref.dirty_objects, &inner_ref.objects);
+        let status = rows(&mut inner_ref.dirty_status, &inner_ref.status);
+        let kv = rows(&mut inner_ref.dirty_kv, &inner_ref.kv);
         let (uid, version) = (inner.next_uid, inner.next_version);
         let order = self.commit_order();
         drop(inner);
@@ -1036,6 +1019,37 @@ impl Store {
             object: object.clone(),
         });
         self.shared.settled.send_modify(|n| *n += 1);
+    }
+}
+
+/// Take the `dirty` keys with their current values in `from` (`None`: removed).
+fn rows<K: Clone + Eq + std::hash::Hash, V: Clone>(
+    dirty: &mut HashSet<K>,
+    from: &impl Lookup<K, V>,
+) -> Vec<(K, Option<V>)> {
+    std::mem::take(dirty)
+        .into_iter()
+        .map(|k| {
+            let v = from.lookup(&k);
+            (k, v)
+        })
+        .collect()
+}
+
+/// A map a dirty key is looked up in: the object and status hash maps, the kv B-tree.
+trait Lookup<K, V> {
+    fn lookup(&self, key: &K) -> Option<V>;
+}
+
+impl<K: Eq + std::hash::Hash, V: Clone> Lookup<K, V> for HashMap<K, V> {
+    fn lookup(&self, key: &K) -> Option<V> {
+        self.get(key).cloned()
+    }
+}
+
+impl<K: Ord, V: Clone> Lookup<K, V> for BTreeMap<K, V> {
+    fn lookup(&self, key: &K) -> Option<V> {
+        self.get(key).cloned()
     }
 }
 

@@ -221,7 +221,8 @@ impl Manifests {
     }
 }
 
-fn is_manifest(path: &Path) -> bool {
+/// A manifest file: `.yaml`, `.yml` or `.json`.
+pub fn is_manifest(path: &Path) -> bool {
     matches!(
         path.extension().and_then(|e| e.to_str()),
         Some("yaml" | "yml" | "json")
