@@ -77,7 +77,19 @@ fn inspect_names_a_missing_export_function() {
 #[test]
 fn inspect_names_an_export_function_of_the_wrong_type() {
     let file = root().join("tests/fixtures/wrong-signature.wat");
-    assert_clear_refusal(&file, "has a `describe` of the wrong type");
+    // Named as the component exports it (0.1.1), not as this host calls it.
+    assert_clear_refusal(
+        &file,
+        "`setpoint:reconciler/reconciler@0.1.1` has a `describe` of the wrong type",
+    );
+}
+
+#[test]
+fn inspect_names_the_host_function_a_newer_component_imports() {
+    let file = root().join("tests/fixtures/newer-import.wat");
+    assert_clear_refusal(&file, "`frobnicate`");
+    let (_, _, err) = inspect(&file);
+    assert!(err.contains("setpoint:reconciler/clock@0.1.9"), "{err}");
 }
 
 #[test]
@@ -111,6 +123,54 @@ fn inspect_refuses_a_core_module() {
 fn inspect_refuses_a_missing_file() {
     let dir = tempfile::tempdir().unwrap();
     assert_clear_refusal(&dir.path().join("nope.wasm"), "cannot read plugin");
+    let (_, _, err) = inspect(&dir.path().join("nope.wasm"));
+    assert_eq!(
+        err.matches("os error 2").count(),
+        1,
+        "the OS error once: {err}"
+    );
+}
+
+#[test]
+fn run_names_a_missing_plugin_and_its_os_error_once() {
+    let home = tempfile::tempdir().unwrap();
+    let config = home.path().join("setpoint.toml");
+    std::fs::write(
+        &config,
+        "[store]\nin-memory = true\n[api]\nenabled = false\n[[plugin]]\npath = \"nope.wasm\"\n",
+    )
+    .unwrap();
+    let output = setpoint(&home.path().join("cache"))
+        .args(["run", "--config"])
+        .arg(&config)
+        .output()
+        .unwrap();
+    let (_, err) = texts(&output);
+    assert!(!output.status.success(), "{err}");
+    let message: Vec<&str> = err.lines().filter(|l| l.starts_with("error:")).collect();
+    assert_eq!(message.len(), 1, "one error paragraph: {err}");
+    assert!(message[0].contains("cannot read plugin"), "{err}");
+    assert_eq!(
+        message[0].matches("nope.wasm").count(),
+        1,
+        "the path once: {err}"
+    );
+    assert_eq!(
+        message[0].matches("os error 2").count(),
+        1,
+        "the OS error once: {err}"
+    );
+}
+
+/// `setpoint reconcile PLUGIN --object OBJECT`.
+fn reconcile(cache: &std::path::Path, name: &str, object: &std::path::Path) -> std::process::Output {
+    setpoint(cache)
+        .arg("reconcile")
+        .arg(plugin(name))
+        .arg("--object")
+        .arg(object)
+        .output()
+        .unwrap()
 }
 
 #[test]
@@ -137,11 +197,12 @@ fn reconcile_runs_one_reconcile_and_prints_the_outcome() {
     assert!(output.status.success(), "{err}");
     let printed: serde_json::Value = serde_json::from_str(&out).unwrap();
     assert_eq!(printed["result"], "ok");
+    assert_eq!(printed["phase"], "done");
     assert_eq!(
-        printed["status"],
-        serde_json::json!({"path": "/data/motd", "bytes": 2})
+        printed["status-written"],
+        serde_json::json!({"path": "/data/_default/motd", "bytes": 2})
     );
-    assert_eq!(std::fs::read_to_string(out_dir.join("motd")).unwrap(), "hi");
+    assert_eq!(std::fs::read_to_string(out_dir.join("_default/motd")).unwrap(), "hi");
 }
 
 #[test]
@@ -154,17 +215,13 @@ fn reconcile_prints_a_plugin_error_with_its_kind() {
         "kind: File\nmetadata:\n  name: bad\nspec:\n  contents: typo\n",
     )
     .unwrap();
-    let output = setpoint(cache.path())
-        .arg("reconcile")
-        .arg(plugin("files"))
-        .arg("--object")
-        .arg(&object)
-        .output()
-        .unwrap();
+    let output = reconcile(cache.path(), "files", &object);
     let (out, err) = texts(&output);
-    assert!(output.status.success(), "{err}");
+    assert!(!output.status.success(), "a failed reconcile exits non-zero: {out}");
     let printed: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(printed["result"], "error");
     assert_eq!(printed["error"], "fatal");
+    assert_eq!(printed["phase"], "error");
     assert!(
         printed["message"]
             .as_str()
@@ -172,6 +229,29 @@ fn reconcile_prints_a_plugin_error_with_its_kind() {
             .contains("unknown field `contents`"),
         "{out}"
     );
+    assert!(err.contains("the reconcile failed (fatal)"), "{err}");
+}
+
+#[test]
+fn reconcile_classifies_a_trap_as_the_daemon_does_and_shows_the_panic() {
+    let cache = tempfile::tempdir().unwrap();
+    let data = tempfile::tempdir().unwrap();
+    let object = data.path().join("trap.yaml");
+    std::fs::write(
+        &object,
+        "kind: Hostile\nmetadata:\n  name: trap\nspec:\n  mode: trap\n",
+    )
+    .unwrap();
+    let output = reconcile(cache.path(), "hostile", &object);
+    let (out, err) = texts(&output);
+    assert!(!output.status.success(), "{out}");
+    let printed: serde_json::Value = serde_json::from_str(&out).unwrap();
+    // A trap is retried by the daemon: the same class here.
+    assert_eq!(printed["error"], "retry", "{out}");
+    assert!(printed["retry-in-ms"].as_u64().is_some(), "{out}");
+    let message = printed["message"].as_str().unwrap();
+    assert!(message.contains("asked to trap"), "the panic's message: {message}");
+    assert!(err.contains("the reconcile failed (retry)"), "{err}");
 }
 
 #[test]
@@ -186,7 +266,7 @@ fn run_without_config_reconciles_the_examples() {
     let (_, err) = texts(&output);
     assert!(output.status.success(), "{err}");
     assert!(err.contains("every object is reconciled"), "{err}");
-    let motd = cwd.path().join("target/demo/files/motd");
+    let motd = cwd.path().join("target/demo/files/_default/motd");
     assert_eq!(
         std::fs::read_to_string(motd).unwrap(),
         "Welcome to Setpoint.\n"

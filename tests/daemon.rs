@@ -85,7 +85,7 @@ fn apply_reconciles_to_done_and_delete_runs_the_finalizer_before_the_object_goes
     let status = get(&format!("{url}/v1/objects/File/motd/status")).json();
     assert_eq!(status["phase"], "done", "{status}");
     assert_eq!(status["observedGeneration"], 1);
-    let written = home.path().join("files/motd");
+    let written = home.path().join("files/_default/motd");
     assert_eq!(std::fs::read_to_string(&written).unwrap(), "hi\n");
     let object = get(&format!("{url}/v1/objects/File/motd")).json();
     assert_eq!(object["metadata"]["finalizers"][0], "setpoint.dev/files");
@@ -138,7 +138,7 @@ fn a_full_reconciliation_prunes_a_stray_and_keeps_what_is_wanted() {
     assert_eq!(wait(&url, "kind=File").status, 200);
     let stray = home.path().join("files/stray");
     std::fs::write(&stray, "nobody wants me").unwrap();
-    let kept = home.path().join("files/keep");
+    let kept = home.path().join("files/_default/keep");
     std::fs::write(&kept, "edited behind Setpoint's back").unwrap();
 
     let report = http(
@@ -401,6 +401,60 @@ fn bad_input_gets_a_clear_4xx_and_nothing_is_stored_half_way() {
         unknown_kind.body
     );
 
+    // Names follow Kubernetes' grammar; a refusal states the rule and stores nothing.
+    for (manifest, field, rule) in [
+        (
+            "kind: File\nmetadata: {name: '.'}\n",
+            "metadata.name",
+            "DNS-1123 subdomain",
+        ),
+        (
+            "kind: File\nmetadata: {name: '..'}\n",
+            "metadata.name",
+            "DNS-1123 subdomain",
+        ),
+        (
+            "kind: File\nmetadata: {name: My_File}\n",
+            "metadata.name",
+            "DNS-1123 subdomain",
+        ),
+        (
+            "kind: File\nmetadata: {name: a, namespace: '..'}\n",
+            "metadata.namespace",
+            "DNS-1123 subdomain",
+        ),
+        (
+            "kind: File\nmetadata: {name: a, labels: {'-team': x}}\n",
+            "label key",
+            "optional prefix",
+        ),
+        (
+            "kind: File\nmetadata: {name: a, labels: {team: 'a b'}}\n",
+            "value of label \"team\"",
+            "at most 63",
+        ),
+    ] {
+        let refused = apply(&url, manifest);
+        assert_eq!(refused.status, 400, "{manifest}: {}", refused.body);
+        let message = error(&refused);
+        assert!(message.contains(field), "{manifest}: {message}");
+        assert!(message.contains(rule), "{manifest}: {message}");
+    }
+    let long_name = apply(&url, &file(&"n".repeat(3000), "x"));
+    assert_eq!(long_name.status, 400);
+    assert!(
+        error(&long_name).len() < 600,
+        "quotes a long name shortened: {}",
+        long_name.body
+    );
+    assert!(
+        get(&format!("{url}/v1/objects/File"))
+            .json()
+            .as_array()
+            .unwrap()
+            .is_empty()
+    );
+
     let huge = file("big", &"x".repeat(5000));
     let too_big = apply(&url, &huge);
     assert_eq!(too_big.status, 413);
@@ -556,7 +610,101 @@ fn a_watched_manifest_folder_is_applied_on_change_and_a_removed_file_deletes_its
     eventually("from-a is deleted", LIMIT, || {
         get(&format!("{url}/v1/objects/File/from-a")).status == 404
     });
-    assert!(!home.path().join("files/from-a").exists());
+    assert!(!home.path().join("files/_default/from-a").exists());
+    assert!(d.interrupt().success());
+}
+
+/// Run the CLI against the daemon at `url`: (success, stdout, stderr).
+fn cli(home: &Path, url: &str, args: &[&str]) -> (bool, String, String) {
+    let output = setpoint(&home.join("cache"))
+        .args(["--server", url])
+        .args(args)
+        .output()
+        .unwrap();
+    let (out, err) = texts(&output);
+    (output.status.success(), out, err)
+}
+
+/// The hostile controller's status model.
+fn hostile(url: &str) -> serde_json::Value {
+    get(&format!("{url}/v1/controllers"))
+        .json()
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["name"] == "hostile")
+        .cloned()
+        .expect("a hostile controller")
+}
+
+#[test]
+fn a_forced_delete_removes_an_object_whose_finalizer_cannot_complete() {
+    let home = tempfile::tempdir().unwrap();
+    let (mut d, url) = daemon(home.path(), "", "");
+    let cli = |args: &[&str]| cli(home.path(), &url, args);
+    // `fail` fails every reconcile, the delete too: the finalizer never goes.
+    let stuck = "kind: Hostile\nmetadata: {name: stuck}\nspec: {mode: fail}\n";
+    assert_eq!(apply(&url, stuck).status, 200);
+    let stuck_url = format!("{url}/v1/objects/Hostile/stuck");
+    assert_eq!(http("DELETE", &stuck_url, &[], None).status, 202);
+    eventually("the plugin failed a few times", LIMIT, || {
+        hostile(&url)["failures"].as_u64().unwrap() >= 3
+    });
+    let object = get(&stuck_url).json();
+    assert!(object["metadata"]["deletionTimestamp"].is_u64(), "{object}");
+
+    let (ok, out, err) = cli(&["delete", "Hostile", "stuck", "--force"]);
+    assert!(ok, "{err}");
+    assert_eq!(
+        out.trim(),
+        "Hostile:stuck removed by force, dropping finalizers: setpoint.dev/hostile"
+    );
+    assert_eq!(get(&stuck_url).status, 404);
+    assert_eq!(wait(&url, "kind=Hostile&name=stuck").status, 200);
+    // Its controller forgets the key: no retry stays pending, none runs later.
+    eventually("the controller forgot the key", LIMIT, || {
+        let c = hostile(&url);
+        c["pending-timers"] == 0 && c["queue-depth"] == 0 && c["in-flight"] == 0
+    });
+    let failures = hostile(&url)["failures"].clone();
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(hostile(&url)["failures"], failures);
+
+    let line = d.wait_for("force-deleted");
+    assert!(line.contains("WARN"), "{line}");
+    assert!(line.contains("Hostile:stuck"), "{line}");
+    assert!(line.contains("setpoint.dev/hostile"), "{line}");
+
+    // Over the API: an object not even deleting yet; the answer lists what went.
+    let ok = "kind: Hostile\nmetadata: {name: fine, namespace: team-a}\nspec: {mode: ok}\n";
+    assert_eq!(apply(&url, ok).status, 200);
+    let fine_url = format!("{url}/v1/objects/Hostile/fine?namespace=team-a");
+    let forced = http("DELETE", &format!("{fine_url}&force=true"), &[], None);
+    assert_eq!(forced.status, 200, "{}", forced.body);
+    assert_eq!(
+        forced.json(),
+        serde_json::json!({
+            "key": "Hostile:team-a/fine",
+            "removed": true,
+            "forced": true,
+            "droppedFinalizers": ["setpoint.dev/hostile"],
+        })
+    );
+    assert_eq!(get(&fine_url).status, 404);
+    let again = http("DELETE", &format!("{fine_url}&force=true"), &[], None);
+    assert_eq!(again.status, 404, "{}", again.body);
+    assert!(
+        again.json()["error"]
+            .as_str()
+            .unwrap()
+            .contains("not found")
+    );
+
+    let metrics = get(&format!("{url}/metrics")).body;
+    assert!(
+        metrics.contains("setpoint_forced_deletes_total{kind=\"Hostile\"} 2\n"),
+        "{metrics}"
+    );
     assert!(d.interrupt().success());
 }
 
@@ -564,15 +712,7 @@ fn a_watched_manifest_folder_is_applied_on_change_and_a_removed_file_deletes_its
 fn the_cli_applies_gets_waits_for_and_deletes_through_the_api() {
     let home = tempfile::tempdir().unwrap();
     let (mut d, url) = daemon(home.path(), "", "");
-    let cli = |args: &[&str]| {
-        let output = setpoint(&home.path().join("cache"))
-            .args(["--server", &url])
-            .args(args)
-            .output()
-            .unwrap();
-        let (out, err) = texts(&output);
-        (output.status.success(), out, err)
-    };
+    let cli = |args: &[&str]| cli(home.path(), &url, args);
     let dir = home.path().join("objects");
     std::fs::create_dir_all(&dir).unwrap();
     std::fs::write(
@@ -614,5 +754,169 @@ fn the_cli_applies_gets_waits_for_and_deletes_through_the_api() {
         .unwrap();
     let (_, err) = texts(&stopped);
     assert!(err.contains("Is `setpoint run` running there?"), "{err}");
+    assert!(d.interrupt().success());
+}
+
+#[test]
+fn admission_refuses_a_spec_that_does_not_fit_naming_the_field_and_stores_nothing() {
+    let home = tempfile::tempdir().unwrap();
+    let (mut d, url) = daemon(home.path(), "", "");
+    let greeting = |name: &str, spec: &str| {
+        format!("kind: Greeting\nmetadata:\n  name: {name}\nspec: {spec}\n---\n")
+    };
+    // A good one and a bad one in one apply: all or none.
+    let both = greeting("good", "{who: readers}") + &greeting("bad", "{who: 5}");
+    let answer = apply(&url, &both);
+    assert_eq!(answer.status, 422, "{}", answer.body);
+    let error = answer.json()["error"].as_str().unwrap().to_string();
+    assert!(error.contains("Greeting:bad was refused by plugin hello"), "{error}");
+    assert!(error.contains("spec.who: invalid type: integer `5`"), "{error}");
+    assert!(error.contains("Nothing was stored"), "{error}");
+    for name in ["good", "bad"] {
+        assert_eq!(get(&format!("{url}/v1/objects/Greeting/{name}")).status, 404);
+    }
+    // No spec at all: the missing field is named.
+    let answer = http(
+        "POST",
+        &format!("{url}/v1/objects"),
+        &[JSON],
+        Some(r#"{"kind":"Greeting","metadata":{"name":"empty"}}"#),
+    );
+    assert_eq!(answer.status, 422, "{}", answer.body);
+    assert!(answer.body.contains("missing field `who`"), "{}", answer.body);
+    // A fitting spec is admitted and reconciled.
+    assert_eq!(apply(&url, &greeting("good", "{who: readers}")).status, 200);
+    assert_eq!(wait(&url, "kind=Greeting&name=good").status, 200);
+    assert!(d.interrupt().success());
+}
+
+#[test]
+fn an_object_whose_spec_does_not_decode_can_still_be_deleted() {
+    // Manifest folders do not go through admission: a spec written before the
+    // plugin checked specs (or by hand) can still be stored.
+    let home = tempfile::tempdir().unwrap();
+    let manifests = home.path().join("manifests");
+    std::fs::create_dir_all(&manifests).unwrap();
+    std::fs::write(
+        manifests.join("bad.yaml"),
+        "kind: Greeting\nmetadata:\n  name: bad\nspec: {who: 5}\n",
+    )
+    .unwrap();
+    let top = format!("manifests = [\"{}\"]", manifests.display());
+    let (mut d, url) = daemon(home.path(), &top, "");
+    let status = format!("{url}/v1/objects/Greeting/bad/status");
+    eventually("the bad spec fails for good", LIMIT, || {
+        let s = get(&status);
+        s.status == 200 && s.json()["phase"] == "error"
+    });
+    let last = get(&status).json()["lastError"].to_string();
+    assert!(last.contains("spec.who"), "the error names the field: {last}");
+    let deleted = http("DELETE", &format!("{url}/v1/objects/Greeting/bad"), &[], None);
+    assert!(deleted.status < 300, "{}", deleted.body);
+    eventually("the delete reached the plugin and the object is gone", LIMIT, || {
+        get(&format!("{url}/v1/objects/Greeting/bad")).status == 404
+    });
+    assert!(d.interrupt().success());
+}
+
+#[test]
+fn wait_fails_at_once_on_an_object_that_failed_for_good_and_still_waits_for_a_retry() {
+    let home = tempfile::tempdir().unwrap();
+    let (mut d, url) = daemon(home.path(), "", "");
+    let cli = |args: &[&str]| {
+        let started = std::time::Instant::now();
+        let output = setpoint(&home.path().join("cache"))
+            .args(["--server", &url])
+            .args(args)
+            .output()
+            .unwrap();
+        let (out, err) = texts(&output);
+        (output.status.success(), out, err, started.elapsed())
+    };
+    // An unknown mode is a fatal error in `hostile`: never retried. `fail`
+    // fails with a retry every time (giving up only after ~100 s of back-off).
+    let objects = "kind: Hostile\nmetadata: {name: broken}\nspec: {mode: bogus}\n---\n\
+                   kind: Hostile\nmetadata: {name: retrying}\nspec: {mode: fail}\n";
+    assert_eq!(apply(&url, objects).status, 200);
+
+    for args in [
+        &["wait", "Hostile", "broken", "--timeout", "60s"][..],
+        &["wait", "Hostile", "--timeout", "60s"],
+        &["wait", "--timeout", "60s"],
+    ] {
+        let (ok, _, err, took) = cli(args);
+        assert!(!ok, "{args:?}: {err}");
+        assert!(
+            took < Duration::from_secs(30),
+            "{args:?} took {took:?}: {err}"
+        );
+        assert!(
+            err.contains("1 object(s) failed and will not be retried"),
+            "{args:?}: {err}"
+        );
+        assert!(
+            err.contains("Hostile:broken: unknown mode \"bogus\""),
+            "{args:?}: {err}"
+        );
+        assert!(!err.contains("Hostile:retrying"), "{args:?}: {err}");
+    }
+    // The object that will be retried is waited for, to the timeout.
+    let (ok, _, err, took) = cli(&["wait", "Hostile", "retrying", "--timeout", "2s"]);
+    assert!(!ok);
+    assert!(took >= Duration::from_secs(2), "{took:?}");
+    assert!(err.contains("1 object(s) not reconciled after 2s"), "{err}");
+    assert!(
+        err.contains("Hostile:retrying: error (failing on purpose"),
+        "{err}"
+    );
+    // --keep-waiting: so is the one that failed for good.
+    let (ok, _, err, took) = cli(&[
+        "wait",
+        "Hostile",
+        "broken",
+        "--keep-waiting",
+        "--timeout",
+        "1s",
+    ]);
+    assert!(!ok);
+    assert!(took >= Duration::from_secs(1), "{took:?}");
+    assert!(err.contains("not reconciled after 1s"), "{err}");
+    assert!(err.contains("Hostile:broken: error (unknown mode"), "{err}");
+    let (ok, out, _, _) = cli(&["status", "Hostile"]);
+    assert!(ok);
+    let line = |name: &str| {
+        out.lines()
+            .find(|l| l.starts_with(&format!("Hostile:{name} ")))
+            .unwrap_or_else(|| panic!("no {name} in {out}"))
+            .to_string()
+    };
+    assert!(line("broken").contains(" failed "), "{out}");
+    assert!(line("retrying").contains(" error "), "{out}");
+
+    // Over the API: 409 at once with the status, 504 with keepWaiting=true.
+    let failed = wait(&url, "kind=Hostile&name=broken");
+    assert_eq!(failed.status, 409, "{}", failed.body);
+    let body = failed.json();
+    assert_eq!(body["reconciled"], false);
+    assert_eq!(body["failed"][0]["key"], "Hostile:broken");
+    assert_eq!(body["failed"][0]["status"]["terminal"], true);
+    assert_eq!(body["failed"][0]["status"]["phase"], "error");
+    let error = body["error"].as_str().unwrap();
+    assert!(error.contains("keepWaiting=true"), "{error}");
+    let kept = get(&format!(
+        "{url}/v1/wait?kind=Hostile&name=broken&keepWaiting=true&timeout=500ms"
+    ));
+    assert_eq!(kept.status, 504, "{}", kept.body);
+    let retrying = get(&format!("{url}/v1/objects/Hostile/retrying/status")).json();
+    assert_eq!(retrying["terminal"], false, "{retrying}");
+    let bad = get(&format!("{url}/v1/wait?kind=Hostile&keepWaiting=yes"));
+    assert_eq!(bad.status, 400, "{}", bad.body);
+
+    // Fixed, it is reconciled, and the wait succeeds.
+    let fixed = "kind: Hostile\nmetadata: {name: broken}\nspec: {mode: ok}\n";
+    assert_eq!(apply(&url, fixed).status, 200);
+    let (ok, out, err, _) = cli(&["wait", "Hostile", "broken", "--timeout", "60s"]);
+    assert!(ok, "{err}");
+    assert_eq!(out.trim(), "reconciled");
     assert!(d.interrupt().success());
 }

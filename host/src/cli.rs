@@ -10,15 +10,13 @@ use tokio_util::sync::CancellationToken;
 
 use crate::client::{Client, query};
 use crate::config::{Config, DirGrant, PluginConfig};
-use crate::controller::Manager;
+use crate::controller::{Controller, Manager, Settled};
 use crate::leader::{AlwaysLeader, LeaderElector};
 use crate::metrics::Metrics;
 use crate::object::{Object, parse_all};
-use crate::plugin::{
-    CONTRACT_VERSION, PACKAGE, Runtime, SUPPORTED_VERSIONS, WORLD, object_to_wit, wit,
-};
+use crate::plugin::{CONTRACT_VERSION, PACKAGE, Runtime, SUPPORTED_VERSIONS, WORLD};
 use crate::source::manifests::Manifests;
-use crate::store::Store;
+use crate::store::{Action, Store};
 
 /// The example objects `setpoint run` applies when it runs without `--config`.
 const EXAMPLE_OBJECTS: &str = include_str!("../../examples/objects.yaml");
@@ -103,6 +101,10 @@ pub enum Command {
         /// Wait until it is gone.
         #[arg(long)]
         wait: bool,
+        /// Remove it now, dropping the finalizers that hold it (for an object
+        /// whose plugin cannot finish the delete); prints the ones dropped.
+        #[arg(long)]
+        force: bool,
         /// How long --wait waits.
         #[arg(long, default_value = "60s", value_parser = humantime::parse_duration)]
         timeout: Duration,
@@ -114,8 +116,10 @@ pub enum Command {
         #[arg(short, long, default_value = "")]
         namespace: String,
     },
-    /// Wait until objects are reconciled: one, a kind, or everything. Fails
-    /// after --timeout naming what is not.
+    /// Wait until objects are reconciled: one, a kind, or everything. Fails at
+    /// once naming the objects that failed for good (a fatal error, or given
+    /// up after the last retry) and their errors; after --timeout naming what
+    /// is not reconciled.
     Wait {
         kind: Option<String>,
         name: Option<String>,
@@ -123,6 +127,10 @@ pub enum Command {
         namespace: String,
         #[arg(long, default_value = "60s", value_parser = humantime::parse_duration)]
         timeout: Duration,
+        /// Wait for objects that failed for good too (until --timeout, or
+        /// until a change reconciles them), instead of failing at once.
+        #[arg(long)]
+        keep_waiting: bool,
     },
     /// Work with plugin files.
     Plugin {
@@ -279,7 +287,21 @@ async fn run(
     };
     let metrics = Arc::new(Metrics::new());
     let leader: Arc<dyn LeaderElector> = Arc::new(AlwaysLeader::default());
-    let manager = Arc::new(Manager::new(store.clone(), leader, metrics.clone()));
+    // Controllers, and so every plugin call, run on threads of their own: a
+    // busy plugin must not starve the API (or the store's flusher) of a core.
+    let plugin_threads = config.runtime.plugin_threads();
+    let controllers_rt = PluginThreads(Some(
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(plugin_threads)
+            .thread_name("setpoint-plugins")
+            .enable_all()
+            .build()
+            .context("cannot start the plugin threads")?,
+    ));
+    let manager = Arc::new(
+        Manager::new(store.clone(), leader, metrics.clone())
+            .run_controllers_on(controllers_rt.handle()),
+    );
     let runtime = Runtime::new(&config.runtime)?;
     let mut plugins = Vec::new();
     for settings in &config.plugins {
@@ -298,7 +320,7 @@ async fn run(
             if config_path.is_none() {
                 "the example plugins are built by `cargo xtask plugins`".to_string()
             } else {
-                format!("plugin {} did not load", path.display())
+                "a [[plugin]] of the configuration did not load".to_string()
             }
         })?);
     }
@@ -402,6 +424,25 @@ async fn run(
     Ok(())
 }
 
+/// The runtime controllers run on. Dropped without waiting (a runtime may not
+/// be dropped, blocking, inside another): by the time `run` returns, every
+/// controller has finished, and on an early error none had started.
+struct PluginThreads(Option<tokio::runtime::Runtime>);
+
+impl PluginThreads {
+    fn handle(&self) -> tokio::runtime::Handle {
+        self.0.as_ref().expect("alive until dropped").handle().clone()
+    }
+}
+
+impl Drop for PluginThreads {
+    fn drop(&mut self) {
+        if let Some(rt) = self.0.take() {
+            rt.shutdown_background();
+        }
+    }
+}
+
 /// Run one client command against the daemon's API.
 fn talk(client: &Client, command: Command) -> anyhow::Result<()> {
     match command {
@@ -463,18 +504,37 @@ fn talk(client: &Client, command: Command) -> anyhow::Result<()> {
             name,
             namespace,
             wait,
+            force,
             timeout,
         } => {
             let ns = Some(namespace.as_str()).filter(|n| !n.is_empty());
-            let path = format!("/v1/objects/{kind}/{name}{}", query(&[("namespace", ns)]));
+            let path = format!(
+                "/v1/objects/{kind}/{name}{}",
+                query(&[("namespace", ns), ("force", force.then_some("true"))])
+            );
             let answer = client.call("DELETE", &path, None)?;
             let key = crate::object::ObjectKey::new(&kind, &namespace, &name);
-            if answer.status == 200 {
+            if force {
+                let dropped: Vec<String> = answer.json()?["droppedFinalizers"]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .filter_map(|f| f.as_str().map(str::to_string))
+                    .collect();
+                if dropped.is_empty() {
+                    println!("{key} removed by force; no finalizer held it");
+                } else {
+                    println!(
+                        "{key} removed by force, dropping finalizers: {}",
+                        dropped.join(", ")
+                    );
+                }
+            } else if answer.status == 200 {
                 println!("{key} removed");
             } else {
                 println!("{key} deleting");
                 if wait {
-                    wait_for(client, Some(&kind), Some(&name), &namespace, timeout)?;
+                    wait_for(client, Some(&kind), Some(&name), &namespace, timeout, false)?;
                     println!("{key} removed");
                 }
             }
@@ -504,10 +564,15 @@ fn talk(client: &Client, command: Command) -> anyhow::Result<()> {
                 "KEY", "PHASE", "OBSERVED"
             );
             for s in lines {
+                // An error that will not be retried shows as `failed`.
+                let phase = match s["terminal"].as_bool() {
+                    Some(true) => "failed",
+                    _ => s["phase"].as_str().unwrap_or("?"),
+                };
                 println!(
                     "{:<40} {:<8} {:>10}  {}",
                     s["key"].as_str().unwrap_or("?"),
-                    s["phase"].as_str().unwrap_or("?"),
+                    phase,
                     s["observedGeneration"].to_string(),
                     s["lastError"].as_str().unwrap_or("-")
                 );
@@ -518,6 +583,7 @@ fn talk(client: &Client, command: Command) -> anyhow::Result<()> {
             name,
             namespace,
             timeout,
+            keep_waiting,
         } => {
             wait_for(
                 client,
@@ -525,6 +591,7 @@ fn talk(client: &Client, command: Command) -> anyhow::Result<()> {
                 name.as_deref(),
                 &namespace,
                 timeout,
+                keep_waiting,
             )?;
             println!("reconciled");
         }
@@ -538,13 +605,15 @@ fn talk(client: &Client, command: Command) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// `GET /v1/wait`, failing with what is still waiting.
+/// `GET /v1/wait`, failing with what failed for good (unless `keep_waiting`)
+/// or is still waiting.
 fn wait_for(
     client: &Client,
     kind: Option<&str>,
     name: Option<&str>,
     namespace: &str,
     timeout: Duration,
+    keep_waiting: bool,
 ) -> anyhow::Result<()> {
     let timeout_text = format!("{}ms", timeout.as_millis());
     let path = format!(
@@ -554,6 +623,7 @@ fn wait_for(
             ("name", name),
             ("namespace", Some(namespace).filter(|n| !n.is_empty())),
             ("timeout", Some(&timeout_text)),
+            ("keepWaiting", keep_waiting.then_some("true")),
         ])
     );
     let answer = client.send("GET", &path, None)?;
@@ -561,6 +631,21 @@ fn wait_for(
         return Ok(());
     }
     let value = answer.json()?;
+    if let Some(failed) = value["failed"].as_array() {
+        let mut message = format!(
+            "{} object(s) failed and will not be retried (fix them, or wait with \
+             --keep-waiting):",
+            failed.len()
+        );
+        for f in failed {
+            message.push_str(&format!(
+                "\n  {}: {}",
+                f["key"].as_str().unwrap_or("?"),
+                f["status"]["lastError"].as_str().unwrap_or("failed")
+            ));
+        }
+        bail!("{message}");
+    }
     let Some(waiting) = value["waiting"].as_array() else {
         bail!(
             "the API refused ({}): {}",
@@ -600,7 +685,7 @@ fn all_settled(manager: &Manager, store: &Store) -> bool {
         let s = c.status();
         s.queue_depth == 0
             && s.in_flight == 0
-            && c.plugin().info().kinds.iter().all(|kind| {
+            && c.info().kinds.iter().all(|kind| {
                 store.keys(kind).iter().all(|k| {
                     store
                         .status(k)
@@ -747,50 +832,44 @@ async fn reconcile(
         });
     }
     let store = Store::new();
-    let object = store.apply(object)?.object;
     let runtime = Runtime::new(&Default::default())?;
     let plugin = runtime.load(file, settings, store.clone()).await?;
-    let request = wit::Request {
-        key: object.key().to_string(),
-        action: match action {
-            CliAction::Created => wit::Action::Created,
-            CliAction::Updated => wit::Action::Updated,
-            CliAction::Deleted => wit::Action::Deleted,
-            CliAction::Resynced => wit::Action::Resynced,
-        },
-        object: object_to_wit(&object),
-        attempt: 0,
-        state: Vec::new(),
-    };
-    let result = plugin.reconcile_once(&request).await?;
-    let status_written = store.get(&object.key()).and_then(|o| o.status);
-    let printed = match result {
-        Ok(outcome) => serde_json::json!({
-            "result": "ok",
-            "requeue-after-ms": outcome.requeue_after,
-            "state": outcome.state.into_iter().collect::<std::collections::BTreeMap<_, _>>(),
-            "status": outcome.status.as_deref().map(json_or_text),
-            "status-written": status_written,
-        }),
-        Err(failure) => {
-            let (kind, message, delay) = match failure.error {
-                wit::ReconcileError::Retry(m) => ("retry", m, None),
-                wit::ReconcileError::RetryAfter(r) => ("retry-after", r.message, Some(r.delay)),
-                wit::ReconcileError::Fatal(m) => ("fatal", m, None),
-            };
-            serde_json::json!({
-                "result": "error",
-                "error": kind,
-                "message": message,
-                "retry-after-ms": delay,
-                "state": failure.state.into_iter().collect::<std::collections::BTreeMap<_, _>>(),
-            })
+    // The daemon's path: a controller (which holds its finalizer on the
+    // object), one worker's slot, and the same settling of the result.
+    let controller = Controller::new(
+        plugin.clone(),
+        store.clone(),
+        &AlwaysLeader::default(),
+        &Arc::new(Metrics::new()),
+    );
+    let object = store.apply(object)?.object;
+    let key = object.key();
+    let action = match action {
+        CliAction::Created => Action::Created,
+        CliAction::Updated => Action::Updated,
+        CliAction::Resynced => Action::Resynced,
+        CliAction::Deleted => {
+            store.delete(&key, None)?;
+            Action::Deleted
         }
     };
+    let mut slot = crate::controller::Reconciler::slot(&plugin);
+    let settled = controller.reconcile_now(slot.as_mut(), &key, action).await;
+    let stored = store.get(&key);
+    let mut printed = serde_json::to_value(&settled)?;
+    printed["status-written"] = stored
+        .as_ref()
+        .and_then(|o| o.status.clone())
+        .unwrap_or(serde_json::Value::Null);
+    if let Some(status) = store.status(&key) {
+        printed["phase"] = serde_json::to_value(status.phase)?;
+    }
     println!("{}", serde_json::to_string_pretty(&printed)?);
-    Ok(())
+    match settled {
+        Settled::Failed { error, message, .. } => {
+            bail!("the reconcile failed ({error}): {message}")
+        }
+        Settled::Done { .. } | Settled::Gone => Ok(()),
+    }
 }
 
-fn json_or_text(s: &str) -> serde_json::Value {
-    serde_json::from_str(s).unwrap_or_else(|_| serde_json::Value::String(s.to_string()))
-}

@@ -139,6 +139,11 @@ pub struct RuntimeConfig {
     pub max_instances: u32,
     /// The largest memory limit any plugin may be given, in MiB (pooling only).
     pub max_memory_mib: u64,
+    /// Threads that run controllers and so every plugin call, apart from the
+    /// threads that serve the API and the store. 0 (the default): one fewer
+    /// than the machine has cores, and at least one, so busy plugins always
+    /// leave a core to the API.
+    pub plugin_threads: usize,
 }
 
 impl Default for RuntimeConfig {
@@ -150,11 +155,21 @@ impl Default for RuntimeConfig {
             pooling: true,
             max_instances: 256,
             max_memory_mib: 1024,
+            plugin_threads: 0,
         }
     }
 }
 
 impl RuntimeConfig {
+    /// The plugin threads in effect (see [`RuntimeConfig::plugin_threads`]).
+    pub fn plugin_threads(&self) -> usize {
+        if self.plugin_threads > 0 {
+            return self.plugin_threads;
+        }
+        let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+        cores.saturating_sub(1).max(1)
+    }
+
     /// The cache directory in effect, if caching is on.
     pub fn cache_dir(&self) -> Option<PathBuf> {
         if !self.cache {

@@ -48,6 +48,27 @@ mod tests {
     }
 
     #[test]
+    fn forced_deletes_are_counted_by_kind() {
+        let metrics = Metrics::new();
+        metrics.forced_delete("File");
+        metrics.forced_delete("File");
+        metrics.forced_delete("Greeting");
+        let text = to_prometheus_text(&metrics.encode());
+        assert!(
+            text.contains("# TYPE setpoint_forced_deletes_total counter\n"),
+            "{text}"
+        );
+        assert!(
+            text.contains("setpoint_forced_deletes_total{kind=\"File\"} 2\n"),
+            "{text}"
+        );
+        assert!(
+            text.contains("setpoint_forced_deletes_total{kind=\"Greeting\"} 1\n"),
+            "{text}"
+        );
+    }
+
+    #[test]
     fn metrics_forget_drops_a_controllers_series() {
         let metrics = Arc::new(Metrics::new());
         metrics.controller("a").added();
@@ -68,6 +89,11 @@ pub struct ControllerLabel {
 pub struct ResultLabel {
     pub controller: String,
     pub result: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct KindLabel {
+    pub kind: String,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -105,10 +131,12 @@ pub struct Metrics {
     pub active_workers: Family<ControllerLabel, Gauge>,
     pub plugin_loads: Family<PluginLabel, Counter>,
     pub plugin_failures: Family<PluginLabel, Counter>,
+    pub forced_deletes: Family<KindLabel, Counter>,
     pub leader: Gauge,
     pub full_reconciliations: Family<ControllerLabel, Counter>,
     pub prune_errors: Family<ControllerLabel, Counter>,
     pub out_of_sync: Family<ControllerLabel, Counter>,
+    pub worker_panics: Family<ControllerLabel, Counter>,
 }
 
 impl Default for Metrics {
@@ -137,10 +165,12 @@ impl Metrics {
             active_workers: Family::default(),
             plugin_loads: Family::default(),
             plugin_failures: Family::default(),
+            forced_deletes: Family::default(),
             leader: Gauge::default(),
             full_reconciliations: Family::default(),
             prune_errors: Family::default(),
             out_of_sync: Family::default(),
+            worker_panics: Family::default(),
         };
         let r = &mut registry;
         r.register(
@@ -211,6 +241,11 @@ impl Metrics {
             m.plugin_failures.clone(),
         );
         r.register(
+            "setpoint_forced_deletes",
+            "Objects removed by a forced delete, without waiting for their finalizers",
+            m.forced_deletes.clone(),
+        );
+        r.register(
             "setpoint_leader",
             "1 while this process leads, else 0",
             m.leader.clone(),
@@ -219,6 +254,11 @@ impl Metrics {
             "setpoint_full_reconciliations",
             "Full reconciliations started (prune, then every object)",
             m.full_reconciliations.clone(),
+        );
+        r.register(
+            "setpoint_worker_panics",
+            "Panics caught in a controller's workers and tasks (each key is retried, each task restarted)",
+            m.worker_panics.clone(),
         );
         r.register(
             "setpoint_prune_errors",
@@ -265,6 +305,7 @@ impl Metrics {
             full_reconciliations: self.full_reconciliations.get_or_create(&label).clone(),
             prune_errors: self.prune_errors.get_or_create(&label).clone(),
             out_of_sync: self.out_of_sync.get_or_create(&label).clone(),
+            worker_panics: self.worker_panics.get_or_create(&label).clone(),
             success: result("success"),
             requeue: result("requeue"),
             error: result("error"),
@@ -292,6 +333,7 @@ impl Metrics {
         self.full_reconciliations.remove(&label);
         self.prune_errors.remove(&label);
         self.out_of_sync.remove(&label);
+        self.worker_panics.remove(&label);
         for result in RESULTS {
             self.reconciles.remove(&ResultLabel {
                 controller: controller.to_string(),
@@ -306,6 +348,15 @@ impl Metrics {
             .get_or_create(&PluginLabel {
                 plugin: plugin.to_string(),
                 outcome: outcome.to_string(),
+            })
+            .inc();
+    }
+
+    /// Count an object of `kind` removed by a forced delete.
+    pub fn forced_delete(&self, kind: &str) {
+        self.forced_deletes
+            .get_or_create(&KindLabel {
+                kind: kind.to_string(),
             })
             .inc();
     }
@@ -374,6 +425,7 @@ pub struct ControllerMetrics {
     full_reconciliations: Counter,
     prune_errors: Counter,
     out_of_sync: Counter,
+    worker_panics: Counter,
     success: Counter,
     requeue: Counter,
     error: Counter,
@@ -406,6 +458,11 @@ impl ControllerMetrics {
 
     pub fn out_of_sync(&self) {
         self.out_of_sync.inc();
+    }
+
+    /// A panic in one of the controller's tasks was caught.
+    pub fn worker_panicked(&self) {
+        self.worker_panics.inc();
     }
 
     pub fn given_up(&self) {

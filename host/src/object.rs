@@ -62,12 +62,31 @@ pub enum ObjectError {
     Syntax(String),
     #[error("the manifest is not a valid object: {0}")]
     Shape(String),
-    #[error("invalid {field} {value:?}: {why}")]
+    /// `value` is already [`quote`]d.
+    #[error("invalid {field} {value}: {why}")]
     Invalid {
-        field: &'static str,
+        field: String,
         value: String,
         why: &'static str,
     },
+}
+
+/// The most characters of user input an error message quotes.
+pub const QUOTE_MAX: usize = 100;
+
+/// `input` shortened for an error message: at most [`QUOTE_MAX`] characters,
+/// and an ellipsis (`…`) where the rest was cut.
+pub fn shorten(input: &str) -> std::borrow::Cow<'_, str> {
+    match input.char_indices().nth(QUOTE_MAX) {
+        None => input.into(),
+        Some((cut, _)) => format!("{}…", &input[..cut]).into(),
+    }
+}
+
+/// User input quoted for an error message (`"..."`, escaped like `{:?}`),
+/// [`shorten`]ed, so a long input is not echoed whole.
+pub fn quote(input: &str) -> String {
+    format!("{:?}", shorten(input))
 }
 
 impl Object {
@@ -96,13 +115,17 @@ impl Object {
         Ok(object)
     }
 
-    /// Check the fields a user writes: kind, name, namespace and labels.
+    /// Check the fields a user writes: kind, name, namespace and labels (see
+    /// [`check_name`], [`check_label_key`] and [`check_label_value`]).
     pub fn validate(&self) -> Result<(), ObjectError> {
-        validate_name("kind", &self.kind, false)?;
-        validate_name("metadata.name", &self.metadata.name, false)?;
-        validate_name("metadata.namespace", &self.metadata.namespace, true)?;
-        for key in self.metadata.labels.keys() {
-            validate_name("label key", key, false)?;
+        validate_kind(&self.kind)?;
+        check_name("metadata.name", &self.metadata.name)?;
+        if !self.metadata.namespace.is_empty() {
+            check_name("metadata.namespace", &self.metadata.namespace)?;
+        }
+        for (key, value) in &self.metadata.labels {
+            check_label_key(key)?;
+            check_label_value(key, value)?;
         }
         Ok(())
     }
@@ -129,29 +152,111 @@ impl Object {
     }
 }
 
-fn validate_name(field: &'static str, value: &str, may_be_empty: bool) -> Result<(), ObjectError> {
-    let invalid = |why| ObjectError::Invalid {
-        field,
-        value: value.to_string(),
+fn invalid(field: impl Into<String>, value: &str, why: &'static str) -> ObjectError {
+    ObjectError::Invalid {
+        field: field.into(),
+        value: quote(value),
         why,
-    };
-    if value.is_empty() {
-        return if may_be_empty {
-            Ok(())
-        } else {
-            Err(invalid("it must not be empty"))
-        };
     }
-    if value.len() > 253 {
-        return Err(invalid("it must be at most 253 characters"));
+}
+
+/// A kind: 1 to 253 letters, digits, '-', '_' and '.'.
+fn validate_kind(kind: &str) -> Result<(), ObjectError> {
+    if kind.is_empty() {
+        return Err(invalid("kind", kind, "it must not be empty"));
+    }
+    if kind.len() > 253 {
+        return Err(invalid("kind", kind, "it must be at most 253 characters"));
     }
     let allowed = |c: char| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.');
-    if !value.chars().all(allowed) {
+    if !kind.chars().all(allowed) {
         return Err(invalid(
+            "kind",
+            kind,
             "it may contain only letters, digits, '-', '_' and '.'",
         ));
     }
     Ok(())
+}
+
+/// The rule of [`check_name`], as refusals state it.
+pub const NAME_RULE: &str = "a name (and a namespace) must be a DNS-1123 subdomain: at most 253 \
+     characters of lower-case letters, digits, '-' and '.', where each '.'-separated part \
+     starts and ends with a letter or digit (e.g. my-name or web.v2)";
+
+/// The rule of [`check_label_key`], as refusals state it.
+pub const LABEL_KEY_RULE: &str = "a label key is an optional prefix and '/' (the prefix a \
+     DNS-1123 subdomain: at most 253 characters of lower-case letters, digits, '-' and '.') \
+     and a name of at most 63 letters, digits, '-', '_' and '.' that starts and ends with a \
+     letter or digit (e.g. app or example.com/tier)";
+
+/// The rule of [`check_label_value`], as refusals state it.
+pub const LABEL_VALUE_RULE: &str = "a label value is empty, or at most 63 letters, digits, \
+     '-', '_' and '.' that starts and ends with a letter or digit";
+
+/// True if `s` is a DNS-1123 subdomain (Kubernetes' rule for object names):
+/// at most 253 characters, '.'-separated parts of lower-case letters, digits
+/// and '-' that start and end with a letter or digit.
+pub fn is_dns1123_subdomain(s: &str) -> bool {
+    let part = |p: &str| {
+        let bytes = p.as_bytes();
+        !bytes.is_empty()
+            && bytes
+                .iter()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || *b == b'-')
+            && bytes[0] != b'-'
+            && bytes[bytes.len() - 1] != b'-'
+    };
+    s.len() <= 253 && s.split('.').all(part)
+}
+
+/// True if `s` is a Kubernetes qualified name's name part (and a non-empty
+/// label value): 1 to 63 letters, digits, '-', '_' and '.', starting and ending
+/// with a letter or digit.
+fn is_label_name(s: &str) -> bool {
+    let bytes = s.as_bytes();
+    !bytes.is_empty()
+        && bytes.len() <= 63
+        && bytes
+            .iter()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
+        && bytes[0].is_ascii_alphanumeric()
+        && bytes[bytes.len() - 1].is_ascii_alphanumeric()
+}
+
+/// Check an object name or namespace (`field` names which) against [`NAME_RULE`].
+pub fn check_name(field: &str, value: &str) -> Result<(), ObjectError> {
+    if is_dns1123_subdomain(value) {
+        Ok(())
+    } else {
+        Err(invalid(field, value, NAME_RULE))
+    }
+}
+
+/// Check a label key against [`LABEL_KEY_RULE`].
+pub fn check_label_key(key: &str) -> Result<(), ObjectError> {
+    let valid = match key.split_once('/') {
+        Some((prefix, name)) => is_dns1123_subdomain(prefix) && is_label_name(name),
+        None => is_label_name(key),
+    };
+    if valid {
+        Ok(())
+    } else {
+        Err(invalid("label key", key, LABEL_KEY_RULE))
+    }
+}
+
+/// Check the value of label `key` against [`LABEL_VALUE_RULE`].
+pub fn check_label_value(key: &str, value: &str) -> Result<(), ObjectError> {
+    if value.is_empty() || is_label_name(value) {
+        Ok(())
+    } else {
+        Err(invalid(
+            format!("value of label {}", quote(key)),
+            value,
+            LABEL_VALUE_RULE,
+        ))
+    }
 }
 
 /// The identity of an object: kind, namespace and name. Written `kind:namespace/name`,
@@ -187,13 +292,17 @@ impl FromStr for ObjectKey {
     type Err = String;
 
     fn from_str(s: &str) -> Result<Self, Self::Err> {
-        let (kind, rest) = s
-            .split_once(':')
-            .ok_or_else(|| format!("{s:?} is not an object key: expected kind:namespace/name"))?;
+        let (kind, rest) = s.split_once(':').ok_or_else(|| {
+            format!(
+                "{} is not an object key: expected kind:namespace/name",
+                quote(s)
+            )
+        })?;
         let (namespace, name) = rest.split_once('/').unwrap_or(("", rest));
         if kind.is_empty() || name.is_empty() {
             return Err(format!(
-                "{s:?} is not an object key: expected kind:namespace/name"
+                "{} is not an object key: expected kind:namespace/name",
+                quote(s)
             ));
         }
         Ok(ObjectKey::new(kind, namespace, name))
@@ -245,6 +354,118 @@ mod tests {
         assert!(err.to_string().contains("nmae"), "{err}");
         let err = Object::parse("kind: [").unwrap_err();
         assert!(matches!(err, ObjectError::Syntax(_)), "{err}");
+    }
+
+    fn named(name: &str, namespace: &str) -> Object {
+        Object::new("File", namespace, name, serde_json::json!({}))
+    }
+
+    #[test]
+    fn names_and_namespaces_follow_the_dns_1123_subdomain_grammar() {
+        let long = format!("{}.{}", "a".repeat(126), "b".repeat(126));
+        assert_eq!(long.len(), 253);
+        for good in ["a", "0", "my-name", "web.v2", "a-b.c-d.e", long.as_str()] {
+            assert!(named(good, "").validate().is_ok(), "name {good:?}");
+            assert!(named("a", good).validate().is_ok(), "namespace {good:?}");
+        }
+        let too_long = format!("{long}c");
+        for bad in [
+            ".",
+            "..",
+            "",
+            "-a",
+            "a-",
+            "A",
+            "a_b",
+            "a..b",
+            "a.-b",
+            ".a",
+            "a.",
+            "a b",
+            "ä",
+            "a/b",
+            too_long.as_str(),
+        ] {
+            let err = named(bad, "").validate().unwrap_err().to_string();
+            assert!(err.contains("metadata.name"), "{bad:?}: {err}");
+            assert!(err.contains("DNS-1123 subdomain"), "states the rule: {err}");
+            if !bad.is_empty() {
+                let err = named("a", bad).validate().unwrap_err().to_string();
+                assert!(err.contains("metadata.namespace"), "{bad:?}: {err}");
+            }
+        }
+    }
+
+    #[test]
+    fn label_keys_and_values_follow_the_kubernetes_label_rules() {
+        let with = |k: &str, v: &str| {
+            let mut o = named("a", "");
+            o.metadata.labels.insert(k.into(), v.into());
+            o.validate()
+        };
+        let name63 = "x".repeat(63);
+        for key in [
+            "app",
+            "App_1",
+            "a.b-c_d",
+            "example.com/tier",
+            "setpoint.dev/Team",
+            name63.as_str(),
+        ] {
+            assert!(with(key, "v").is_ok(), "key {key:?}");
+        }
+        let name64 = "x".repeat(64);
+        let prefix254 = format!("{}/a", "p".repeat(254));
+        for key in [
+            "",
+            "-a",
+            "a-",
+            "_a",
+            "a b",
+            "/a",
+            "a/",
+            "a/b/c",
+            "Example.com/a",
+            "a..b/c",
+            name64.as_str(),
+            prefix254.as_str(),
+        ] {
+            let err = with(key, "v").unwrap_err().to_string();
+            assert!(err.contains("label key"), "{key:?}: {err}");
+            assert!(err.contains("optional prefix"), "states the rule: {err}");
+        }
+        for value in ["", "web", "Web_1.x-y", name63.as_str()] {
+            assert!(with("app", value).is_ok(), "value {value:?}");
+        }
+        for value in ["-web", "web.", "a b", "a/b", name64.as_str()] {
+            let err = with("app", value).unwrap_err().to_string();
+            assert!(err.contains("value of label \"app\""), "{value:?}: {err}");
+            assert!(err.contains("at most 63"), "states the rule: {err}");
+        }
+    }
+
+    #[test]
+    fn kinds_keep_their_rule() {
+        for good in ["File", "my_Kind.v1", "a-b"] {
+            let o = Object::new(good, "", "a", serde_json::json!({}));
+            assert!(o.validate().is_ok(), "{good:?}");
+        }
+        for bad in ["", "a b", "a/b"] {
+            let o = Object::new(bad, "", "a", serde_json::json!({}));
+            assert!(o.validate().unwrap_err().to_string().contains("kind"));
+        }
+    }
+
+    #[test]
+    fn errors_quote_at_most_a_hundred_characters_of_the_input() {
+        let huge = "X".repeat(10_000);
+        let err = named(&huge, "").validate().unwrap_err().to_string();
+        assert!(err.len() < 600, "{} characters: {err}", err.len());
+        assert!(err.contains(&format!("\"{}…\"", "X".repeat(100))), "{err}");
+        let err = format!("{huge}/x").parse::<ObjectKey>().unwrap_err();
+        assert!(err.len() < 300, "{err}");
+        assert_eq!(quote("short"), "\"short\"");
+        assert_eq!(shorten(&"é".repeat(150)), format!("{}…", "é".repeat(100)));
     }
 
     #[test]

@@ -154,7 +154,7 @@ pub fn next_steps(dir: &Path, lang: Lang) -> String {
     let build = match lang {
         Lang::Rust => "cargo test && cargo build --release --target wasm32-wasip2",
         Lang::Python => {
-            "python3 -m unittest && componentize-py -d wit -w plugin componentize app -p . -o plugin.wasm"
+            "python3 -m unittest && componentize-py -d wit -w plugin-with-admission componentize app -p . -o plugin.wasm"
         }
         Lang::Js => "npm install && npm test && npm run build",
     };
@@ -197,6 +197,7 @@ edition = "2024"
 wit-bindgen = "0.61"
 serde = { version = "1", features = ["derive"] }
 serde_json = "1"
+serde_path_to_error = "0.1"
 "#;
 
 const RUST_LIB: &str = r#"//! `{{name}}`: reconciles `{{kind}}` objects by writing a greeting into their status.
@@ -272,7 +273,7 @@ const PY_APP: &str = r#""""{{name}}: reconciles `{{kind}}` objects by writing a 
 
 from dataclasses import dataclass
 
-from setpoint_sdk import Info, Level, Outcome, Plugin, export
+from setpoint_sdk import Info, Level, Outcome, Plugin, export_all
 
 
 @dataclass
@@ -295,7 +296,8 @@ class Greeter(Plugin):
 
 
 try:
-    Reconciler = export(Greeter)  # the class componentize-py exports
+    # the classes componentize-py exports
+    Reconciler, Pruner, Admission = export_all(Greeter)
 except ImportError:  # plain CPython (unit tests): nothing to export to
     pass
 "#;
@@ -325,7 +327,7 @@ A Setpoint plugin in Python: it reconciles `{{kind}}` objects.
 ```sh
 python3 -m unittest                                  # unit tests, no Wasm
 python3 -m venv .venv && .venv/bin/pip install componentize-py==0.25.1
-.venv/bin/componentize-py -d wit -w plugin componentize app -p . -o {{name}}.wasm
+.venv/bin/componentize-py -d wit -w plugin-with-admission componentize app -p . -o {{name}}.wasm
 setpoint reconcile {{name}}.wasm --object example.yaml
 ```
 
@@ -356,7 +358,7 @@ import { definePlugin } from './setpoint-sdk/index.js';
 import { host } from './setpoint-sdk/host.js';
 import { plugin } from './plugin.js';
 
-export const { reconciler } = definePlugin(plugin, host);
+export const { reconciler, pruner, admission } = definePlugin(plugin, host);
 "#;
 
 const JS_TEST: &str = r#"import test from 'node:test';

@@ -28,6 +28,8 @@
 //!   (`setpoint.dev/<controller>`, added when the object is stored) and drops it
 //!   after reconciling the delete. This holds across restarts, because the
 //!   deleting mark and the finalizers are stored like the rest of the object.
+//!   [`Store::force_delete`] is the way out when a finalizer can never be
+//!   dropped: it removes the object at once, finalizers and all.
 //! - Every change is delivered to every watcher of its kind, in order, and none
 //!   is dropped: controllers get an unbounded channel of keys (the queue behind
 //!   it deduplicates). `/v1/watch` listeners get a bounded broadcast and are told
@@ -42,9 +44,9 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
 use serde::{Deserialize, Serialize};
-use tokio::sync::{broadcast, mpsc, watch};
+use tokio::sync::{broadcast, mpsc};
 
-use crate::object::{Object, ObjectKey};
+use crate::object::{Object, ObjectKey, shorten};
 
 const OBJECTS: TableDefinition<&str, &[u8]> = TableDefinition::new("objects");
 const STATUS: TableDefinition<&str, &[u8]> = TableDefinition::new("status");
@@ -82,7 +84,8 @@ pub enum Phase {
     Pending,
     /// Reconciled successfully at `observed_generation`.
     Done,
-    /// The last attempt failed; see `last_error`.
+    /// The last attempt failed; see `last_error`, and `terminal` for whether
+    /// it will be retried.
     Error,
 }
 
@@ -96,6 +99,12 @@ pub struct ReconcileStatus {
     pub updated_at: u64,
     /// The generation last reconciled successfully.
     pub observed_generation: u64,
+    /// With phase `error`: the failure is for good (a fatal error, or given up
+    /// after the last retry), so no retry is scheduled; the object is
+    /// reconciled again only when it changes (or on a resync). `false` for an
+    /// error that will be retried, and for every other phase.
+    #[serde(default)]
+    pub terminal: bool,
 }
 
 /// One event of the `/v1/watch` feed.
@@ -125,10 +134,22 @@ impl WatchEvent {
     }
 }
 
+/// Why [`Store::wait`] returned before everything it waited for was reconciled.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum WaitError {
+    /// The timeout passed: the selected objects still not reconciled, in key
+    /// order, with their reconcile status.
+    TimedOut(Vec<(ObjectKey, Option<ReconcileStatus>)>),
+    /// Selected objects failed for good (a fatal error, or given up after the
+    /// last retry; `terminal` in their status): nothing will retry them until
+    /// they change. In key order, with their status and its `last_error`.
+    Failed(Vec<(ObjectKey, ReconcileStatus)>),
+}
+
 /// A write the store refused. Nothing of a refused write is stored.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum StoreError {
-    #[error("object {0} not found")]
+    #[error("object {} not found", shorten(&.0.to_string()))]
     NotFound(ObjectKey),
     #[error("object {0} already exists; update it instead (PUT, or `setpoint apply`)")]
     AlreadyExists(ObjectKey),
@@ -196,8 +217,6 @@ struct Shared {
     commit_order: Mutex<()>,
     /// Wakes [`Store::flush_every`] when many changes are pending.
     flush_wanted: tokio::sync::Notify,
-    /// Bumped on every status change and removal, for [`Store::wait`].
-    settled: watch::Sender<u64>,
     feed: broadcast::Sender<WatchEvent>,
 }
 
@@ -217,11 +236,245 @@ struct Inner {
     dirty_objects: HashSet<ObjectKey>,
     dirty_status: HashSet<ObjectKey>,
     dirty_kv: HashSet<(String, String)>,
+    /// What [`Store::wait`] needs, kept up to date by every change.
+    unsettled: Unsettled,
 }
 
 impl Inner {
     fn dirty(&self) -> usize {
         self.dirty_objects.len() + self.dirty_status.len() + self.dirty_kv.len()
+    }
+}
+
+/// Where one key stands for [`Store::wait`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Settled {
+    /// Done at its current generation, or gone.
+    Reconciled,
+    /// Not reconciled yet; it will be (a change, a retry) or may still be.
+    Waiting,
+    /// Not reconciled, and its last reconcile failed for good
+    /// ([`ReconcileStatus::terminal`]): nothing will retry it.
+    Failed,
+}
+
+/// What [`Store::wait`] selects: one key, or every key of some kinds (all
+/// kinds if empty; sorted, no duplicates).
+#[derive(Clone, Debug, PartialEq, Eq)]
+enum Selection {
+    Key(ObjectKey),
+    Kinds(Vec<String>),
+}
+
+impl Selection {
+    fn new(key: Option<&ObjectKey>, kinds: &[String]) -> Self {
+        match key {
+            Some(key) => Selection::Key(key.clone()),
+            None => {
+                let mut kinds = kinds.to_vec();
+                kinds.sort();
+                kinds.dedup();
+                Selection::Kinds(kinds)
+            }
+        }
+    }
+
+    fn has_kind(&self, kind: &str) -> bool {
+        match self {
+            Selection::Key(key) => key.kind == kind,
+            Selection::Kinds(kinds) => kinds.is_empty() || kinds.iter().any(|k| k == kind),
+        }
+    }
+}
+
+/// One open [`Store::wait`].
+struct Waiter {
+    id: u64,
+    selection: Selection,
+    wake: Arc<tokio::sync::Notify>,
+}
+
+/// The keys that are not reconciled, kept by every change to an object or its
+/// status (see [`Inner::refresh`]), so that an open [`Store::wait`] costs
+/// nothing per change: waiters are woken only when what they wait for may have
+/// happened (their key settled, a kind has nothing left to reconcile, or a key
+/// failed for good), and then check a few counters. The list of what is not
+/// reconciled is built only when a wait gives up.
+#[derive(Default)]
+struct Unsettled {
+    /// Keys not reconciled, by kind; a kind with none is not in the map.
+    waiting: HashMap<String, HashSet<ObjectKey>>,
+    /// The keys of `waiting` that failed for good, by kind; likewise.
+    failed: HashMap<String, HashSet<ObjectKey>>,
+    waiting_total: usize,
+    failed_total: usize,
+    /// Open waits.
+    waiters: Vec<Waiter>,
+    /// The keys open waits wait for one by one, with how many wait for each.
+    watched: HashMap<ObjectKey, usize>,
+    next_waiter: u64,
+}
+
+/// What a wait found on a check.
+#[derive(Debug, PartialEq, Eq)]
+enum Check {
+    Reconciled,
+    Waiting,
+    Failed,
+}
+
+impl Unsettled {
+    fn get(&self, key: &ObjectKey) -> Settled {
+        let in_set = |map: &HashMap<String, HashSet<ObjectKey>>| {
+            map.get(&key.kind).is_some_and(|keys| keys.contains(key))
+        };
+        if !in_set(&self.waiting) {
+            Settled::Reconciled
+        } else if in_set(&self.failed) {
+            Settled::Failed
+        } else {
+            Settled::Waiting
+        }
+    }
+
+    /// Record that `key` now stands at `now`, and wake the waits that may be over.
+    fn set(&mut self, key: &ObjectKey, now: Settled) {
+        let was = self.get(key);
+        if was == now {
+            return;
+        }
+        if was == Settled::Failed {
+            remove_key(&mut self.failed, key);
+            self.failed_total -= 1;
+        }
+        match (was, now) {
+            (Settled::Reconciled, _) => {
+                add_key(&mut self.waiting, key);
+                self.waiting_total += 1;
+            }
+            (_, Settled::Reconciled) => {
+                remove_key(&mut self.waiting, key);
+                self.waiting_total -= 1;
+            }
+            _ => {}
+        }
+        if now == Settled::Failed {
+            add_key(&mut self.failed, key);
+            self.failed_total += 1;
+        }
+        self.wake(key, now);
+    }
+
+    /// Wake the waits `key` settling at `now` may have ended. Getting more
+    /// unreconciled ends no wait, and nothing is woken while keys of a kind are
+    /// still waiting, unless one of them is watched alone or failed for good.
+    fn wake(&self, key: &ObjectKey, now: Settled) {
+        if self.waiters.is_empty() || now == Settled::Waiting {
+            return;
+        }
+        let failed = now == Settled::Failed;
+        let kind_clear = !self.waiting.contains_key(&key.kind);
+        let watched = self.watched.contains_key(key);
+        if !(failed || kind_clear || watched) {
+            return;
+        }
+        for w in &self.waiters {
+            let hit = match &w.selection {
+                Selection::Key(k) => k == key,
+                kinds => (failed || kind_clear) && kinds.has_kind(&key.kind),
+            };
+            if hit {
+                w.wake.notify_one();
+            }
+        }
+    }
+
+    fn check(&self, selection: &Selection, keep_waiting: bool) -> Check {
+        let (failed, waiting) = match selection {
+            Selection::Key(key) => match self.get(key) {
+                Settled::Reconciled => (false, false),
+                Settled::Waiting => (false, true),
+                Settled::Failed => (true, true),
+            },
+            Selection::Kinds(kinds) if kinds.is_empty() => {
+                (self.failed_total > 0, self.waiting_total > 0)
+            }
+            Selection::Kinds(kinds) => (
+                kinds.iter().any(|k| self.failed.contains_key(k)),
+                kinds.iter().any(|k| self.waiting.contains_key(k)),
+            ),
+        };
+        if failed && !keep_waiting {
+            Check::Failed
+        } else if waiting {
+            Check::Waiting
+        } else {
+            Check::Reconciled
+        }
+    }
+
+    /// The keys of `map` that `selection` selects, in order.
+    fn selected(
+        map: &HashMap<String, HashSet<ObjectKey>>,
+        selection: &Selection,
+    ) -> Vec<ObjectKey> {
+        let mut keys: Vec<ObjectKey> = match selection {
+            Selection::Key(key) => map
+                .get(&key.kind)
+                .filter(|keys| keys.contains(key))
+                .map(|_| key.clone())
+                .into_iter()
+                .collect(),
+            Selection::Kinds(_) => map
+                .iter()
+                .filter(|(kind, _)| selection.has_kind(kind))
+                .flat_map(|(_, keys)| keys.iter().cloned())
+                .collect(),
+        };
+        keys.sort();
+        keys
+    }
+
+    fn register(&mut self, selection: Selection, wake: Arc<tokio::sync::Notify>) -> u64 {
+        self.next_waiter += 1;
+        let id = self.next_waiter;
+        if let Selection::Key(key) = &selection {
+            *self.watched.entry(key.clone()).or_default() += 1;
+        }
+        self.waiters.push(Waiter {
+            id,
+            selection,
+            wake,
+        });
+        id
+    }
+
+    fn unregister(&mut self, id: u64) {
+        let Some(at) = self.waiters.iter().position(|w| w.id == id) else {
+            return;
+        };
+        let waiter = self.waiters.swap_remove(at);
+        if let Selection::Key(key) = waiter.selection
+            && let Some(n) = self.watched.get_mut(&key)
+        {
+            *n -= 1;
+            if *n == 0 {
+                self.watched.remove(&key);
+            }
+        }
+    }
+}
+
+fn add_key(map: &mut HashMap<String, HashSet<ObjectKey>>, key: &ObjectKey) {
+    map.entry(key.kind.clone()).or_default().insert(key.clone());
+}
+
+fn remove_key(map: &mut HashMap<String, HashSet<ObjectKey>>, key: &ObjectKey) {
+    if let Some(keys) = map.get_mut(&key.kind) {
+        keys.remove(key);
+        if keys.is_empty() {
+            map.remove(&key.kind);
+        }
     }
 }
 
@@ -332,13 +585,16 @@ impl Store {
         inner.next_version = meta.get("next_version")?.map_or(0, |v| v.value());
         drop(meta);
         drop(txn);
+        let keys: Vec<ObjectKey> = inner.objects.keys().cloned().collect();
+        for key in &keys {
+            inner.refresh(key);
+        }
         Ok(Self {
             shared: Arc::new(Shared {
                 db,
                 inner: Mutex::new(inner),
                 commit_order: Mutex::new(()),
                 flush_wanted: tokio::sync::Notify::new(),
-                settled: watch::channel(0).0,
                 feed: broadcast::channel(4096).0,
             }),
         })
@@ -528,7 +784,10 @@ impl Store {
         }
         self.commit(&mut inner, &batch)?;
         for (key, object) in batch.objects {
-            inner.objects.insert(key, object.expect("staged above"));
+            inner
+                .objects
+                .insert(key.clone(), object.expect("staged above"));
+            inner.refresh(&key);
         }
         Ok(())
     }
@@ -662,7 +921,10 @@ impl Store {
             inner.objects.insert(key, object.expect("staged above"));
         }
         for (key, status) in batch.status {
-            inner.status.insert(key, status.expect("staged above"));
+            inner
+                .status
+                .insert(key.clone(), status.expect("staged above"));
+            inner.refresh(&key);
         }
         for a in &applied {
             if let Some(action) = a.action {
@@ -725,6 +987,8 @@ impl Store {
         inner.next_version += 1;
         object.status = Some(value);
         object.metadata.resource_version = inner.next_version;
+        // Neither generation nor deletion nor reconcile status changed: no
+        // `refresh`, waits are not concerned.
         inner.objects.insert(key.clone(), object.clone());
         inner.dirty_objects.insert(key.clone());
         self.publish(|| WatchEvent::Applied {
@@ -776,6 +1040,7 @@ impl Store {
         self.commit(&mut inner, &batch)?;
         inner.objects.insert(key.clone(), object.clone());
         inner.status.insert(key.clone(), status);
+        inner.refresh(key);
         self.announce_applied(&mut inner, &object, Action::Deleted);
         Ok(Some(object))
     }
@@ -801,7 +1066,46 @@ impl Store {
         };
         self.commit(&mut inner, &batch)?;
         inner.objects.insert(key.clone(), object);
+        inner.refresh(key);
         Ok(false)
+    }
+
+    /// Remove an object now, whatever finalizers still hold it: for an object
+    /// whose finalizers cannot complete (its plugin fails the delete for ever,
+    /// or is no longer loaded). `resource_version`, when given and non-zero,
+    /// must still match. One durable transaction; watchers of the kind get a
+    /// [`Action::Deleted`] change (their controllers find the key gone and forget
+    /// it) and the feed a [`WatchEvent::Removed`], as for any removal. Logged as
+    /// a warning naming the finalizers dropped. Returns the object as it was:
+    /// its `metadata.finalizers` are the ones dropped.
+    pub fn force_delete(
+        &self,
+        key: &ObjectKey,
+        resource_version: Option<u64>,
+    ) -> Result<Object, StoreError> {
+        let mut inner = self.lock();
+        let object = inner
+            .objects
+            .get(key)
+            .cloned()
+            .ok_or_else(|| StoreError::NotFound(key.clone()))?;
+        if let Some(given) = resource_version.filter(|v| *v != 0)
+            && given != object.metadata.resource_version
+        {
+            return Err(StoreError::Conflict {
+                key: key.clone(),
+                given,
+                stored: object.metadata.resource_version,
+            });
+        }
+        self.remove_locked(&mut inner, key)?;
+        self.notify_watchers(&mut inner, key, Action::Deleted);
+        tracing::warn!(
+            key = %key,
+            finalizers = ?object.metadata.finalizers,
+            "force-deleted: removed without waiting for its finalizers"
+        );
+        Ok(object)
     }
 
     fn remove_locked(&self, inner: &mut Inner, key: &ObjectKey) -> Result<(), StoreError> {
@@ -812,10 +1116,10 @@ impl Store {
         self.commit(inner, &batch)?;
         inner.objects.remove(key);
         inner.status.remove(key);
+        inner.refresh(key);
         self.publish(|| WatchEvent::Removed {
             key: key.to_string(),
         });
-        self.shared.settled.send_modify(|n| *n += 1);
         Ok(())
     }
 
@@ -842,9 +1146,17 @@ impl Store {
         self.set_phase(key, Phase::Done, None, Some(generation))
     }
 
-    /// Record a failed reconcile.
+    /// Record a failed reconcile that will be retried (its controller
+    /// scheduled a retry, or a later change or resync brings the key back).
     pub fn mark_error(&self, key: &ObjectKey, error: &str) -> Result<(), StoreError> {
         self.set_phase(key, Phase::Error, Some(error.to_string()), None)
+    }
+
+    /// Record a reconcile that failed for good: a fatal error, or given up
+    /// after the last retry. No retry is scheduled, so [`wait`](Self::wait)
+    /// stops at once on it (the status says `terminal`).
+    pub fn mark_failed(&self, key: &ObjectKey, error: &str) -> Result<(), StoreError> {
+        self.set_phase_terminal(key, Phase::Error, Some(error.to_string()), None, true)
     }
 
     fn set_phase(
@@ -853,6 +1165,17 @@ impl Store {
         phase: Phase,
         error: Option<String>,
         generation: Option<u64>,
+    ) -> Result<(), StoreError> {
+        self.set_phase_terminal(key, phase, error, generation, false)
+    }
+
+    fn set_phase_terminal(
+        &self,
+        key: &ObjectKey,
+        phase: Phase,
+        error: Option<String>,
+        generation: Option<u64>,
+        terminal: bool,
     ) -> Result<(), StoreError> {
         let mut inner = self.lock();
         let Some(object) = inner.objects.get(key) else {
@@ -872,14 +1195,15 @@ impl Store {
             last_error: error,
             updated_at: now_ms(),
             observed_generation: observed,
+            terminal: terminal && phase == Phase::Error && false,
         };
         inner.status.insert(key.clone(), status.clone());
         inner.dirty_status.insert(key.clone());
+        inner.refresh(key);
         self.publish(|| WatchEvent::Status {
             key: key.to_string(),
             status,
         });
-        self.shared.settled.send_modify(|n| *n += 1);
         self.written_behind(inner)
     }
 
@@ -892,50 +1216,74 @@ impl Store {
 
     /// Wait until every object selected is reconciled (see
     /// [`is_reconciled`](Self::is_reconciled)): one object (`key`), or every object
-    /// of `kinds` (all kinds if empty). Objects in error are waited for, as they
-    /// may still be retried. On timeout, returns the objects still not
-    /// reconciled with their status.
+    /// of `kinds` (all kinds if empty). Objects in error that will be retried
+    /// are waited for; one that failed for good ([`mark_failed`](Self::mark_failed))
+    /// ends the wait at once with [`WaitError::Failed`], naming every selected
+    /// object in that state. On timeout, [`WaitError::TimedOut`] names the
+    /// objects still not reconciled, with their status.
     pub async fn wait(
         &self,
         key: Option<&ObjectKey>,
         kinds: &[String],
         timeout: Duration,
-    ) -> Result<(), Vec<(ObjectKey, Option<ReconcileStatus>)>> {
-        let mut settled = self.shared.settled.subscribe();
-        let deadline = tokio::time::Instant::now() + timeout;
-        loop {
-            let waiting = self.unreconciled(key, kinds);
-            if waiting.is_empty() {
-                return Ok(());
-            }
-            tokio::select! {
-                changed = settled.changed() => if changed.is_err() { return Err(waiting) },
-                _ = tokio::time::sleep_until(deadline) => return Err(waiting),
-            }
-        }
+    ) -> Result<(), WaitError> {
+        self.wait_with(key, kinds, timeout, false).await
     }
 
-    fn unreconciled(
+    /// [`wait`](Self::wait); with `keep_waiting`, objects that failed for good
+    /// are waited for like any other (until the timeout, or until a change
+    /// reconciles them).
+    ///
+    /// An open wait costs nothing per change: the store keeps the set of keys
+    /// not reconciled as it changes, and wakes a wait only when its key
+    /// settles, a kind it waits for has nothing left, or a key failed for good.
+    pub async fn wait_with(
         &self,
         key: Option<&ObjectKey>,
         kinds: &[String],
-    ) -> Vec<(ObjectKey, Option<ReconcileStatus>)> {
+        timeout: Duration,
+        keep_waiting: bool,
+    ) -> Result<(), WaitError> {
+        /// Unregisters the wait however it ends (a dropped HTTP request too).
+        struct Registered<'a> {
+            store: &'a Store,
+            id: u64,
+        }
+        impl Drop for Registered<'_> {
+            fn drop(&mut self) {
+                self.store.lock().unsettled.unregister(self.id);
+            }
+        }
+
+        let deadline = tokio::time::Instant::now() + timeout;
+        let selection = Selection::new(key, kinds);
+        let wake = Arc::new(tokio::sync::Notify::new());
+        let mut registered = None;
+        loop {
+            {
+                let mut inner = self.lock();
+                match inner.unsettled.check(&selection, keep_waiting) {
+                    Check::Reconciled => return Ok(()),
+                    Check::Failed => return Err(WaitError::Failed(inner.failed(&selection))),
+                    Check::Waiting => {}
+                }
+                if registered.is_none() {
+                    // Under the same lock as the check: no change slips between.
+                    let id = inner.unsettled.register(selection.clone(), wake.clone());
+                    registered = Some(Registered { store: self, id });
+                }
+            }
+            tokio::select! {
+                _ = wake.notified() => {}
+                _ = tokio::time::sleep_until(deadline) => break,
+            }
+        }
         let inner = self.lock();
-        let mut out: Vec<_> = match key {
-            Some(key) => (!inner.reconciled(key))
-                .then(|| (key.clone(), inner.status.get(key).cloned()))
-                .into_iter()
-                .collect(),
-            None => inner
-                .objects
-                .keys()
-                .filter(|k| kinds.is_empty() || kinds.contains(&k.kind))
-                .filter(|k| !inner.reconciled(k))
-                .map(|k| (k.clone(), inner.status.get(k).cloned()))
-                .collect(),
-        };
-        out.sort_by(|a, b| a.0.cmp(&b.0));
-        out
+        match inner.unsettled.check(&selection, keep_waiting) {
+            Check::Reconciled => Ok(()),
+            Check::Failed => Err(WaitError::Failed(inner.failed(&selection))),
+            Check::Waiting => Err(WaitError::TimedOut(inner.waiting(&selection))),
+        }
     }
 
     /// Receive every change to objects of `kinds` from now on.
@@ -1003,7 +1351,15 @@ impl Store {
     }
 
     fn announce_applied(&self, inner: &mut Inner, object: &Object, action: Action) {
-        let key = object.key();
+        self.notify_watchers(inner, &object.key(), action);
+        self.publish(|| WatchEvent::Applied {
+            action,
+            object: object.clone(),
+        });
+    }
+
+    /// Send one change to every watcher of its kind, dropping closed watchers.
+    fn notify_watchers(&self, inner: &mut Inner, key: &ObjectKey, action: Action) {
         inner.watchers.retain(|w| {
             if !w.kinds.contains(&key.kind) {
                 return !w.tx.is_closed();
@@ -1014,11 +1370,6 @@ impl Store {
             })
             .is_ok()
         });
-        self.publish(|| WatchEvent::Applied {
-            action,
-            object: object.clone(),
-        });
-        self.shared.settled.send_modify(|n| *n += 1);
     }
 }
 
@@ -1079,6 +1430,7 @@ fn pending(generation: u64) -> ReconcileStatus {
         last_error: None,
         updated_at: now_ms(),
         observed_generation: generation.saturating_sub(1),
+        terminal: false,
     }
 }
 
@@ -1092,6 +1444,50 @@ impl Inner {
             }
             (Some(_), None) => false,
         }
+    }
+
+    /// Where `key` stands now, from the objects and statuses themselves.
+    fn settled(&self, key: &ObjectKey) -> Settled {
+        if self.reconciled(key) {
+            Settled::Reconciled
+        } else if self
+            .status
+            .get(key)
+            .is_some_and(|s| s.phase == Phase::Error && s.terminal)
+        {
+            Settled::Failed
+        } else {
+            Settled::Waiting
+        }
+    }
+
+    /// Bring [`Unsettled`] up to date after `key`'s object or status changed.
+    /// Every change to either calls this under the store's lock.
+    fn refresh(&mut self, key: &ObjectKey) {
+        let now = self.settled(key);
+        self.unsettled.set(key, now);
+    }
+
+    /// The selected keys that failed for good, with their status, in order.
+    fn failed(&self, selection: &Selection) -> Vec<(ObjectKey, ReconcileStatus)> {
+        Unsettled::selected(&self.unsettled.failed, selection)
+            .into_iter()
+            .filter_map(|k| {
+                let status = self.status.get(&k).cloned()?;
+                Some((k, status))
+            })
+            .collect()
+    }
+
+    /// The selected keys not reconciled, with their status, in order.
+    fn waiting(&self, selection: &Selection) -> Vec<(ObjectKey, Option<ReconcileStatus>)> {
+        Unsettled::selected(&self.unsettled.waiting, selection)
+            .into_iter()
+            .map(|k| {
+                let status = self.status.get(&k).cloned();
+                (k, status)
+            })
+            .collect()
     }
 }
 
@@ -1198,6 +1594,62 @@ mod tests {
             store.delete(&a.key(), None),
             Err(StoreError::NotFound(_))
         ));
+    }
+
+    #[test]
+    fn a_forced_delete_removes_an_object_its_finalizers_still_hold_for_good() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("store.redb");
+        let (a, b) = {
+            let store = Store::open(&path).unwrap();
+            store.register_finalizer("File", "files").unwrap();
+            let a = store.apply(file("a", "1")).unwrap().object;
+            let b = store.apply(file("b", "1")).unwrap().object;
+            store.delete(&a.key(), None).unwrap();
+            let mut changes = store.watch(&["File".to_string()]);
+            let mut feed = store.feed();
+
+            // A stale resourceVersion is a conflict, and removes nothing.
+            let stale = a.metadata.resource_version;
+            assert!(matches!(
+                store.force_delete(&a.key(), Some(stale)),
+                Err(StoreError::Conflict { .. })
+            ));
+            assert!(store.get(&a.key()).is_some());
+
+            let removed = store.force_delete(&a.key(), None).unwrap();
+            assert_eq!(removed.metadata.finalizers, vec!["setpoint.dev/files"]);
+            assert_eq!(store.get(&a.key()), None);
+            assert_eq!(store.status(&a.key()), None);
+            assert!(store.is_reconciled(&a.key()), "waiters see it gone");
+            // Controllers hear of it, so they forget the key; so does the feed.
+            assert_eq!(
+                changes.try_recv().unwrap(),
+                Change {
+                    key: a.key(),
+                    action: Action::Deleted
+                }
+            );
+            assert_eq!(
+                feed.try_recv().unwrap(),
+                WatchEvent::Removed {
+                    key: "File:a".into()
+                }
+            );
+            // An object that is not deleting yet goes as well.
+            let removed = store.force_delete(&b.key(), None).unwrap();
+            assert!(!removed.is_deleting());
+            assert_eq!(
+                store.force_delete(&b.key(), None),
+                Err(StoreError::NotFound(b.key()))
+            );
+            (a, b)
+        };
+        // Durable: nothing comes back after a reopen, without a flush.
+        let store = Store::open(&path).unwrap();
+        assert_eq!(store.get(&a.key()), None);
+        assert_eq!(store.get(&b.key()), None);
+        assert_eq!(store.status(&a.key()), None);
     }
 
     #[test]
@@ -1381,10 +1833,10 @@ mod tests {
         let b = store.apply(file("b", "1")).unwrap().object;
         store.mark_done(&a.key(), 1).unwrap();
         store.mark_error(&b.key(), "disk full").unwrap();
-        let waiting = store
-            .wait(None, &[], Duration::from_secs(1))
-            .await
-            .unwrap_err();
+        let Err(WaitError::TimedOut(waiting)) = store.wait(None, &[], Duration::from_secs(1)).await
+        else {
+            panic!("b is in error, to be retried: waited for until the timeout");
+        };
         assert_eq!(waiting.len(), 1);
         assert_eq!(waiting[0].0, b.key());
         assert_eq!(
@@ -1402,6 +1854,293 @@ mod tests {
         tokio::task::yield_now().await;
         store.mark_done(&b.key(), 1).unwrap();
         assert_eq!(waiter.await.unwrap(), Ok(()));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn wait_stops_at_once_on_an_object_that_failed_for_good_unless_told_to_keep_waiting() {
+        let store = Store::new();
+        let [a, b, c] = ["a", "b", "c"].map(|n| store.apply(file(n, "1")).unwrap().object.key());
+        let other = store
+            .apply(Object::new("Other", "", "d", json!({})))
+            .unwrap()
+            .object
+            .key();
+        store.mark_error(&a, "try again").unwrap();
+        store.mark_failed(&b, "spec.content: invalid type").unwrap();
+        store.mark_done(&c, 1).unwrap();
+        let status = store.status(&b).unwrap();
+        assert!(status.terminal && status.phase == Phase::Error);
+        assert!(!store.status(&a).unwrap().terminal);
+        let json = serde_json::to_value(&status).unwrap();
+        assert_eq!(json["terminal"], true, "{json}");
+
+        let started = tokio::time::Instant::now();
+        let failed = store.wait(None, &[], Duration::from_secs(60)).await;
+        assert_eq!(
+            started.elapsed(),
+            Duration::ZERO,
+            "at once, not after the timeout"
+        );
+        let Err(WaitError::Failed(failed)) = failed else {
+            panic!("{failed:?}")
+        };
+        assert_eq!(failed.len(), 1);
+        assert_eq!(failed[0].0, b);
+        assert_eq!(
+            failed[0].1.last_error.as_deref(),
+            Some("spec.content: invalid type")
+        );
+        let of_kind = store
+            .wait(None, &["File".into()], Duration::from_secs(60))
+            .await;
+        assert!(
+            matches!(of_kind, Err(WaitError::Failed(ref f)) if f.len() == 1),
+            "{of_kind:?}"
+        );
+        let one = store.wait(Some(&b), &[], Duration::from_secs(60)).await;
+        assert!(matches!(one, Err(WaitError::Failed(_))), "{one:?}");
+        // An error to be retried is waited for; so is a failure elsewhere.
+        assert_eq!(
+            store.wait(Some(&a), &[], Duration::from_secs(1)).await,
+            Err(WaitError::TimedOut(vec![(a.clone(), store.status(&a))]))
+        );
+        assert_eq!(
+            store
+                .wait(None, &["Other".into()], Duration::from_secs(1))
+                .await,
+            Err(WaitError::TimedOut(vec![(
+                other.clone(),
+                store.status(&other)
+            )]))
+        );
+        // Told to keep waiting: the failed object is one more to wait for.
+        let Err(WaitError::TimedOut(waiting)) = store
+            .wait_with(None, &[], Duration::from_secs(1), true)
+            .await
+        else {
+            panic!("keeps waiting until the timeout")
+        };
+        let keys: Vec<_> = waiting.into_iter().map(|(k, _)| k).collect();
+        assert_eq!(keys, vec![a.clone(), b.clone(), other.clone()]);
+
+        // An open wait stops when a key fails for good while it waits...
+        let waiter = {
+            let (store, a) = (store.clone(), a.clone());
+            tokio::spawn(async move { store.wait(Some(&a), &[], Duration::from_secs(600)).await })
+        };
+        tokio::task::yield_now().await;
+        assert!(!waiter.is_finished());
+        store
+            .mark_failed(&a, "gave up after 11 attempts: no")
+            .unwrap();
+        let Err(WaitError::Failed(failed)) = waiter.await.unwrap() else {
+            panic!("a failed for good")
+        };
+        assert_eq!(
+            failed[0].1.last_error.as_deref(),
+            Some("gave up after 11 attempts: no")
+        );
+        // ...and one kept waiting ends when the failed objects are changed and done.
+        let waiter = {
+            let store = store.clone();
+            tokio::spawn(async move {
+                store
+                    .wait_with(None, &["File".into()], Duration::from_secs(600), true)
+                    .await
+            })
+        };
+        tokio::task::yield_now().await;
+        store.apply(file("b", "2")).unwrap();
+        assert!(!store.status(&b).unwrap().terminal, "a change clears it");
+        store.mark_done(&b, 2).unwrap();
+        store.mark_done(&a, 1).unwrap();
+        assert_eq!(waiter.await.unwrap(), Ok(()));
+        assert!(
+            store.lock().unsettled.waiters.is_empty(),
+            "every wait unregistered"
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_open_wait_is_woken_only_when_it_may_be_over_and_unregisters_when_dropped() {
+        let store = Store::new();
+        let files: Vec<_> = (0..3)
+            .map(|i| {
+                store
+                    .apply(file(&format!("f{i}"), "1"))
+                    .unwrap()
+                    .object
+                    .key()
+            })
+            .collect();
+        let other = store
+            .apply(Object::new("Other", "", "o", json!({})))
+            .unwrap()
+            .object
+            .key();
+        let spawn = |key: Option<ObjectKey>, kinds: Vec<String>| {
+            let store = store.clone();
+            tokio::spawn(async move {
+                store
+                    .wait(key.as_ref(), &kinds, Duration::from_secs(600))
+                    .await
+            })
+        };
+        let all = spawn(None, vec![]);
+        let of_files = spawn(None, vec!["File".into()]);
+        let first = spawn(Some(files[0].clone()), vec![]);
+        tokio::task::yield_now().await;
+        assert_eq!(store.lock().unsettled.waiters.len(), 3);
+        store.mark_done(&files[0], 1).unwrap();
+        assert_eq!(first.await.unwrap(), Ok(()));
+        store.mark_done(&files[1], 1).unwrap();
+        store.mark_done(&other, 1).unwrap();
+        tokio::task::yield_now().await;
+        assert!(!all.is_finished() && !of_files.is_finished());
+        store.mark_done(&files[2], 1).unwrap();
+        assert_eq!(of_files.await.unwrap(), Ok(()));
+        assert_eq!(all.await.unwrap(), Ok(()));
+        // A wait dropped half way (an HTTP client gone) leaves nothing behind.
+        store.apply(file("f0", "2")).unwrap();
+        let dropped = spawn(Some(files[0].clone()), vec![]);
+        tokio::task::yield_now().await;
+        assert_eq!(store.lock().unsettled.waiters.len(), 1);
+        dropped.abort();
+        assert!(dropped.await.unwrap_err().is_cancelled());
+        let inner = store.lock();
+        assert!(inner.unsettled.waiters.is_empty() && inner.unsettled.watched.is_empty());
+    }
+
+    /// What `wait` computed before the bookkeeping: a scan of every object.
+    fn full_scan(
+        inner: &Inner,
+        key: Option<&ObjectKey>,
+        kinds: &[String],
+    ) -> Vec<(ObjectKey, Option<ReconcileStatus>)> {
+        let mut out: Vec<_> = match key {
+            Some(key) => (!inner.reconciled(key))
+                .then(|| (key.clone(), inner.status.get(key).cloned()))
+                .into_iter()
+                .collect(),
+            None => inner
+                .objects
+                .keys()
+                .filter(|k| kinds.is_empty() || kinds.contains(&k.kind))
+                .filter(|k| !inner.reconciled(k))
+                .map(|k| (k.clone(), inner.status.get(k).cloned()))
+                .collect(),
+        };
+        out.sort_by(|a, b| a.0.cmp(&b.0));
+        out
+    }
+
+    /// The bookkeeping agrees with a full scan, for every selection a wait can make.
+    fn assert_bookkeeping_matches_a_full_scan(store: &Store, universe: &[ObjectKey], what: &str) {
+        let inner = store.lock();
+        let u = &inner.unsettled;
+        let sizes = |m: &HashMap<String, HashSet<ObjectKey>>| {
+            assert!(
+                m.values().all(|keys| !keys.is_empty()),
+                "{what}: empty sets are removed"
+            );
+            m.values().map(HashSet::len).sum::<usize>()
+        };
+        assert_eq!(u.waiting_total, sizes(&u.waiting), "{what}");
+        assert_eq!(u.failed_total, sizes(&u.failed), "{what}");
+        let kinds = |k: &[&str]| k.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        let mut selections: Vec<(Option<&ObjectKey>, Vec<String>)> = vec![
+            (None, vec![]),
+            (None, kinds(&["File"])),
+            (None, kinds(&["Other"])),
+            (None, kinds(&["Other", "File", "Other"])),
+            (None, kinds(&["Nothing"])),
+        ];
+        selections.extend(universe.iter().map(|k| (Some(k), vec![])));
+        for (key, kinds) in selections {
+            let selection = Selection::new(key, &kinds);
+            let scan = full_scan(&inner, key, &kinds);
+            assert_eq!(inner.waiting(&selection), scan, "{what}: {selection:?}");
+            let failed: Vec<_> = scan
+                .iter()
+                .filter_map(|(k, s)| {
+                    s.clone()
+                        .filter(|s| s.phase == Phase::Error && s.terminal)
+                        .map(|s| (k.clone(), s))
+                })
+                .collect();
+            assert_eq!(inner.failed(&selection), failed, "{what}: {selection:?}");
+            let expected = if !failed.is_empty() {
+                Check::Failed
+            } else if scan.is_empty() {
+                Check::Reconciled
+            } else {
+                Check::Waiting
+            };
+            assert_eq!(
+                u.check(&selection, false),
+                expected,
+                "{what}: {selection:?}"
+            );
+            let kept = if scan.is_empty() {
+                Check::Reconciled
+            } else {
+                Check::Waiting
+            };
+            assert_eq!(u.check(&selection, true), kept, "{what}: {selection:?}");
+        }
+    }
+
+    #[test]
+    fn the_unreconciled_bookkeeping_equals_a_full_scan_after_any_sequence_of_changes() {
+        let universe: Vec<ObjectKey> = ["File", "Other"]
+            .iter()
+            .flat_map(|kind| {
+                ["", "team"].iter().flat_map(move |ns| {
+                    ["a", "b", "c"]
+                        .iter()
+                        .map(move |n| ObjectKey::new(kind, ns, n))
+                })
+            })
+            .collect();
+        for seed in 0..40 {
+            let dir = tempfile::tempdir().unwrap();
+            let path = dir.path().join("store.redb");
+            let store = Store::open(&path).unwrap();
+            let mut rng = fastrand::Rng::with_seed(seed);
+            if rng.bool() {
+                store.register_finalizer("File", "files").unwrap();
+            }
+            for step in 0..250 {
+                let key = &universe[rng.usize(..universe.len())];
+                let op = rng.u8(..12);
+                let generation = rng.u64(0..4);
+                let spec = json!({ "content": rng.u8(..3) });
+                let object = || Object::new(&key.kind, &key.namespace, &key.name, spec.clone());
+                // Refusals (a deleting or missing object) are part of the game.
+                let _ = match op {
+                    0..=2 => store.apply(object()).map(drop),
+                    3 => store.delete(key, None).map(drop),
+                    4 => store.finalize(key, "setpoint.dev/files").map(drop),
+                    5 => store.force_delete(key, None).map(drop),
+                    6 => store.register_finalizer(&key.kind, "other").map(drop),
+                    7 | 8 => store.mark_done(key, generation),
+                    9 => store.mark_error(key, "retry"),
+                    10 => store.mark_failed(key, "for good"),
+                    _ => store.set_status(key, r#"{"x":1}"#),
+                };
+                let what = format!("seed {seed}, step {step}, op {op} on {key}");
+                assert_bookkeeping_matches_a_full_scan(&store, &universe, &what);
+            }
+            // Rebuilt from the file at open, it agrees too.
+            store.flush().unwrap();
+            drop(store);
+            let store = Store::open(&path).unwrap();
+            assert_bookkeeping_matches_a_full_scan(
+                &store,
+                &universe,
+                &format!("seed {seed}, reopened"),
+            );
+        }
     }
 
     #[test]

@@ -160,7 +160,7 @@ async fn controller_removes_a_deleted_object_only_after_its_delete_is_reconciled
     let plugin = rig.plugin("files", granting_data(data.path())).await;
     let motd = rig.apply("File", "motd", json!({"content": "hi"}));
     rig.manager.add(plugin).unwrap();
-    let file = data.path().join("motd");
+    let file = data.path().join("_default/motd");
     wait_until("the file is written", LIMIT, || file.exists()).await;
 
     rig.store.delete(&motd, None).unwrap();
@@ -184,7 +184,7 @@ async fn hostile_keys_fail_alone_while_the_other_keys_are_served() {
     let bad: Vec<(ObjectKey, &str)> = [
         ("loop", "time limit"),
         ("oom", "out of memory"),
-        ("trap", "trapped"),
+        ("trap", "asked to trap"),
     ]
     .iter()
     .map(|(mode, why)| (rig.apply("Hostile", mode, json!({"mode": mode})), *why))
@@ -631,7 +631,7 @@ async fn full_reconciliation_at_its_interval_prunes_then_reconciles_every_object
     let plugin = rig.plugin("files", settings).await;
     rig.apply("File", "keep", json!({"content": "k"}));
     let controller = rig.manager.add(plugin).unwrap();
-    let kept = data.path().join("keep");
+    let kept = data.path().join("_default/keep");
     wait_until("the file is written", LIMIT, || kept.exists()).await;
     std::fs::write(data.path().join("stray"), "x").unwrap();
     std::fs::write(&kept, "edited").unwrap();
@@ -679,7 +679,7 @@ async fn two_controllers_of_one_kind_both_reconcile_a_delete_before_the_object_g
     rig.manager.add(files).unwrap();
     // A second holder of the kind: the store's finalizer list is per controller.
     rig.store.register_finalizer("File", "audit").unwrap();
-    let file = data.path().join("motd");
+    let file = data.path().join("_default/motd");
     wait_until("the file is written", LIMIT, || file.exists()).await;
     rig.store.delete(&key, None).unwrap();
     wait_until("files did its part", LIMIT, || !file.exists()).await;

@@ -85,10 +85,16 @@ async fn sandbox_contains_a_trap_to_its_call() {
     let plugin = load(&rt, "hostile", hostile_settings(), &store).await;
     let mut instance = plugin.instance();
     let trap = request(&store, "Hostile", "trap", json!({"mode": "trap"}));
-    assert!(matches!(
-        instance.reconcile(&trap).await,
-        Err(CallError::Trap(_))
-    ));
+    // stdio is not granted, and the panic's message still reaches the error.
+    assert!(!hostile_settings().grants.stdio);
+    let Err(CallError::Trap(why)) = instance.reconcile(&trap).await else {
+        panic!("a panic in the plugin is a trap");
+    };
+    assert!(why.contains("unreachable"), "{why}");
+    assert!(
+        why.contains("the plugin's stderr ended with:") && why.contains("asked to trap"),
+        "{why}"
+    );
     let ok = request(&store, "Hostile", "ok", json!({"mode": "ok"}));
     assert_eq!(status_of(&mut instance, &ok).await["mode"], "ok");
 }
@@ -171,9 +177,9 @@ async fn files_plugin_writes_into_its_granted_directory_and_prunes_strays() {
     let mut instance = plugin.instance();
     let motd = request(&store, "File", "motd", json!({"content": "hello\n"}));
     let status = status_of(&mut instance, &motd).await;
-    assert_eq!(status, json!({"path": "/data/motd", "bytes": 6}));
+    assert_eq!(status, json!({"path": "/data/_default/motd", "bytes": 6}));
     assert_eq!(
-        std::fs::read_to_string(data.path().join("motd")).unwrap(),
+        std::fs::read_to_string(data.path().join("_default/motd")).unwrap(),
         "hello\n"
     );
 
@@ -183,6 +189,6 @@ async fn files_plugin_writes_into_its_granted_directory_and_prunes_strays() {
         .await
         .unwrap()
         .unwrap();
-    assert!(data.path().join("motd").exists());
+    assert!(data.path().join("_default/motd").exists());
     assert!(!data.path().join("stray").exists());
 }

@@ -6,7 +6,8 @@
 import { componentize } from '@bytecodealliance/componentize-js';
 import { writeFile } from 'node:fs/promises';
 
-const [entry, out, world = 'plugin'] = process.argv.slice(2);
+// The SDK's definePlugin exports reconciler, pruner and admission.
+const [entry, out, world = 'plugin-with-admission'] = process.argv.slice(2);
 if (!entry || !out) {
   console.error('usage: node build.mjs ENTRY.js OUT.wasm [WORLD]');
   process.exit(2);

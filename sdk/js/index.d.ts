@@ -1,5 +1,5 @@
 // TypeScript declarations for setpoint-sdk and the WIT types it maps
-// (setpoint:reconciler@0.1.1, wit/reconciler.wit).
+// (setpoint:reconciler@0.1.2, wit/reconciler.wit).
 
 /** Why a reconcile happens (WIT `action`). */
 export type Action = 'created' | 'updated' | 'deleted' | 'resynced';
@@ -86,14 +86,41 @@ export interface Host {
 /** A reconciler. */
 export interface Plugin<Spec = unknown, Status = unknown> {
   describe(): Info;
-  /** Throw (e.g. with a message naming the field) if the spec does not fit: the reconcile fails as fatal. */
+  /**
+   * Throw (with a message naming the field, e.g. `spec.who: expected a string`)
+   * if the spec does not fit. A create, update or resync then fails as fatal
+   * (`the spec of Greeting:x is invalid: spec.who: ...`) without calling
+   * `reconcile`; a delete goes to `deleteInvalid` instead.
+   */
   checkSpec?(spec: unknown): void;
   reconcile(host: Host, request: Request<Spec>): Outcome<Status> | undefined;
+  /**
+   * Clean up after a deleted object (action `deleted` or `object.deleting`)
+   * whose spec `checkSpec` refuses. Such a delete cannot reach `reconcile`, and
+   * must not fail for good either: the host keeps the object (and its finalizer)
+   * until a delete succeeds. `request.spec` is the raw spec; `error` is what
+   * `checkSpec` threw. Without it, the SDK logs a warning and succeeds, so the
+   * host removes the object. Throw `Retry` to keep the object and try again.
+   */
+  deleteInvalid?(host: Host, request: Request<unknown>, error: string): Outcome<Status> | undefined;
+  /**
+   * Admission (WIT `admission.validate`): the host asks before it stores an
+   * object of one of this plugin's kinds (create, update, apply; never delete).
+   * Return a message naming the field (`spec.who: expected a string, got 5`) to
+   * refuse the write, or nothing to admit it. Must not act on the world: it gets
+   * no host. Without it, every object is admitted.
+   */
+  validate?(object: SetpointObject<unknown>): string | undefined | null | void;
   prune?(host: Host, desiredKeys: string[]): void;
 }
 
-/** The component's `reconciler` and `pruner` exports for a plugin. */
+/**
+ * The component's `reconciler`, `pruner` and `admission` exports for a plugin
+ * (world `plugin-with-admission`). Export all three from the component's entry:
+ * `export const { reconciler, pruner, admission } = definePlugin(plugin, host);`
+ */
 export function definePlugin(plugin: Plugin<any, any>, host: Host): {
   reconciler: { describe(): unknown; reconcile(request: unknown): unknown };
   pruner: { prune(desiredKeys: string[]): void };
+  admission: { validate(object: unknown): void };
 };

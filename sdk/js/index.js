@@ -5,6 +5,16 @@
 // the state returned last time. This file imports nothing from the host: the
 // component's imports live in host.js, so plain Node can run plugins in tests
 // (see testing.js).
+//
+// A spec the plugin's optional checkSpec(spec) throws on does not fit: a create,
+// update or resync with it fails as Fatal ("the spec of Greeting:x is invalid:
+// ..."), but a delete (action 'deleted' or object.deleting) still reaches the
+// plugin, in deleteInvalid(host, request, error) (default: log a warning and
+// succeed), so it can clean up and the host can release the object. Admission
+// (the component's `admission.validate`, world plugin-with-admission) calls the
+// plugin's optional validate(object), which returns a message naming the field
+// to refuse the object, or nothing to admit it; without it, everything is
+// admitted.
 
 /** A transient failure: the host retries with its back-off. */
 export class Retry extends Error {
@@ -45,19 +55,57 @@ export function fromWitObject(o) {
   };
 }
 
+const isReconcileError = (e) => e instanceof Retry || e instanceof RetryAfter || e instanceof Fatal;
+
+/** What a delete whose spec does not fit does when the plugin has no
+ * `deleteInvalid`: log a warning and succeed, so the host removes the object. */
+export function defaultDeleteInvalid(host, request, error) {
+  host.log('warn', 'deleted with a spec that does not decode: nothing to clean up', { key: request.key, error });
+  return Outcome.done();
+}
+
 /** Call `plugin.reconcile` the way the host's side does. Returns an Outcome or
- * throws a Retry, RetryAfter or Fatal. */
+ * throws a Retry, RetryAfter or Fatal. A spec `checkSpec` throws on is Fatal,
+ * except on a delete, which goes to `plugin.deleteInvalid` (or the default). */
 export function callReconcile(plugin, host, request) {
   const { object, action, attempt } = request;
   const state = { ...request.state };
+  const req = { key: request.key ?? key(object), action, object, spec: object.spec, attempt, state };
   try {
-    if (plugin.checkSpec) plugin.checkSpec(object.spec);
-    const outcome = plugin.reconcile(host, { key: request.key ?? key(object), action, object, spec: object.spec, attempt, state });
+    let problem;
+    try {
+      plugin.checkSpec?.(object.spec);
+    } catch (e) {
+      if (e instanceof Retry || e instanceof RetryAfter) throw e;
+      problem = String(e?.message ?? e);
+    }
+    if (problem !== undefined) {
+      if (action === 'deleted' || object.deleting) {
+        const outcome = plugin.deleteInvalid ? plugin.deleteInvalid(host, req, problem) : defaultDeleteInvalid(host, req, problem);
+        return outcome ?? Outcome.done();
+      }
+      throw new Fatal(`the spec of ${req.key} is invalid: ${problem}`, state);
+    }
+    const outcome = plugin.reconcile(host, req);
     return outcome ?? Outcome.done();
   } catch (e) {
-    if (e instanceof Retry || e instanceof RetryAfter || e instanceof Fatal) throw e;
+    if (isReconcileError(e)) throw e;
     throw new Retry(`the plugin threw ${e?.name ?? 'an error'}: ${e?.message ?? e}`, state);
   }
+}
+
+/** Admission the way the component's `admission.validate` runs it: undefined
+ * admits `object`, a string (naming the field) refuses it. Calls the plugin's
+ * optional `validate(object)`; without one, everything is admitted. */
+export function callValidate(plugin, object) {
+  if (!plugin.validate) return undefined;
+  let problem;
+  try {
+    problem = plugin.validate(object);
+  } catch (e) {
+    return `the plugin's validate threw ${e?.name ?? 'an error'}: ${e?.message ?? e}`;
+  }
+  return problem === undefined || problem === null || problem === '' ? undefined : String(problem);
 }
 
 const pairs = (map) => Object.entries(map ?? {}).map(([k, v]) => [String(k), String(v)]);
@@ -67,7 +115,8 @@ function failure(e) {
   return { error: { tag: e.tag, val }, state: pairs(e.state) };
 }
 
-/** The `reconciler` (and `pruner`) exports for `plugin`, over the component's `host`. */
+/** The `reconciler`, `pruner` and `admission` exports (world
+ * plugin-with-admission) for `plugin`, over the component's `host`. */
 export function definePlugin(plugin, host) {
   const reconciler = {
     describe() {
@@ -105,5 +154,18 @@ export function definePlugin(plugin, host) {
       }
     },
   };
-  return { reconciler, pruner };
+  const admission = {
+    validate(witObject) {
+      let object;
+      try {
+        object = fromWitObject(witObject);
+      } catch (e) {
+        throw `spec: not JSON: ${e?.message ?? e}`;
+      }
+      const problem = callValidate(plugin, object);
+      // A thrown string is the `err` of result<_, string>.
+      if (problem !== undefined) throw problem;
+    },
+  };
+  return { reconciler, pruner, admission };
 }

@@ -1,7 +1,9 @@
 // Run a plugin in plain Node against an in-memory host: no Wasm. reconcile()
 // takes the steps the real host takes (state hand-back between attempts,
-// storing a returned status).
-import { callReconcile, Retry } from './index.js';
+// storing a returned status; a delete whose spec checkSpec refuses goes to the
+// plugin's deleteInvalid), and validate() runs admission as the component's
+// `admission.validate` does.
+import { callReconcile, callValidate, Retry } from './index.js';
 
 const keyOf = (o) => `${o.kind}:${o.namespace ? `${o.namespace}/` : ''}${o.name}`;
 
@@ -32,6 +34,13 @@ export class FakeHost {
       this.states.set(key, [attempt + 1, { ...e.state }]);
       throw e;
     }
+  }
+
+  /** Admission, as the host asks before storing `o`: undefined admits it, a
+   * message naming the field refuses it. Stores nothing. */
+  validate(plugin, o) {
+    const object = { namespace: '', uid: '', generation: 1, labels: {}, finalizers: [], deleting: false, ...o };
+    return callValidate(plugin, object);
   }
 
   log(level, message, fields = {}) { this.logs.push([level, message, fields]); }

@@ -4,6 +4,10 @@
 //! - `test`: build the plugins, then run every test (host, SDK, plugins, end to end).
 //! - `demo`: build the plugins, then run the daemon on its embedded default.
 //! - `bench`: build the plugins, then run the benchmarks.
+//! - `api-latency`: the API's latency while plugin calls keep cores busy
+//!   (target/debug/setpoint with the `hostile` plugin; see BENCHMARKS.md).
+//! - `soak`: writers against a daemon for a while, then check that it settles
+//!   with every object done and no worker panic (see BENCHMARKS.md).
 //!
 //! Each task installs what it is missing. For plugins that means a wasm32-wasip2
 //! toolchain: rustup's target where rustup can download it, otherwise Debian's
@@ -19,6 +23,10 @@ use std::time::Duration;
 
 use anyhow::{Context, bail};
 use clap::{Parser, Subcommand};
+
+mod api_latency;
+mod daemon;
+mod soak;
 
 #[derive(Parser)]
 #[command(name = "cargo xtask")]
@@ -47,6 +55,39 @@ enum Task {
     Bench {
         #[arg(trailing_var_arg = true)]
         args: Vec<String>,
+    },
+    /// Time /healthz and /v1/controllers while N plugin calls loop (hostile).
+    ApiLatency {
+        /// Sequential requests per endpoint and N.
+        #[arg(long, default_value_t = 2000)]
+        requests: usize,
+        /// The numbers of CPU-bound reconciles to measure with (0 is always measured).
+        #[arg(long, value_delimiter = ',', default_value = "0,2,4")]
+        busy: Vec<usize>,
+        /// `[runtime] plugin-threads` settings, one daemon each; 0 is the
+        /// default (cores - 1). Default: 0 and the core count.
+        #[arg(long, value_delimiter = ',')]
+        plugin_threads: Vec<usize>,
+        /// Use target/debug/setpoint as it is instead of building it first.
+        #[arg(long)]
+        no_build: bool,
+    },
+    /// Writers against a daemon, then check it settles with nothing lost.
+    Soak {
+        /// How long the writers write.
+        #[arg(long, default_value_t = 120)]
+        secs: u64,
+        /// How many object names (half File, half Greeting).
+        #[arg(long, default_value_t = 3000)]
+        objects: usize,
+        #[arg(long, default_value_t = 4)]
+        writers: usize,
+        /// Seed of the writers' choices (default: the clock).
+        #[arg(long)]
+        seed: Option<u64>,
+        /// Use target/debug/setpoint as it is instead of building it first.
+        #[arg(long)]
+        no_build: bool,
     },
 }
 
@@ -77,6 +118,14 @@ fn main() -> anyhow::Result<()> {
                 eprintln!("xtask: installing Debian's prometheus package for promtool");
                 apt_install(&["prometheus"])?;
             }
+            // The Python and JavaScript SDKs' own unit tests.
+            run(Command::new(python3())
+                .args(["-m", "unittest", "-v"])
+                .current_dir(root.join("sdk/python"))
+                .env("PYTHONDONTWRITEBYTECODE", "1"))?;
+            run(Command::new("node")
+                .args(["--test", "sdk.test.mjs"])
+                .current_dir(root.join("sdk/js")))?;
             // The Python plugins' unit tests, in plain CPython against the SDK's FakeHost.
             for dir in python_plugins(&root)? {
                 run(Command::new(python3())
@@ -131,6 +180,45 @@ fn main() -> anyhow::Result<()> {
                 .args(["bench", "-p", "setpoint-bench"])
                 .args(&args)
                 .env("SETPOINT_PLUGIN_DIR", &plugins))?;
+        }
+        Task::ApiLatency {
+            requests,
+            busy,
+            plugin_threads,
+            no_build,
+        } => {
+            let plugin_threads = if plugin_threads.is_empty() {
+                vec![0, daemon::cores()]
+            } else {
+                plugin_threads
+            };
+            api_latency::run(
+                &root,
+                api_latency::Args {
+                    requests,
+                    busy,
+                    plugin_threads,
+                    build: !no_build,
+                },
+            )?;
+        }
+        Task::Soak {
+            secs,
+            objects,
+            writers,
+            seed,
+            no_build,
+        } => {
+            soak::run(
+                &root,
+                soak::Args {
+                    secs,
+                    objects,
+                    writers,
+                    seed,
+                    build: !no_build,
+                },
+            )?;
         }
     }
     Ok(())
@@ -219,6 +307,7 @@ fn build_js_plugins(root: &Path, out: &Path) -> anyhow::Result<usize> {
             .arg(tools.join("build.mjs"))
             .arg(dir.join("app.js"))
             .arg(&wasm)
+            .arg("plugin-with-admission")
             .current_dir(root))?;
     }
     Ok(dirs.len())
@@ -286,7 +375,7 @@ fn build_python_plugins(root: &Path, out: &Path) -> anyhow::Result<usize> {
         run(Command::new(&tool)
             .arg("-d")
             .arg(root.join("wit"))
-            .args(["-w", "plugin", "componentize", "app", "-p"])
+            .args(["-w", "plugin-with-admission", "componentize", "app", "-p"])
             .arg(dir)
             .arg("-p")
             .arg(root.join("sdk/python"))

@@ -52,6 +52,10 @@ pub async fn ingest(
         APPLY => {
             let object = data_object(content_type.as_deref(), data)?;
             check_kind(&state.manager, &object.kind)?;
+            state
+                .manager
+                .admit(std::slice::from_ref(&object))
+                .await?;
             let applied = state.store.apply(object)?;
             let result = if applied.action.is_some() {
                 "applied"
@@ -82,7 +86,10 @@ pub async fn ingest(
             if state.store.get(&key).is_none() {
                 return Err(ApiError::new(
                     StatusCode::NOT_FOUND,
-                    format!("object {key} not found; apply it first"),
+                    format!(
+                        "object {} not found; apply it first",
+                        crate::object::shorten(&key.to_string())
+                    ),
                 ));
             }
             for controller in state.manager.controllers_of(&key.kind) {
@@ -101,9 +108,10 @@ pub async fn ingest(
         }
         other => {
             return Err(ApiError::bad_request(format!(
-                "unknown CloudEvent type {other:?}; this host accepts {APPLY} (data: an \
+                "unknown CloudEvent type {}; this host accepts {APPLY} (data: an \
                  object manifest), {DELETE} (subject: Kind:namespace/name) and {RECONCILE} \
-                 (subject: Kind:namespace/name)"
+                 (subject: Kind:namespace/name)",
+                crate::object::quote(other)
             )));
         }
     };

@@ -7,14 +7,17 @@
 //!
 //! Every refusal is a 4xx with a JSON body `{"error": "..."}` that says what was
 //! wrong and what to do; a refused write stores nothing. Bodies larger than
-//! `api.max-body-bytes` get 413.
+//! `api.max-body-bytes` get 413. Query strings go through [`Query`], which
+//! refuses unknown parameters (listing the route's), parameters given twice and
+//! values that do not parse; path segments through [`Path`]. Errors quote at
+//! most [`QUOTE_MAX`](crate::object::QUOTE_MAX) characters of any input.
 //!
 //! | route | what it does |
 //! |---|---|
 //! | `POST /v1/apply` | create or update objects (one or many, YAML stream or JSON), atomically |
 //! | `POST /v1/objects` | create one object; 409 if it exists |
 //! | `GET /v1/objects/{kind}?namespace=&selector=a=b,c=d` | list objects of a kind |
-//! | `GET/PUT/DELETE /v1/objects/{kind}/{name}?namespace=` | one object; PUT and DELETE honour `resourceVersion` |
+//! | `GET/PUT/DELETE /v1/objects/{kind}/{name}?namespace=` | one object; PUT and DELETE honour `resourceVersion`; DELETE `force=true` removes it now, dropping its finalizers |
 //! | `GET /v1/objects/{kind}/{name}/status?namespace=` | its reconcile status |
 //! | `GET /v1/status?kind=` | every object's reconcile status |
 //! | `GET /v1/wait?kind=&name=&namespace=&timeout=30s` | wait until reconciled; 504 names what is not |
@@ -33,15 +36,18 @@ use std::sync::Arc;
 
 use axum::Router;
 use axum::body::{Body, Bytes};
-use axum::extract::{Path, Request, State};
-use axum::http::{HeaderMap, StatusCode, header};
+use axum::extract::{FromRequestParts, Request, State};
+use axum::http::request::Parts;
+use axum::http::{HeaderMap, HeaderValue, StatusCode, Uri, header};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Json, Response};
 use axum::routing::{get, post};
 use serde::Serialize;
+use serde::de::DeserializeOwned;
 use tokio_util::sync::CancellationToken;
 
-use crate::controller::Manager;
+use crate::controller::{AdmissionError, Manager};
+use crate::object::{quote, shorten};
 use crate::store::{Store, StoreError};
 
 /// What every handler sees.
@@ -62,6 +68,7 @@ pub fn router(
     max_body: usize,
     stopping: CancellationToken,
 ) -> Router {
+    let ready_manager = manager.clone();
     let state = AppState {
         store: manager.store().clone(),
         manager,
@@ -91,6 +98,7 @@ pub fn router(
         .route("/v1/watch", get(watch::watch))
         .route("/v1/events", post(events::ingest))
         .fallback(not_found)
+        .method_not_allowed_fallback(method_not_allowed)
         .with_state(state);
     let protected = match token {
         Some(token) => protected.layer(middleware::from_fn_with_state(
@@ -101,8 +109,33 @@ pub fn router(
     };
     Router::new()
         .route("/healthz", get(|| async { "ok\n" }))
-        .route("/readyz", get(|| async { "ok\n" }))
+        .route("/readyz", get(readyz).with_state(ready_manager))
         .merge(protected)
+}
+
+impl From<AdmissionError> for ApiError {
+    fn from(e: AdmissionError) -> Self {
+        let status = match e {
+            AdmissionError::Refused { .. } => StatusCode::UNPROCESSABLE_ENTITY,
+            AdmissionError::Failed { .. } => StatusCode::SERVICE_UNAVAILABLE,
+        };
+        ApiError::new(status, e.to_string())
+    }
+}
+
+/// Ready while every controller can make progress; otherwise 503 naming each
+/// controller that cannot (its workers are gone, or it leads and its queue is
+/// not draining). `/healthz` stays a liveness probe: the process answers.
+async fn readyz(State(manager): State<Arc<Manager>>) -> Response {
+    let problems = manager.health();
+    if problems.is_empty() {
+        return "ok\n".into_response();
+    }
+    ApiError::new(
+        StatusCode::SERVICE_UNAVAILABLE,
+        format!("not ready: {}", problems.join("; ")),
+    )
+    .into_response()
 }
 
 /// A refusal: a status code and a message that says what to do.
@@ -155,9 +188,123 @@ async fn not_found(request: Request) -> ApiError {
         format!(
             "no route {} {}; see the API table in the README",
             request.method(),
-            request.uri().path()
+            shorten(request.uri().path())
         ),
     )
+}
+
+async fn method_not_allowed(request: Request) -> ApiError {
+    ApiError::new(
+        StatusCode::METHOD_NOT_ALLOWED,
+        format!(
+            "{} {} is not a route: that path takes other methods; see the API table in the \
+             README",
+            request.method(),
+            shorten(request.uri().path())
+        ),
+    )
+}
+
+/// The query parameters one route takes.
+pub trait QueryParams: DeserializeOwned {
+    /// Every parameter's name, as refusals list them.
+    const NAMES: &'static [&'static str];
+}
+
+/// The query string as `T`, like axum's `Query`, except that every refusal is a
+/// JSON 400 that names the parameter: one the route does not take (with the
+/// list of those it does), one given twice, or one whose value does not parse.
+pub struct Query<T>(pub T);
+
+impl<S: Send + Sync, T: QueryParams> FromRequestParts<S> for Query<T> {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, _: &S) -> Result<Self, ApiError> {
+        parse_query(&parts.uri).map(Query)
+    }
+}
+
+/// Parse `uri`'s query string as `T`; see [`Query`].
+pub fn parse_query<T: QueryParams>(uri: &Uri) -> Result<T, ApiError> {
+    let raw = uri.query().unwrap_or("");
+    let takes = || {
+        if T::NAMES.is_empty() {
+            "this route takes no query parameters".to_string()
+        } else {
+            format!("this route takes: {}", T::NAMES.join(", "))
+        }
+    };
+    // One query string per parameter, so that a bad value can be pinned on it.
+    let mut parts: Vec<(&str, String, String)> = Vec::new();
+    for part in raw.split('&').filter(|p| !p.is_empty()) {
+        let (name, value) = decode_pair(part)?;
+        if !T::NAMES.contains(&name.as_str()) {
+            return Err(ApiError::bad_request(format!(
+                "unknown query parameter {}; {}",
+                quote(&name),
+                takes()
+            )));
+        }
+        if parts.iter().any(|(_, n, _)| *n == name) {
+            return Err(ApiError::bad_request(format!(
+                "query parameter {name} is given more than once; give it once"
+            )));
+        }
+        parts.push((part, name, value));
+    }
+    deserialize_query::<T>(raw).map_err(|whole| {
+        let culprit = parts.iter().find_map(|(part, name, value)| {
+            Some((name, value, deserialize_query::<T>(part).err()?))
+        });
+        match culprit {
+            Some((name, value, why)) => ApiError::bad_request(format!(
+                "query parameter {name}={} is not valid: {why}",
+                quote(value)
+            )),
+            None => ApiError::bad_request(format!("the query string is not valid: {whole}")),
+        }
+    })
+}
+
+/// One `name=value` of a query string, percent-decoded.
+fn decode_pair(part: &str) -> Result<(String, String), ApiError> {
+    let not_valid = || ApiError::bad_request(format!("query part {} is not valid", quote(part)));
+    let uri: Uri = format!("/?{part}").parse().map_err(|_| not_valid())?;
+    let axum::extract::Query(mut pairs) =
+        axum::extract::Query::<Vec<(String, String)>>::try_from_uri(&uri)
+            .map_err(|_| not_valid())?;
+    pairs.pop().ok_or_else(not_valid)
+}
+
+/// `raw` (a query string) as `T`, or serde's reason why not.
+fn deserialize_query<T: DeserializeOwned>(raw: &str) -> Result<T, String> {
+    let uri: Uri = format!("/?{raw}").parse().map_err(|e| format!("{e}"))?;
+    axum::extract::Query::<T>::try_from_uri(&uri)
+        .map(|q| q.0)
+        .map_err(|e| {
+            let text = e.body_text();
+            text.strip_prefix("Failed to deserialize query string: ")
+                .unwrap_or(&text)
+                .to_string()
+        })
+}
+
+/// Path segments as `T`, like axum's `Path`, except that a refusal (a segment
+/// that is not UTF-8, say) is a JSON 400.
+pub struct Path<T>(pub T);
+
+impl<S: Send + Sync, T: DeserializeOwned + Send> FromRequestParts<S> for Path<T> {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, ApiError> {
+        match axum::extract::Path::<T>::from_request_parts(parts, state).await {
+            Ok(axum::extract::Path(value)) => Ok(Path(value)),
+            Err(e) => Err(ApiError::new(
+                e.status(),
+                format!("the request path is not valid: {}", shorten(&e.body_text())),
+            )),
+        }
+    }
 }
 
 /// Read a request body, refusing one larger than `max` with 413.
@@ -211,25 +358,42 @@ pub fn respond<T: Serialize>(headers: &HeaderMap, status: StatusCode, value: &T)
     }
 }
 
-/// Let a request through only with the right bearer token.
+/// Let a request through only with the right bearer token. The scheme is
+/// case-insensitive (RFC 7235: `bearer` is `Bearer`); a 401 carries
+/// `WWW-Authenticate: Bearer` (RFC 6750).
 async fn require_token(State(token): State<Arc<String>>, request: Request, next: Next) -> Response {
     let given = request
         .headers()
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "));
-    match given {
-        Some(given) if same(given.as_bytes(), token.as_bytes()) => next.run(request).await,
-        Some(_) => {
-            ApiError::new(StatusCode::UNAUTHORIZED, "the bearer token is wrong").into_response()
+        .and_then(bearer_token);
+    let (challenge, message) = match given {
+        Some(given) if same(given.as_bytes(), token.as_bytes()) => {
+            return next.run(request).await;
         }
-        None => ApiError::new(
-            StatusCode::UNAUTHORIZED,
+        Some(_) => (
+            r#"Bearer error="invalid_token""#,
+            "the bearer token is wrong",
+        ),
+        None => (
+            "Bearer",
             "this API needs `Authorization: Bearer <token>` (the [api] token setting; the CLI \
              reads it from --token or SETPOINT_TOKEN)",
-        )
-        .into_response(),
-    }
+        ),
+    };
+    let mut response = ApiError::new(StatusCode::UNAUTHORIZED, message).into_response();
+    response.headers_mut().insert(
+        header::WWW_AUTHENTICATE,
+        HeaderValue::from_static(challenge),
+    );
+    response
+}
+
+/// The token of an `Authorization: Bearer <token>` value; the scheme in any case.
+fn bearer_token(value: &str) -> Option<&str> {
+    let (scheme, token) = value.trim_start().split_once(' ')?;
+    let token = token.trim_matches(' ');
+    (scheme.eq_ignore_ascii_case("bearer") && !token.is_empty()).then_some(token)
 }
 
 /// Compare secrets without stopping at the first difference.
@@ -277,7 +441,8 @@ async fn full_reconcile(
         ApiError::new(
             StatusCode::NOT_FOUND,
             format!(
-                "no controller named {name:?}; running: {}",
+                "no controller named {}; running: {}",
+                quote(&name),
                 names(&state.manager)
             ),
         )
@@ -307,10 +472,10 @@ async fn plugins(State(state): State<AppState>, headers: HeaderMap) -> Response 
         .manager
         .controllers()
         .iter()
-        .map(|c| {
-            let p = c.plugin();
+        .filter_map(|c| {
+            let p = c.plugin()?;
             let report = p.report();
-            PluginView {
+            Some(PluginView {
                 name: p.info().name.clone(),
                 version: p.info().version.clone(),
                 kinds: p.info().kinds.clone(),
@@ -321,7 +486,7 @@ async fn plugins(State(state): State<AppState>, headers: HeaderMap) -> Response 
                 prune: p.can_prune(),
                 workers: p.settings().workers,
                 instances: p.settings().instances,
-            }
+            })
         })
         .collect();
     respond(&headers, StatusCode::OK, &views)
@@ -351,8 +516,9 @@ pub fn check_kind(manager: &Manager, kind: &str) -> Result<(), ApiError> {
     Err(ApiError::new(
         StatusCode::UNPROCESSABLE_ENTITY,
         format!(
-            "no plugin reconciles kind {kind:?}, so nothing would act on it; this host's \
+            "no plugin reconciles kind {}, so nothing would act on it; this host's \
              plugins reconcile: {}. Load a plugin for it, or fix the kind",
+            quote(kind),
             if known.is_empty() {
                 "nothing".to_string()
             } else {
@@ -446,5 +612,283 @@ mod tests {
         assert_eq!(health, 200);
         stop.cancel();
         task.await.unwrap();
+    }
+
+    /// An answer: status, `WWW-Authenticate` and `Content-Type`, body.
+    struct Answer {
+        status: u16,
+        challenge: Option<String>,
+        content_type: String,
+        body: String,
+    }
+
+    impl Answer {
+        /// The `error` of a JSON refusal; fails if the answer is not one.
+        fn error(&self) -> String {
+            assert!(
+                self.content_type.starts_with("application/json"),
+                "{} answered {:?}: {}",
+                self.status,
+                self.content_type,
+                self.body
+            );
+            let value: serde_json::Value = serde_json::from_str(&self.body)
+                .unwrap_or_else(|e| panic!("not JSON ({e}): {}", self.body));
+            value["error"]
+                .as_str()
+                .unwrap_or_else(|| panic!("no error: {}", self.body))
+                .to_string()
+        }
+    }
+
+    fn call(method: &str, url: &str, authorization: Option<&str>) -> Answer {
+        let agent: ureq::Agent = ureq::Agent::config_builder()
+            .http_status_as_error(false)
+            .build()
+            .into();
+        let mut request = ureq::http::Request::builder().method(method).uri(url);
+        if let Some(value) = authorization {
+            request = request.header("Authorization", value);
+        }
+        let mut response = agent.run(request.body(()).unwrap()).unwrap();
+        let header = |name: header::HeaderName| {
+            response
+                .headers()
+                .get(name)
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_string)
+        };
+        Answer {
+            status: response.status().as_u16(),
+            challenge: header(header::WWW_AUTHENTICATE),
+            content_type: header(header::CONTENT_TYPE).unwrap_or_default(),
+            body: response.body_mut().read_to_string().unwrap(),
+        }
+    }
+
+    /// Serve an API over an empty manager; run `checks` on its base URL.
+    async fn with_api<T: Send + 'static>(
+        token: Option<&str>,
+        checks: impl FnOnce(String) -> T + Send + 'static,
+    ) -> T {
+        let manager = Arc::new(Manager::new(
+            Store::new(),
+            Arc::new(AlwaysLeader::default()),
+            Arc::new(Metrics::new()),
+        ));
+        let stop = CancellationToken::new();
+        let (addr, task) = serve(
+            "127.0.0.1:0".parse().unwrap(),
+            token.map(str::to_string),
+            1024,
+            manager,
+            stop.clone(),
+        )
+        .await
+        .unwrap();
+        let base = format!("http://{addr}");
+        let out = tokio::task::spawn_blocking(move || checks(base))
+            .await
+            .unwrap();
+        stop.cancel();
+        task.await.unwrap();
+        out
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_401_challenges_with_bearer_and_the_scheme_is_case_insensitive() {
+        let answers = with_api(Some("s3cret"), |base| {
+            let url = format!("{base}/v1/controllers");
+            [
+                call("GET", &url, None),
+                call("GET", &url, Some("Basic czNjcmV0")),
+                call("GET", &url, Some("Bearer guess")),
+                call("GET", &url, Some("Bearer s3cret")),
+                call("GET", &url, Some("bearer s3cret")),
+                call("GET", &url, Some("BEARER  s3cret")),
+            ]
+        })
+        .await;
+        let [missing, basic, wrong, right, lower, upper] = answers;
+        for refused in [&missing, &basic, &wrong] {
+            assert_eq!(refused.status, 401, "{}", refused.body);
+            let challenge = refused.challenge.as_deref().unwrap_or("");
+            assert!(challenge.starts_with("Bearer"), "{challenge:?}");
+            refused.error();
+        }
+        assert_eq!(
+            wrong.challenge.as_deref(),
+            Some(r#"Bearer error="invalid_token""#)
+        );
+        for accepted in [&right, &lower, &upper] {
+            assert_eq!((accepted.status, accepted.body.as_str()), (200, "[]"));
+        }
+    }
+
+    #[test]
+    fn bearer_tokens_are_read_whatever_the_schemes_case() {
+        assert_eq!(bearer_token("Bearer abc"), Some("abc"));
+        assert_eq!(bearer_token("bEaReR abc"), Some("abc"));
+        assert_eq!(bearer_token("Bearer"), None);
+        assert_eq!(bearer_token("Bearer "), None);
+        assert_eq!(bearer_token("Bearerabc"), None);
+        assert_eq!(bearer_token("Basic abc"), None);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn every_query_string_refusal_is_json_and_names_the_parameter() {
+        let cases: Vec<(&str, &str, &str, &[&str])> = vec![
+            // A value that does not parse.
+            (
+                "PUT",
+                "/v1/objects/File/a?resourceVersion=abc",
+                "",
+                &["resourceVersion", "\"abc\""],
+            ),
+            (
+                "DELETE",
+                "/v1/objects/File/a?resourceVersion=abc",
+                "",
+                &["resourceVersion", "\"abc\""],
+            ),
+            (
+                "DELETE",
+                "/v1/objects/File/a?force=yes",
+                "",
+                &["force", "\"yes\""],
+            ),
+            ("GET", "/v1/wait?timeout=soon", "", &["timeout", "\"soon\""]),
+            // Given twice.
+            (
+                "GET",
+                "/v1/objects/File/a?namespace=x&namespace=y",
+                "",
+                &["namespace", "more than once"],
+            ),
+            (
+                "GET",
+                "/v1/objects/File?selector=a=b&selector=c=d",
+                "",
+                &["selector", "more than once"],
+            ),
+            (
+                "GET",
+                "/v1/wait?kind=File&kind=Greeting",
+                "",
+                &["kind", "more than once"],
+            ),
+            // Unknown, with the route's list.
+            (
+                "GET",
+                "/v1/objects/File?resourceVersion=1",
+                "namespace, selector",
+                &[],
+            ),
+            ("GET", "/v1/objects/File/a?force=true", "namespace", &[]),
+            (
+                "PUT",
+                "/v1/objects/File/a?force=true",
+                "namespace, resourceVersion",
+                &[],
+            ),
+            (
+                "DELETE",
+                "/v1/objects/File/a?nmespace=x",
+                "namespace, resourceVersion, force",
+                &[],
+            ),
+            (
+                "GET",
+                "/v1/objects/File/a/status?resourceVersion=1",
+                "namespace",
+                &[],
+            ),
+            ("GET", "/v1/status?kinds=File", "kind", &[]),
+            (
+                "GET",
+                "/v1/wait?tmeout=1s",
+                "kind, name, namespace, timeout",
+                &[],
+            ),
+            ("GET", "/v1/watch?knd=File", "kind", &[]),
+        ];
+        let answers = with_api(None, move |base| {
+            cases
+                .into_iter()
+                .map(|(method, path, takes, names)| {
+                    let answer = call(method, &format!("{base}{path}"), None);
+                    (method, path, takes, names, answer)
+                })
+                .collect::<Vec<_>>()
+        })
+        .await;
+        for (method, path, takes, names, answer) in answers {
+            assert_eq!(answer.status, 400, "{method} {path}: {}", answer.body);
+            let error = answer.error();
+            if !takes.is_empty() {
+                assert!(error.contains("unknown query parameter"), "{path}: {error}");
+                assert!(
+                    error.contains(&format!("this route takes: {takes}")),
+                    "{path}: {error}"
+                );
+            }
+            for name in names {
+                assert!(error.contains(name), "{path}: {name:?} in {error}");
+            }
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn wrong_methods_and_paths_are_refused_in_json_too() {
+        let (method, path) = with_api(None, |base| {
+            (
+                call("PATCH", &format!("{base}/v1/objects/File/a"), None),
+                call("GET", &format!("{base}/v1/objects/%FF/a"), None),
+            )
+        })
+        .await;
+        assert_eq!(method.status, 405);
+        assert!(method.error().contains("PATCH /v1/objects/File/a"));
+        assert_eq!(path.status, 400);
+        assert!(path.error().contains("path"), "{}", path.body);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn errors_quote_no_more_than_a_hundred_characters_of_the_input() {
+        let huge = "x".repeat(10_000);
+        let answers = with_api(None, move |base| {
+            [
+                format!("/v1/objects/File/{huge}"),
+                format!("/v1/objects/File/{huge}/status"),
+                format!("/v1/{huge}"),
+                format!("/v1/wait?timeout={huge}"),
+                format!("/v1/status?{huge}=1"),
+                format!("/v1/objects/File?selector={huge}"),
+                format!("/v1/controllers/{huge}/full-reconcile"),
+            ]
+            .map(|path| {
+                let method = if path.ends_with("full-reconcile") {
+                    "POST"
+                } else if path.contains("/v1/objects/File/") && !path.ends_with("status") {
+                    "DELETE"
+                } else {
+                    "GET"
+                };
+                (path.clone(), call(method, &format!("{base}{path}"), None))
+            })
+        })
+        .await;
+        for (path, answer) in answers {
+            let error = answer.error();
+            assert!(
+                (400..500).contains(&answer.status),
+                "{}: {}",
+                &path[..20],
+                answer.status
+            );
+            assert!(error.len() < 400, "{} characters: {error}", error.len());
+            assert!(error.contains("x…"), "cut with an ellipsis: {error}");
+            assert!(!error.contains(&"x".repeat(101)), "{error}");
+        }
     }
 }

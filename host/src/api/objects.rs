@@ -4,25 +4,59 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 
 use axum::body::Body;
-use axum::extract::{Path, Query, State};
+use axum::extract::State;
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::Response;
 use serde::{Deserialize, Serialize};
 
-use super::{ApiError, AppState, check_kind, read_body, respond};
-use crate::object::{Object, ObjectKey, parse_all};
-use crate::store::{Action, Applied, ReconcileStatus};
+use super::{ApiError, AppState, Path, Query, QueryParams, check_kind, read_body, respond};
+use crate::object::{Object, ObjectKey, parse_all, quote, shorten};
+use crate::store::{Action, Applied, ReconcileStatus, WaitError};
 
 /// The longest `/v1/wait` holds a request.
 const MAX_WAIT: Duration = Duration::from_secs(600);
 
+/// `GET /v1/objects/{kind}/{name}` and its `/status`.
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ObjectQuery {
     #[serde(default)]
     namespace: String,
+}
+
+impl QueryParams for ObjectQuery {
+    const NAMES: &'static [&'static str] = &["namespace"];
+}
+
+/// `PUT /v1/objects/{kind}/{name}`.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UpdateQuery {
+    #[serde(default)]
+    namespace: String,
     #[serde(default, rename = "resourceVersion")]
     resource_version: Option<u64>,
+}
+
+impl QueryParams for UpdateQuery {
+    const NAMES: &'static [&'static str] = &["namespace", "resourceVersion"];
+}
+
+/// `DELETE /v1/objects/{kind}/{name}`.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DeleteQuery {
+    #[serde(default)]
+    namespace: String,
+    #[serde(default, rename = "resourceVersion")]
+    resource_version: Option<u64>,
+    /// Remove the object now, dropping whatever finalizers still hold it.
+    #[serde(default)]
+    force: bool,
+}
+
+impl QueryParams for DeleteQuery {
+    const NAMES: &'static [&'static str] = &["namespace", "resourceVersion", "force"];
 }
 
 #[derive(Deserialize)]
@@ -30,6 +64,10 @@ pub struct ObjectQuery {
 pub struct ListQuery {
     namespace: Option<String>,
     selector: Option<String>,
+}
+
+impl QueryParams for ListQuery {
+    const NAMES: &'static [&'static str] = &["namespace", "selector"];
 }
 
 #[derive(Deserialize)]
@@ -40,12 +78,23 @@ pub struct WaitQuery {
     #[serde(default)]
     namespace: String,
     timeout: Option<String>,
+    /// Wait for objects that failed for good too, instead of failing at once.
+    #[serde(default, rename = "keepWaiting")]
+    keep_waiting: bool,
+}
+
+impl QueryParams for WaitQuery {
+    const NAMES: &'static [&'static str] = &["kind", "name", "namespace", "timeout", "keepWaiting"];
 }
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct StatusQuery {
     kind: Option<String>,
+}
+
+impl QueryParams for StatusQuery {
+    const NAMES: &'static [&'static str] = &["kind"];
 }
 
 /// One line of an apply's answer.
@@ -133,6 +182,7 @@ async fn body_objects(
     for o in &objects {
         check_kind(&state.manager, &o.kind)?;
     }
+    state.manager.admit(&objects).await?;
     Ok(objects)
 }
 
@@ -193,7 +243,8 @@ pub fn parse_selector(text: &str) -> Result<BTreeMap<String, String>, ApiError> 
     for part in text.split(',').map(str::trim).filter(|p| !p.is_empty()) {
         let Some((k, v)) = part.split_once('=') else {
             return Err(ApiError::bad_request(format!(
-                "selector part {part:?} is not label=value; write e.g. selector=app=web,tier=db"
+                "selector part {} is not label=value; write e.g. selector=app=web,tier=db",
+                quote(part)
             )));
         };
         selector.insert(k.trim().to_string(), v.trim().to_string());
@@ -202,7 +253,10 @@ pub fn parse_selector(text: &str) -> Result<BTreeMap<String, String>, ApiError> 
 }
 
 fn not_found(key: &ObjectKey) -> ApiError {
-    ApiError::new(StatusCode::NOT_FOUND, format!("object {key} not found"))
+    ApiError::new(
+        StatusCode::NOT_FOUND,
+        format!("object {} not found", shorten(&key.to_string())),
+    )
 }
 
 /// `GET /v1/objects/{kind}/{name}`.
@@ -222,13 +276,14 @@ pub async fn get(
 pub async fn update(
     State(state): State<AppState>,
     Path((kind, name)): Path<(String, String)>,
-    Query(q): Query<ObjectQuery>,
+    Query(q): Query<UpdateQuery>,
     headers: HeaderMap,
     body: Body,
 ) -> Result<Response, ApiError> {
     let mut objects = body_objects(&state, &headers, body).await?;
     let path_key = ObjectKey::new(&kind, &q.namespace, &name);
     if objects.len() != 1 || objects[0].key() != path_key {
+        let path_key = shorten(&path_key.to_string()).into_owned();
         return Err(ApiError::bad_request(format!(
             "PUT {path_key} needs exactly one object in the body, and it must be {path_key} \
              (the path's kind, name and ?namespace=)"
@@ -244,13 +299,32 @@ pub async fn update(
 
 /// `DELETE /v1/objects/{kind}/{name}`: mark it deleting (202, the object); or
 /// 200 `{"removed": true}` if nothing held it and it is gone already.
+///
+/// With `?force=true`, remove it now, whatever finalizers still hold it (a
+/// plugin that can never finish the delete, or one no longer loaded): 200
+/// `{"key", "removed": true, "forced": true, "droppedFinalizers": [...]}`.
+/// Counted in `setpoint_forced_deletes_total{kind}` and logged as a warning.
 pub async fn delete(
     State(state): State<AppState>,
     Path((kind, name)): Path<(String, String)>,
-    Query(q): Query<ObjectQuery>,
+    Query(q): Query<DeleteQuery>,
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
     let key = ObjectKey::new(&kind, &q.namespace, &name);
+    if q.force {
+        let removed = state.store.force_delete(&key, q.resource_version)?;
+        state.manager.metrics().forced_delete(&key.kind);
+        return Ok(respond(
+            &headers,
+            StatusCode::OK,
+            &serde_json::json!({
+                "key": key.to_string(),
+                "removed": true,
+                "forced": true,
+                "droppedFinalizers": removed.metadata.finalizers,
+            }),
+        ));
+    }
     match state.store.delete(&key, q.resource_version)? {
         Some(object) => Ok(respond(&headers, StatusCode::ACCEPTED, &object)),
         None => Ok(respond(
@@ -301,7 +375,9 @@ pub async fn statuses(
 
 /// `GET /v1/wait`: hold the request until the selected objects are reconciled
 /// (one object with `kind` and `name`, a kind, or everything). 200 when they
-/// are; 504 with the objects still waiting and their last errors on timeout.
+/// are; 504 with the objects still waiting and their last errors on timeout;
+/// 409 at once, naming them with their errors, when selected objects failed
+/// for good (fatal, or given up), unless `keepWaiting=true`.
 pub async fn wait(
     State(state): State<AppState>,
     Query(q): Query<WaitQuery>,
@@ -310,7 +386,10 @@ pub async fn wait(
     let timeout = match q.timeout.as_deref() {
         None => Duration::from_secs(30),
         Some(t) => humantime::parse_duration(t).map_err(|e| {
-            ApiError::bad_request(format!("timeout {t:?} is not a duration like 30s: {e}"))
+            ApiError::bad_request(format!(
+                "timeout {} is not a duration like 30s: {e}",
+                quote(t)
+            ))
         })?,
     }
     .min(MAX_WAIT);
@@ -324,13 +403,40 @@ pub async fn wait(
         _ => None,
     };
     let kinds: Vec<String> = q.kind.iter().cloned().collect();
-    match state.store.wait(key.as_ref(), &kinds, timeout).await {
+    let waited = state
+        .store
+        .wait_with(key.as_ref(), &kinds, timeout, q.keep_waiting)
+        .await;
+    match waited {
         Ok(()) => Ok(respond(
             &headers,
             StatusCode::OK,
             &serde_json::json!({ "reconciled": true }),
         )),
-        Err(waiting) => {
+        Err(WaitError::Failed(failed)) => {
+            let names: Vec<String> = failed.iter().map(|(k, _)| k.to_string()).collect();
+            let failed: Vec<serde_json::Value> = failed
+                .into_iter()
+                .map(
+                    |(key, status)| serde_json::json!({ "key": key.to_string(), "status": status }),
+                )
+                .collect();
+            Ok(respond(
+                &headers,
+                StatusCode::CONFLICT,
+                &serde_json::json!({
+                    "reconciled": false,
+                    "error": format!(
+                        "{} object(s) failed and will not be retried: {}; fix them \
+                         (each status's lastError says why), or wait with keepWaiting=true",
+                        names.len(),
+                        shorten(&names.join(", "))
+                    ),
+                    "failed": failed,
+                }),
+            ))
+        }
+        Err(WaitError::TimedOut(waiting)) => {
             let waiting: Vec<serde_json::Value> = waiting
                 .into_iter()
                 .map(

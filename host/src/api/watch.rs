@@ -9,19 +9,23 @@
 use std::convert::Infallible;
 use std::time::Duration;
 
-use axum::extract::{Query, State};
+use axum::extract::State;
 use axum::response::sse::{Event, KeepAlive, Sse};
 use futures::Stream;
 use serde::Deserialize;
 use tokio::sync::broadcast::error::RecvError;
 
-use super::AppState;
+use super::{AppState, Query, QueryParams};
 use crate::store::WatchEvent;
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct WatchQuery {
     kind: Option<String>,
+}
+
+impl QueryParams for WatchQuery {
+    const NAMES: &'static [&'static str] = &["kind"];
 }
 
 pub async fn watch(

@@ -9,7 +9,7 @@ pub const PACKAGE: &str = "setpoint:reconciler";
 /// The world a plugin implements.
 pub const WORLD: &str = "setpoint:reconciler/plugin";
 /// The version of the WIT package in `wit/`, which this host implements.
-pub const CONTRACT_VERSION: &str = "0.1.1";
+pub const CONTRACT_VERSION: &str = "0.1.2";
 /// The package versions this host accepts, as a semver requirement.
 pub const SUPPORTED_VERSIONS: &str = "0.1.x (>=0.1.0, <0.2.0)";
 
@@ -64,6 +64,23 @@ pub fn is_supported(version: &str) -> bool {
 fn package_version(name: &str) -> Option<&str> {
     let rest = name.strip_prefix(PACKAGE)?.strip_prefix('/')?;
     Some(rest.split_once('@').map_or("", |(_, v)| v))
+}
+
+/// The full name under which the component exports the package's `interface`
+/// (e.g. `setpoint:reconciler/reconciler@0.1.1`); this host's own name for it
+/// if the component does not export it.
+pub fn export_name(
+    pre: &wasmtime::component::InstancePre<super::imports::HostState>,
+    engine: &Engine,
+    interface: &str,
+) -> String {
+    let base = format!("{PACKAGE}/{interface}");
+    pre.component()
+        .component_type()
+        .exports(engine)
+        .map(|(name, _)| name)
+        .find(|name| *name == base || name.starts_with(&format!("{base}@")))
+        .map_or_else(|| format!("{base}@{CONTRACT_VERSION}"), str::to_string)
 }
 
 /// Check that the component exports the reconciler interface and that every

@@ -35,6 +35,8 @@ pub struct HostState {
     pub(super) ticks_left: u64,
     /// What the current call reported through `objects.report-drift`.
     pub(super) drift: Option<String>,
+    /// The end of what the instance wrote to stderr.
+    pub(super) stderr: super::stderr::StderrTail,
 }
 
 impl WasiView for HostState {

@@ -14,6 +14,8 @@ use wasmtime_wasi::{FsPerms, WasiCtxBuilder};
 
 use super::imports::HostState;
 use super::limits::{DeadlineExceeded, Limiter};
+use super::compat;
+use super::stderr::StderrTail;
 use super::runtime::{Plugin, PluginInner};
 use super::wit;
 use crate::config::InstanceMode;
@@ -31,6 +33,8 @@ pub enum CallError {
     Setup(String),
     #[error("the plugin does not export `setpoint:reconciler/pruner`")]
     NoPruner,
+    #[error("the plugin does not export `setpoint:reconciler/admission`")]
+    NoAdmission,
     #[error("{0}")]
     Mismatch(String),
 }
@@ -48,6 +52,7 @@ struct Live {
     store: wasmtime::Store<HostState>,
     reconciler: wit::Reconciler,
     pruner: Option<wit::Pruner>,
+    admission: Option<wit::Admission>,
     calls: u64,
 }
 
@@ -98,6 +103,22 @@ impl Instance {
         live.arm(&plugin, "");
         let pruner = live.pruner.clone().ok_or(CallError::NoPruner)?;
         let result = pruner.call_prune(&mut live.store, desired_keys).await;
+        self.finish(result)
+    }
+
+    /// Call `validate`, if the plugin exports `admission`.
+    pub async fn validate(
+        &mut self,
+        object: &wit::Object,
+    ) -> Result<Result<(), String>, CallError> {
+        if self.plugin.inner.admission.is_none() {
+            return Err(CallError::NoAdmission);
+        }
+        let plugin = self.plugin.inner.clone();
+        let live = self.live().await?;
+        live.arm(&plugin, "");
+        let admission = live.admission.clone().ok_or(CallError::NoAdmission)?;
+        let result = admission.call_validate(&mut live.store, object).await;
         self.finish(result)
     }
 
@@ -161,9 +182,13 @@ impl Live {
         for (k, v) in &settings.grants.env {
             wasi.env(k, v);
         }
+        // stderr is always kept (its tail explains traps); with the stdio
+        // grant it is also copied to the host's.
+        let stderr = StderrTail::new(settings.grants.stdio);
         if settings.grants.stdio {
-            wasi.inherit_stdout().inherit_stderr();
+            wasi.inherit_stdout();
         }
+        wasi.stderr(stderr.clone());
         let state = HostState {
             wasi: wasi.build(),
             table: ResourceTable::new(),
@@ -172,6 +197,7 @@ impl Live {
             key: String::new(),
             ticks_left: 0,
             drift: None,
+            stderr,
         };
         let engine = plugin.runtime.engine();
         let mut store = wasmtime::Store::new(engine, state);
@@ -190,7 +216,7 @@ impl Live {
         store.set_epoch_deadline(1);
         let setup = async {
             let instance = plugin.pre.instantiate_async(&mut store).await?;
-            if let Some(mismatch) = signature_mismatch(&mut store, &instance) {
+            if let Some(mismatch) = signature_mismatch(&mut store, &instance, plugin) {
                 return Ok(Err(CallError::Mismatch(mismatch)));
             }
             let reconciler = plugin.reconciler.load(&mut store, &instance)?;
@@ -198,14 +224,19 @@ impl Live {
                 Some(p) => Some(p.load(&mut store, &instance)?),
                 None => None,
             };
-            wasmtime::Result::Ok(Ok((reconciler, pruner)))
+            let admission = match &plugin.admission {
+                Some(a) => Some(a.load(&mut store, &instance)?),
+                None => None,
+            };
+            wasmtime::Result::Ok(Ok((reconciler, pruner, admission)))
         };
         match setup.await {
             Ok(Err(mismatch)) => Err(mismatch),
-            Ok(Ok((reconciler, pruner))) => Ok(Live {
+            Ok(Ok((reconciler, pruner, admission))) => Ok(Live {
                 store,
                 reconciler,
                 pruner,
+                admission,
                 calls: 0,
             }),
             Err(e) => Err(match classify(&e, store.data(), plugin) {
@@ -226,6 +257,7 @@ impl Live {
         state.key.clear();
         state.key.push_str(key);
         state.drift = None;
+        state.stderr.clear();
         self.store.set_epoch_deadline(1);
     }
 }
@@ -236,6 +268,7 @@ impl Live {
 fn signature_mismatch(
     store: &mut wasmtime::Store<HostState>,
     instance: &wasmtime::component::Instance,
+    plugin: &PluginInner,
 ) -> Option<String> {
     use wasmtime::component::Func;
     let func = |store: &mut wasmtime::Store<HostState>, iface: &str, name: &str| -> Option<Func> {
@@ -243,8 +276,10 @@ fn signature_mismatch(
         let index = instance.get_export_index(&mut *store, Some(&iface), name)?;
         instance.get_func(&mut *store, index)
     };
-    let reconciler = "setpoint:reconciler/reconciler@0.1.0";
-    let pruner = "setpoint:reconciler/pruner@0.1.0";
+    // Looked up semver-compatibly; named in messages as the component names them.
+    let reconciler = &compat::export_name(&plugin.pre, plugin.runtime.engine(), "reconciler");
+    let pruner = &compat::export_name(&plugin.pre, plugin.runtime.engine(), "pruner");
+    let admission = &compat::export_name(&plugin.pre, plugin.runtime.engine(), "admission");
     let wrong = |iface: &str, name: &str, e: wasmtime::Error| {
         Some(format!(
             "its export `{iface}` has a `{name}` of the wrong type ({e:#}); rebuild it against \
@@ -266,6 +301,11 @@ fn signature_mismatch(
     {
         return wrong(pruner, "prune", e);
     }
+    if let Some(f) = func(store, admission, "validate")
+        && let Err(e) = f.typed::<(wit::Object,), (Result<(), String>,)>(&*store)
+    {
+        return wrong(admission, "validate", e);
+    }
     None
 }
 
@@ -278,8 +318,9 @@ fn classify(e: &wasmtime::Error, state: &HostState, plugin: &PluginInner) -> Cal
     if state.limiter.memory_refused {
         return CallError::OutOfMemory(limits.memory_mib);
     }
-    match e.downcast_ref::<wasmtime::Trap>() {
-        Some(trap) => CallError::Trap(trap.to_string()),
-        None => CallError::Trap(e.to_string()),
-    }
+    let message = match e.downcast_ref::<wasmtime::Trap>() {
+        Some(trap) => trap.to_string(),
+        None => e.to_string(),
+    };
+    CallError::Trap(state.stderr.explain(message))
 }

@@ -19,6 +19,7 @@ mod imports;
 mod instance;
 mod limits;
 mod runtime;
+mod stderr;
 
 pub use cache::{CacheOutcome, CompileCache};
 pub use compat::{CONTRACT_VERSION, PACKAGE, SUPPORTED_VERSIONS, WORLD};
@@ -30,10 +31,13 @@ pub use runtime::{LoadError, LoadReport, Plugin, Runtime};
 pub mod wit {
     wasmtime::component::bindgen!({
         path: "../wit",
-        world: "plugin-with-prune",
+        world: "plugin-with-admission",
         exports: { default: async },
     });
 
+    pub use self::exports::setpoint::reconciler::admission::{
+        Guest as Admission, GuestIndices as AdmissionIndices,
+    };
     pub use self::exports::setpoint::reconciler::pruner::{
         Guest as Pruner, GuestIndices as PrunerIndices,
     };

@@ -23,10 +23,12 @@ use crate::store::Store;
 /// what was wrong and what to do about it.
 #[derive(Debug, thiserror::Error)]
 pub enum LoadError {
-    #[error("cannot read plugin {path}: {source}")]
+    // The OS error is in the message, so it is not also the error's source
+    // (which `{:#}` would print a second time).
+    #[error("cannot read plugin {path}: {error}")]
     Read {
         path: PathBuf,
-        source: std::io::Error,
+        error: std::io::Error,
     },
     #[error(
         "{path} is not a WebAssembly file: it does not start with the `\\0asm` magic bytes. \
@@ -50,6 +52,18 @@ pub enum LoadError {
          only the setpoint:reconciler host interfaces and WASI 0.2"
     )]
     MissingImport { path: PathBuf, import: String },
+    #[error(
+        "{path} imports `{function}` from `{import}`, which this host does not provide: it \
+         implements {package}@{version}, and the plugin was built against a newer 0.1.x. Run \
+         a newer Setpoint, or rebuild the plugin against this host's WIT"
+    )]
+    MissingFunction {
+        path: PathBuf,
+        import: String,
+        function: String,
+        package: &'static str,
+        version: &'static str,
+    },
     #[error("{path} loaded, but its describe() failed: {reason}")]
     Describe { path: PathBuf, reason: String },
     #[error("plugin {path}: {reason}")]
@@ -135,7 +149,7 @@ impl Runtime {
             .context("cannot configure the wasmtime engine")?;
         let mut linker = Linker::new(&engine);
         wasmtime_wasi::p2::add_to_linker_async(&mut linker)?;
-        wit::PluginWithPrune::add_to_linker::<_, HasSelf<_>>(&mut linker, |s| s)?;
+        wit::PluginWithAdmission::add_to_linker::<_, HasSelf<_>>(&mut linker, |s| s)?;
         let cache = CompileCache::new(&engine, config.cache_dir());
         let ticker = EpochTicker::start(engine.clone(), config.epoch_tick);
         Ok(Self {
@@ -173,9 +187,9 @@ impl Runtime {
     ) -> Result<Plugin, LoadError> {
         let bytes = tokio::fs::read(path)
             .await
-            .map_err(|source| LoadError::Read {
+            .map_err(|error| LoadError::Read {
                 path: path.to_path_buf(),
-                source,
+                error,
             })?;
         self.load_bytes(path, bytes, settings, store).await
     }
@@ -240,6 +254,7 @@ impl Runtime {
                 ),
             })?;
         let pruner = wit::PrunerIndices::new(&pre).ok();
+        let admission = wit::AdmissionIndices::new(&pre).ok();
         let report = LoadReport {
             path: path.clone(),
             sha256,
@@ -251,6 +266,7 @@ impl Runtime {
             pre,
             reconciler,
             pruner,
+            admission,
             settings,
             info: wit::Info {
                 name: String::new(),
@@ -360,6 +376,20 @@ fn link_error(path: &Path, e: &wasmtime::Error) -> LoadError {
         .nth(1)
         .and_then(|rest| rest.split('`').nth(1))
     {
+        // A known interface at a newer minor: wasmtime names the function it
+        // lacks further down the chain ("... export `f` ...").
+        let after = text.split_once(import).map_or("", |(_, rest)| rest);
+        if import.starts_with(&format!("{}/", super::compat::PACKAGE))
+            && let Some(function) = after.split("export `").nth(1).and_then(|r| r.split('`').next())
+        {
+            return LoadError::MissingFunction {
+                path: path.to_path_buf(),
+                import: import.to_string(),
+                function: function.to_string(),
+                package: super::compat::PACKAGE,
+                version: super::compat::CONTRACT_VERSION,
+            };
+        }
         return LoadError::MissingImport {
             path: path.to_path_buf(),
             import: import.to_string(),
@@ -383,6 +413,7 @@ pub(super) struct PluginInner {
     pub(super) pre: InstancePre<HostState>,
     pub(super) reconciler: wit::ReconcilerIndices,
     pub(super) pruner: Option<wit::PrunerIndices>,
+    pub(super) admission: Option<wit::AdmissionIndices>,
     pub(super) settings: PluginConfig,
     pub(super) info: wit::Info,
     pub(super) host: Arc<HostContext>,
@@ -408,6 +439,12 @@ impl Plugin {
     /// True if the component exports `pruner`.
     pub fn can_prune(&self) -> bool {
         self.inner.pruner.is_some()
+    }
+
+    /// True if the component exports `admission` (checks objects before they
+    /// are stored).
+    pub fn can_validate(&self) -> bool {
+        self.inner.admission.is_some()
     }
 
     /// A new instance slot for one worker. It instantiates lazily on first call.

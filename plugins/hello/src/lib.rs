@@ -77,4 +77,37 @@ mod tests {
                 .any(|(_, l)| l.starts_with("Hello, world!"))
         );
     }
+
+    #[test]
+    fn a_greeting_whose_spec_does_not_decode_can_still_be_deleted() {
+        let host = FakeHost::new();
+        let bad = Object::new("Greeting", "x", json!({"who": 5}));
+        let err = host.reconcile(&Hello, Action::Created, &bad).unwrap_err();
+        assert_eq!(err.kind, setpoint_sdk::ErrorKind::Fatal);
+        assert_eq!(
+            err.message,
+            "the spec of Greeting:x is invalid: spec.who: invalid type: integer `5`, expected a string"
+        );
+        assert_eq!(
+            host.reconcile(&Hello, Action::Deleted, &bad).unwrap(),
+            Outcome::done()
+        );
+    }
+
+    #[test]
+    fn admission_names_the_field() {
+        let host = FakeHost::new();
+        let good = Object::new("Greeting", "a", json!({"who": "world"}));
+        assert_eq!(host.validate(&Hello, &good), Ok(()));
+        let bad = Object::new("Greeting", "x", json!({"who": 5}));
+        assert_eq!(
+            host.validate(&Hello, &bad),
+            Err("spec.who: invalid type: integer `5`, expected a string".into())
+        );
+        let missing = Object::new("Greeting", "y", json!({}));
+        assert_eq!(
+            host.validate(&Hello, &missing),
+            Err("spec: missing field `who`".into())
+        );
+    }
 }

@@ -3,4 +3,4 @@ import { definePlugin } from '../../../sdk/js/index.js';
 import { host } from '../../../sdk/js/host.js';
 import { hello } from './hello.js';
 
-export const { reconciler } = definePlugin(hello, host);
+export const { reconciler, pruner, admission } = definePlugin(hello, host);

@@ -5,13 +5,32 @@
 // `requeue_after_ms: N` asks to be called again.
 import { Fatal, Outcome, Retry } from '../../../sdk/js/index.js';
 
+/** What is wrong with a spec, naming the field, or undefined if it fits. */
+function specProblem(spec) {
+  if (spec === null || typeof spec !== 'object' || Array.isArray(spec)) return `spec: expected a mapping, got ${JSON.stringify(spec)}`;
+  if (!('who' in spec)) return "spec: missing field 'who'";
+  if (typeof spec.who !== 'string') return `spec.who: expected a string, got ${JSON.stringify(spec.who)}`;
+  for (const field of ['fail_until_attempt', 'requeue_after_ms']) {
+    if (spec[field] !== undefined && !Number.isInteger(spec[field])) return `spec.${field}: expected an integer, got ${JSON.stringify(spec[field])}`;
+  }
+  return undefined;
+}
+
 export const hello = {
   describe() {
     return { name: 'hello-js', version: '0.1.0', kinds: ['Greeting'] };
   },
 
+  // Admission: refuse a spec that does not fit before it is stored.
+  validate(object) {
+    return specProblem(object.spec);
+  },
+
+  // The same check on every reconcile (objects stored before admission, or by
+  // an older version of this plugin): fatal, but a delete still succeeds.
   checkSpec(spec) {
-    if (typeof spec?.who !== 'string') throw new Fatal('the spec needs `who`, a string');
+    const problem = specProblem(spec);
+    if (problem) throw new Fatal(problem);
   },
 
   reconcile(host, req) {

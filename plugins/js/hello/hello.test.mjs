@@ -1,7 +1,7 @@
 // hello-js in plain Node, against the SDK's FakeHost (no Wasm): node --test
 import test from 'node:test';
 import assert from 'node:assert/strict';
-import { Fatal, Retry } from '../../../sdk/js/index.js';
+import { Fatal, Outcome, Retry } from '../../../sdk/js/index.js';
 import { FakeHost } from '../../../sdk/js/testing.js';
 import { hello } from './hello.js';
 
@@ -24,6 +24,25 @@ test('hello retries until the attempt and keeps its state', () => {
 
 test('a spec without who is fatal', () => {
   assert.throws(() => new FakeHost().reconcile(hello, 'created', { kind: 'Greeting', name: 'a', spec: {} }), Fatal);
+});
+
+test('a greeting whose spec does not fit can still be deleted', () => {
+  const host = new FakeHost();
+  const bad = { kind: 'Greeting', name: 'x', spec: { who: 5 } };
+  assert.throws(() => host.reconcile(hello, 'created', bad),
+    (e) => e instanceof Fatal && e.message === 'the spec of Greeting:x is invalid: spec.who: expected a string, got 5');
+  assert.deepEqual(host.reconcile(hello, 'deleted', bad), Outcome.done());
+  assert.deepEqual(host.logs.at(-1), ['warn', 'deleted with a spec that does not decode: nothing to clean up',
+    { key: 'Greeting:x', error: 'spec.who: expected a string, got 5' }]);
+});
+
+test('admission names the field', () => {
+  const host = new FakeHost();
+  assert.equal(host.validate(hello, { kind: 'Greeting', name: 'a', spec: { who: 'w' } }), undefined);
+  assert.equal(host.validate(hello, { kind: 'Greeting', name: 'x', spec: { who: 5 } }), 'spec.who: expected a string, got 5');
+  assert.equal(host.validate(hello, { kind: 'Greeting', name: 'y', spec: {} }), "spec: missing field 'who'");
+  assert.equal(host.validate(hello, { kind: 'Greeting', name: 'z', spec: { who: 'w', requeue_after_ms: '1s' } }),
+    'spec.requeue_after_ms: expected an integer, got "1s"');
 });
 
 test('requeue after is passed on', () => {

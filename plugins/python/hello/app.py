@@ -10,7 +10,7 @@ the state it hands back; `requeue_after_ms: N` asks to be called again.
 from dataclasses import dataclass
 from typing import Optional
 
-from setpoint_sdk import Info, Level, Outcome, Plugin, Retry, export
+from setpoint_sdk import Info, Level, Outcome, Plugin, Retry, export_all
 
 
 @dataclass
@@ -51,9 +51,10 @@ class Hello(Plugin):
         return outcome
 
 
-# componentize-py exports the class named `Reconciler`. Outside a component
-# build (unit tests) there are no bindings to export to.
+# componentize-py exports the classes named `Reconciler`, `Pruner` and
+# `Admission` (world plugin-with-admission). Outside a component build (unit
+# tests) there are no bindings to export to.
 try:
-    Reconciler = export(Hello)
+    Reconciler, Pruner, Admission = export_all(Hello)
 except ImportError:
     pass

@@ -3,7 +3,7 @@
 import unittest
 
 from app import Hello
-from setpoint_sdk import Action, Fatal, Object, Retry
+from setpoint_sdk import Action, Fatal, Object, Outcome, Retry
 from setpoint_sdk.testing import FakeHost
 
 
@@ -30,6 +30,26 @@ class HelloTest(unittest.TestCase):
         with self.assertRaises(Fatal) as err:
             FakeHost().reconcile(Hello(), Action.CREATED, Object("Greeting", "a", spec={"whom": "x"}))
         self.assertIn("whom", err.exception.message)
+
+    def test_a_greeting_whose_spec_does_not_decode_can_still_be_deleted(self):
+        host = FakeHost()
+        with self.assertRaises(Fatal) as err:
+            host.reconcile(Hello(), Action.CREATED, Object("Greeting", "x", spec={"who": 5}))
+        self.assertEqual(err.exception.message,
+                         "the spec of Greeting:x is invalid: spec.who: expected str, got int 5")
+        outcome = host.reconcile(Hello(), Action.DELETED, Object("Greeting", "x", spec={"who": 5}))
+        self.assertEqual(outcome, Outcome.done())
+
+    def test_admission_names_the_field(self):
+        host = FakeHost()
+        self.assertIsNone(host.validate(Hello(), Object("Greeting", "a", spec={"who": "w"})))
+        self.assertEqual(host.validate(Hello(), Object("Greeting", "x", spec={"who": 5})),
+                         "spec.who: expected str, got int 5")
+        self.assertEqual(host.validate(Hello(), Object("Greeting", "y", spec={})),
+                         "spec: missing field 'who'")
+        self.assertEqual(
+            host.validate(Hello(), Object("Greeting", "z", spec={"who": "w", "fail_until_attempt": "2"})),
+            "spec.fail_until_attempt: expected int, got str '2'")
 
     def test_requeue_after_is_passed_on(self):
         outcome = FakeHost().reconcile(

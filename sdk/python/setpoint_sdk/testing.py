@@ -1,6 +1,9 @@
 """Run a plugin in plain CPython against an in-memory host: no Wasm, no
 generated bindings. ``FakeHost.reconcile`` takes the steps the real host takes
-(spec decoding, state hand-back between attempts, storing a returned status)."""
+(spec decoding, state hand-back between attempts, storing a returned status; a
+delete whose spec does not decode goes to the plugin's ``delete_invalid``), and
+``FakeHost.validate`` runs admission as the component's ``admission.validate``
+does."""
 
 from __future__ import annotations
 
@@ -8,7 +11,8 @@ import json
 from typing import Any, Dict, List, Optional, Tuple
 
 from . import (
-    Action, Error, Level, Object, Outcome, Plugin, call_reconcile, encode_status,
+    Action, Error, Level, Object, Outcome, Plugin, call_reconcile, call_validate,
+    encode_status,
 )
 
 
@@ -46,6 +50,11 @@ class FakeHost:
         if text is not None:
             obj.status = json.loads(text)
         return outcome
+
+    def validate(self, plugin: Plugin, obj: Object) -> Optional[str]:
+        """Admission, as the host asks before storing ``obj``: ``None`` admits it,
+        a message naming the field refuses it. Stores nothing."""
+        return call_validate(plugin, obj)
 
     # The Host protocol.
 

@@ -12,7 +12,7 @@ from wit_world.imports import clock, kv, log, objects, types
 
 from . import (
     Action, Error, Fatal, Level, Object, Plugin, Retry, RetryAfter, call_reconcile,
-    encode_status, pairs,
+    call_validate, encode_status, pairs,
 )
 
 _LEVELS = {
@@ -126,3 +126,23 @@ def pruner_for(plugin_class: type):
                 raise Err(types.ReconcileError_Retry(f"{type(e).__name__}: {e}"))
 
     return Pruner
+
+
+def admission_for(plugin_class: type):
+    class Admission(exports.Admission):
+        def __init__(self) -> None:
+            self.plugin: Plugin = plugin_class()
+
+        def validate(self, object: types.Object) -> None:
+            try:
+                obj = _object(object)
+            except ValueError as e:  # json.JSONDecodeError
+                raise Err(f"spec: not JSON: {e}")
+            try:
+                problem = call_validate(self.plugin, obj)
+            except Exception as e:  # a stray exception would trap the instance
+                problem = f"the plugin's validate raised {type(e).__name__}: {e}"
+            if problem is not None:
+                raise Err(problem)
+
+    return Admission

@@ -33,11 +33,29 @@
 //! setpoint_sdk::export!(Hello);
 //! ```
 //!
-//! The spec arrives decoded into `Spec` (a spec that does not decode fails the
-//! reconcile as `fatal`, with serde's message), and the status is encoded from
-//! `Status`. Everything the plugin does to the world goes through [`Host`], so
+//! The spec arrives decoded into `Spec`, and the status is encoded from `Status`.
+//! Everything the plugin does to the world goes through [`Host`], so
 //! [`testing::FakeHost`] can stand in for the real host in native unit tests: no
 //! Wasm, no Setpoint host needed.
+//!
+//! ## A spec that does not decode
+//!
+//! Error messages name the field, with serde's message:
+//! `spec.who: invalid type: integer `5`, expected a string`.
+//!
+//! - **Admission.** The component exports `admission.validate` (WIT world
+//!   `plugin-with-admission`): before the host stores an object of one of the
+//!   plugin's kinds, the SDK decodes its spec into `Spec` and refuses it if that
+//!   fails; then it calls [`Reconciler::validate`] for rules serde cannot express
+//!   (the default admits everything that decodes).
+//! - **Reconcile.** A create, update or resync whose spec does not decode fails as
+//!   `fatal` (`the spec of Greeting:x is invalid: spec.who: ...`); the plugin is not
+//!   called.
+//! - **Delete.** A delete (action [`Action::Deleted`], or `object.deleting`) always
+//!   reaches the plugin, so it can clean up and the host can release the object:
+//!   with a spec that does not decode it goes to [`Reconciler::delete_invalid`]
+//!   with the raw JSON spec instead of to `reconcile`. The default logs a warning
+//!   and succeeds.
 
 use std::collections::BTreeMap;
 use std::fmt::Display;
@@ -52,7 +70,7 @@ pub mod testing;
 pub mod bindings {
     wit_bindgen::generate!({
         path: "../../wit",
-        world: "plugin-with-prune",
+        world: "plugin-with-admission",
         pub_export_macro: true,
         export_macro_name: "__export_plugin",
         default_bindings_module: "::setpoint_sdk::bindings",
@@ -316,6 +334,45 @@ pub trait Reconciler {
         request: Request<Self::Spec>,
     ) -> Result<Outcome<Self::Status>, Error>;
 
+    /// Clean up after a deleted object whose spec does not decode into
+    /// [`Self::Spec`]. A delete (action [`Action::Deleted`], or `object.deleting`)
+    /// with such a spec cannot reach [`reconcile`](Self::reconcile), and must not
+    /// fail for good either: the host keeps the object (and its finalizer) until a
+    /// delete succeeds. So it comes here instead, with the raw JSON spec in
+    /// `request.spec` and why it did not decode in `error` (naming the field, e.g.
+    /// `spec.who: invalid type: integer `5`, expected a string`).
+    ///
+    /// The default logs a warning and succeeds, so the host removes the object.
+    /// Override it if the plugin made something for this object that it can find
+    /// without the typed spec (by `request.key`, `request.object.uid`, the raw spec
+    /// or `request.state`). Return an error to keep the object and retry.
+    fn delete_invalid(
+        &self,
+        host: &dyn Host,
+        request: Request<serde_json::Value>,
+        error: &str,
+    ) -> Result<Outcome<Self::Status>, Error> {
+        host.log(
+            Level::Warn,
+            "deleted with a spec that does not decode: nothing to clean up",
+            &[("key", &request.key), ("error", error)],
+        );
+        Ok(Outcome::done())
+    }
+
+    /// Admission: check a spec that decoded into [`Self::Spec`] against rules
+    /// serde cannot express (ranges, one field or the other, ...). The host calls
+    /// the component's `admission.validate` before it stores an object of one of
+    /// this plugin's kinds (create, update, apply; never delete); the SDK decodes
+    /// the spec first, refusing one that does not decode with a message naming the
+    /// field, then calls this. `Err(message)` refuses the write: name the field,
+    /// e.g. `spec.port: must be below 65536`. It must not act on the world, so it
+    /// gets no [`Host`]. The default admits every spec that decodes.
+    fn validate(&self, object: &Object, spec: &Self::Spec) -> Result<(), String> {
+        let _ = (object, spec);
+        Ok(())
+    }
+
     /// Remove whatever this plugin manages that is not in `desired_keys`. The
     /// default does nothing.
     fn prune(&self, host: &dyn Host, desired_keys: &[String]) -> Result<(), Error> {
@@ -324,7 +381,85 @@ pub trait Reconciler {
     }
 }
 
-/// Decode a request's spec; a spec that does not fit is a fatal error.
+/// Decode a spec into `S`. On failure the message names the field, prefixed
+/// with `spec`: `spec.who: invalid type: integer `5`, expected a string`, or
+/// `spec: missing field `who``.
+pub fn decode_spec<S: DeserializeOwned>(spec: &serde_json::Value) -> Result<S, String> {
+    // An object with no spec at all: for a struct, name the fields it misses
+    // rather than saying `null` is not a struct.
+    if spec.is_null()
+        && let Ok(decoded) = serde_json::from_value(serde_json::Value::Null)
+    {
+        return Ok(decoded);
+    }
+    let empty = serde_json::Value::Object(Default::default());
+    let spec = if spec.is_null() { &empty } else { spec };
+    serde_path_to_error::deserialize(spec).map_err(|e| {
+        let path = e.path().to_string();
+        let field = match path.as_str() {
+            "." | "" => "spec".to_string(),
+            p if p.starts_with('[') => format!("spec{p}"),
+            p => format!("spec.{p}"),
+        };
+        format!("{field}: {}", e.inner())
+    })
+}
+
+/// One reconcile, as both the component export and [`testing::FakeHost`] run it:
+/// decode the spec and call [`Reconciler::reconcile`]. If the spec does not
+/// decode, a delete (action [`Action::Deleted`] or `object.deleting`) goes to
+/// [`Reconciler::delete_invalid`] with the raw spec; any other call fails as
+/// `fatal`, naming the field, and keeps `state`.
+pub fn call_reconcile<R: Reconciler>(
+    plugin: &R,
+    host: &dyn Host,
+    key: String,
+    action: Action,
+    object: Object,
+    attempt: u32,
+    state: State,
+) -> Result<Outcome<R::Status>, Error> {
+    match decode_spec::<R::Spec>(&object.spec) {
+        Ok(spec) => plugin.reconcile(
+            host,
+            Request {
+                key,
+                action,
+                object,
+                spec,
+                attempt,
+                state,
+            },
+        ),
+        Err(error) if action == Action::Deleted || object.deleting => {
+            let spec = object.spec.clone();
+            let request = Request {
+                key,
+                action,
+                object,
+                spec,
+                attempt,
+                state,
+            };
+            plugin.delete_invalid(host, request, &error)
+        }
+        Err(error) => Err(
+            Error::fatal(format!("the spec of {key} is invalid: {error}")).with_state_all(&state),
+        ),
+    }
+}
+
+/// Admission, as the component's `admission.validate` runs it: decode the spec
+/// into the plugin's `Spec` (a failure names the field: `spec.who: ...`), then
+/// call [`Reconciler::validate`].
+pub fn validate_object<R: Reconciler>(plugin: &R, object: &Object) -> Result<(), String> {
+    let spec = decode_spec::<R::Spec>(&object.spec)?;
+    plugin.validate(object, &spec)
+}
+
+/// Decode a request's spec; a spec that does not fit is a fatal error naming the
+/// field. (Deletes included: [`call_reconcile`] is what hands a delete with such
+/// a spec to the plugin.)
 pub fn decode_request<S: DeserializeOwned>(
     key: String,
     action: Action,
@@ -332,7 +467,7 @@ pub fn decode_request<S: DeserializeOwned>(
     attempt: u32,
     state: State,
 ) -> Result<Request<S>, Error> {
-    let spec = serde_json::from_value(object.spec.clone()).map_err(|e| {
+    let spec = decode_spec(&object.spec).map_err(|e| {
         Error::fatal(format!("the spec of {key} is invalid: {e}")).with_state_all(&state)
     })?;
     Ok(Request {
@@ -398,6 +533,16 @@ macro_rules! export {
             ) -> ::core::result::Result<(), $crate::bindings::setpoint::reconciler::types::ReconcileError>
             {
                 $crate::__private::prune(__setpoint_plugin(), desired_keys)
+            }
+        }
+
+        impl $crate::bindings::exports::setpoint::reconciler::admission::Guest
+            for __SetpointExport
+        {
+            fn validate(
+                object: $crate::bindings::setpoint::reconciler::types::Object,
+            ) -> ::core::result::Result<(), ::std::string::String> {
+                $crate::__private::validate(__setpoint_plugin(), object)
             }
         }
 
@@ -529,14 +674,15 @@ pub mod __private {
             wit::Action::Deleted => Action::Deleted,
             wit::Action::Resynced => Action::Resynced,
         };
-        let result = decode_request(
+        let result = call_reconcile(
+            plugin,
+            &WasmHost,
             request.key,
             action,
             from_wit_object(request.object),
             request.attempt,
             request.state.into_iter().collect(),
         )
-        .and_then(|req| plugin.reconcile(&WasmHost, req))
         .and_then(|outcome| Ok((encode_status(&outcome.status)?, outcome)));
         match result {
             Ok((status, outcome)) => Ok(wit::Outcome {
@@ -549,6 +695,17 @@ pub mod __private {
                 state: e.state.into_iter().collect(),
             }),
         }
+    }
+
+    pub fn validate<R: Reconciler>(plugin: &R, object: wit::Object) -> Result<(), String> {
+        // A spec that is not JSON at all is refused here; `from_wit_object` would
+        // make it `null`, and the message would be about the wrong thing.
+        if !object.spec.is_empty() {
+            if let Err(e) = serde_json::from_str::<serde_json::Value>(&object.spec) {
+                return Err(format!("spec: not JSON: {e}"));
+            }
+        }
+        validate_object(plugin, &from_wit_object(object))
     }
 
     pub fn prune<R: Reconciler>(

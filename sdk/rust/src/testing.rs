@@ -2,8 +2,11 @@
 //! Setpoint host, so a [`Reconciler`] can be tested with `cargo test`, no Wasm.
 //!
 //! [`FakeHost::reconcile`] goes through the same steps as the real host: the spec
-//! is decoded (a bad one is a fatal error), the state from the last call for the
-//! key is handed back, and a returned status is written to the object.
+//! is decoded (a bad one is a fatal error naming the field, except on a delete,
+//! which goes to [`Reconciler::delete_invalid`]), the state from the last call for
+//! the key is handed back, and a returned status is written to the object.
+//! [`FakeHost::validate`] runs admission as the component's `admission.validate`
+//! does.
 //!
 //! ```
 //! # use setpoint_sdk::{Action, Error, Host, Info, Object, Outcome, Reconciler, Request};
@@ -28,7 +31,9 @@
 use std::cell::{Cell, RefCell};
 use std::collections::BTreeMap;
 
-use crate::{Action, Error, Host, Level, Object, Outcome, Reconciler, State, decode_request};
+use crate::{
+    Action, Error, Host, Level, Object, Outcome, Reconciler, State, call_reconcile, validate_object,
+};
 
 /// An in-memory host: objects, key-value data, logs and a settable clock.
 #[derive(Default)]
@@ -74,7 +79,8 @@ impl FakeHost {
 
     /// Reconcile `object` as the host would: store it, decode its spec, hand back
     /// the state and attempt count from the last call for its key, and write the
-    /// returned status to it.
+    /// returned status to it. A delete whose spec does not decode goes to the
+    /// plugin's [`Reconciler::delete_invalid`], as in a component.
     pub fn reconcile<R: Reconciler>(
         &self,
         plugin: &R,
@@ -89,8 +95,7 @@ impl FakeHost {
         }
         self.put(object.clone());
         let (attempt, state) = self.states.borrow().get(&key).cloned().unwrap_or_default();
-        let result = decode_request(key.clone(), action, object, attempt, state)
-            .and_then(|req| plugin.reconcile(self, req));
+        let result = call_reconcile(plugin, self, key.clone(), action, object, attempt, state);
         let mut states = self.states.borrow_mut();
         match &result {
             Ok(outcome) => {
@@ -108,6 +113,13 @@ impl FakeHost {
             }
         }
         result
+    }
+
+    /// Admission, as the host asks the component before storing `object`: decode
+    /// its spec into the plugin's `Spec` (`Err` names the field, `spec.who: ...`),
+    /// then the plugin's [`Reconciler::validate`]. Stores nothing.
+    pub fn validate<R: Reconciler>(&self, plugin: &R, object: &Object) -> Result<(), String> {
+        validate_object(plugin, object)
     }
 
     /// Call `prune` with the keys of every object the fake store holds.
@@ -218,7 +230,7 @@ mod tests {
         fail: bool,
     }
 
-    #[derive(Serialize, Debug)]
+    #[derive(Serialize, Debug, PartialEq)]
     struct Status {
         attempt: u32,
     }
@@ -271,15 +283,161 @@ mod tests {
     }
 
     #[test]
-    fn fake_host_refuses_a_spec_that_does_not_decode() {
+    fn fake_host_refuses_a_spec_that_does_not_decode_naming_the_field() {
         let host = FakeHost::new();
         let bad = Object::new("Thing", "a", json!({"fail": "yes"}));
-        let err = host.reconcile(&Flaky, Action::Created, &bad).unwrap_err();
-        assert_eq!(err.kind, crate::ErrorKind::Fatal);
+        for action in [Action::Created, Action::Updated, Action::Resynced] {
+            let err = host.reconcile(&Flaky, action, &bad).unwrap_err();
+            assert_eq!(err.kind, crate::ErrorKind::Fatal);
+            assert_eq!(
+                err.message,
+                "the spec of Thing:a is invalid: spec.fail: invalid type: string \"yes\", expected a boolean"
+            );
+        }
+        let missing = Object::new("Thing", "b", json!({}));
+        let err = host
+            .reconcile(&Flaky, Action::Created, &missing)
+            .unwrap_err();
+        assert_eq!(
+            err.message,
+            "the spec of Thing:b is invalid: spec: missing field `fail`"
+        );
+    }
+
+    #[test]
+    fn a_delete_with_a_spec_that_does_not_decode_succeeds_by_default() {
+        let host = FakeHost::new();
+        let bad = Object::new("Thing", "a", json!({"fail": 5}));
+        let outcome = host.reconcile(&Flaky, Action::Deleted, &bad).unwrap();
+        assert_eq!(outcome, Outcome::done());
+        let logs = host.logs();
+        let (level, line) = logs.last().unwrap();
+        assert_eq!(*level, Level::Warn);
+        assert!(line.contains("key=Thing:a"), "{line}");
         assert!(
-            err.message.contains("spec of Thing:a is invalid"),
-            "{}",
-            err.message
+            line.contains("spec.fail: invalid type: integer `5`"),
+            "{line}"
+        );
+        // A retried delete (object.deleting, another action) goes the same way.
+        let deleting = Object {
+            deleting: true,
+            ..bad
+        };
+        assert!(host.reconcile(&Flaky, Action::Resynced, &deleting).is_ok());
+    }
+
+    /// Records the deletes it is handed with a spec that does not decode, and
+    /// refuses specs that ask to fail in its own admission rule.
+    #[derive(Default)]
+    struct Careful {
+        deletes: RefCell<Vec<(serde_json::Value, String, State)>>,
+    }
+
+    impl Reconciler for Careful {
+        type Spec = Spec;
+        type Status = Status;
+        fn describe(&self) -> Info {
+            Info::new("careful", "0.0.0", ["Thing"])
+        }
+        fn reconcile(
+            &self,
+            _: &dyn Host,
+            req: crate::Request<Spec>,
+        ) -> Result<Outcome<Status>, Error> {
+            Ok(Outcome::done().with_state("made", req.key))
+        }
+        fn delete_invalid(
+            &self,
+            _: &dyn Host,
+            req: crate::Request<serde_json::Value>,
+            error: &str,
+        ) -> Result<Outcome<Status>, Error> {
+            assert_eq!(req.action, Action::Deleted);
+            self.deletes
+                .borrow_mut()
+                .push((req.spec, error.to_string(), req.state));
+            Ok(Outcome::done())
+        }
+        fn validate(&self, object: &Object, spec: &Spec) -> Result<(), String> {
+            if spec.fail && object.labels.get("allow-failure").is_none() {
+                return Err("spec.fail: needs the label allow-failure".into());
+            }
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn a_delete_with_a_spec_that_does_not_decode_reaches_the_plugin_with_the_raw_spec() {
+        let host = FakeHost::new();
+        let plugin = Careful::default();
+        let good = Object::new("Thing", "a", json!({"fail": false}));
+        host.reconcile(&plugin, Action::Created, &good).unwrap();
+        let bad = Object::new("Thing", "a", json!({"fail": {"no": 1}}));
+        assert!(host.reconcile(&plugin, Action::Deleted, &bad).is_ok());
+        let deletes = plugin.deletes.borrow();
+        assert_eq!(deletes.len(), 1);
+        let (spec, error, state) = &deletes[0];
+        assert_eq!(spec, &json!({"fail": {"no": 1}}));
+        assert_eq!(error, "spec.fail: invalid type: map, expected a boolean");
+        assert_eq!(state.get("made").map(String::as_str), Some("Thing:a"));
+        assert!(host.object("Thing", "", "a").unwrap().deleting);
+    }
+
+    #[test]
+    fn validate_admits_a_good_spec_and_refuses_a_bad_one_naming_the_field() {
+        let host = FakeHost::new();
+        let plugin = Careful::default();
+        let good = Object::new("Thing", "a", json!({"fail": false}));
+        assert_eq!(host.validate(&plugin, &good), Ok(()));
+        let bad = Object::new("Thing", "a", json!({"fail": 5}));
+        assert_eq!(
+            host.validate(&plugin, &bad),
+            Err("spec.fail: invalid type: integer `5`, expected a boolean".into())
+        );
+        let not_a_map = Object::new("Thing", "a", json!("yes"));
+        assert_eq!(
+            host.validate(&plugin, &not_a_map),
+            Err("spec: invalid type: string \"yes\", expected struct Spec".into())
+        );
+        // serde reads a struct from a sequence too: the element is named.
+        let a_list = Object::new("Thing", "a", json!([1]));
+        assert_eq!(
+            host.validate(&plugin, &a_list),
+            Err("spec[0]: invalid type: integer `1`, expected a boolean".into())
+        );
+        // The plugin's own rule runs after the spec decoded.
+        let asks_to_fail = Object::new("Thing", "a", json!({"fail": true}));
+        assert_eq!(
+            host.validate(&plugin, &asks_to_fail),
+            Err("spec.fail: needs the label allow-failure".into())
+        );
+        let mut allowed = asks_to_fail.clone();
+        allowed.labels.insert("allow-failure".into(), "yes".into());
+        assert_eq!(host.validate(&plugin, &allowed), Ok(()));
+        // Without a rule of its own, a plugin admits every spec that decodes.
+        assert_eq!(host.validate(&Flaky, &asks_to_fail), Ok(()));
+        // Admission stores nothing.
+        assert!(host.object("Thing", "", "a").is_none());
+    }
+
+    #[derive(Deserialize, Debug)]
+    #[allow(dead_code)]
+    struct Nested {
+        items: Vec<Item>,
+    }
+    #[derive(Deserialize, Debug)]
+    #[allow(dead_code)]
+    struct Item {
+        port: u16,
+    }
+
+    #[test]
+    fn decode_spec_names_nested_fields() {
+        let err = crate::decode_spec::<Nested>(&json!({"items": [{"port": 1}, {"port": 70000}]}))
+            .unwrap_err();
+        assert_eq!(
+            err,
+            "spec.items[1].port: invalid value: integer `70000`, expected u16"
         );
     }
 }

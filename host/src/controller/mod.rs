@@ -30,20 +30,38 @@
 //!   the plugin's `prune` with every key that should exist, then queues every
 //!   object. Both run only while this process leads.
 
-use std::collections::HashMap;
+mod admission;
+mod manager;
+mod reconciler;
+mod supervise;
+#[cfg(test)]
+mod tests;
+
+use std::collections::{BTreeMap, HashMap};
+use std::panic::AssertUnwindSafe;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use futures::FutureExt;
 use serde::Serialize;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
+
+pub use admission::AdmissionError;
+pub use manager::{Manager, ManagerError};
+pub use reconciler::{
+    BoxFuture, FnReconciler, PruneCall, ReconcileCall, Reconciler, Slot, ValidateCall,
+};
+use supervise::{panic_message, supervised};
 
 use crate::config::{BackoffKind, PluginConfig, ShutdownMode};
 use crate::leader::{LeaderElector, until_leading};
 use crate::metrics::{ControllerMetrics, Metrics, ReconcileResult};
 use crate::object::{Object, ObjectKey};
 use crate::plugin::wit::{self, ReconcileError};
-use crate::plugin::{CallError, Instance, Plugin, object_to_wit};
+use crate::plugin::{CallError, Plugin, object_to_wit};
 use crate::queue::{
     Added, Backoff, DequeuePolicy, EventRef, Fnv1a, QueueError, Timers, WorkQueue, WorkerHasher,
 };
@@ -113,6 +131,10 @@ pub struct Engine {
     pub resync_interval: Option<Duration>,
     /// Run a full reconciliation at this interval.
     pub full_reconcile_interval: Option<Duration>,
+    /// A leading controller with work outstanding that neither starts nor
+    /// finishes a reconcile for this long is reported as stalled by
+    /// [`Controller::health`] (and so by `/readyz`).
+    pub stall_after: Duration,
 }
 
 impl From<&PluginConfig> for Engine {
@@ -140,13 +162,20 @@ impl From<&PluginConfig> for Engine {
             hasher: Arc::new(Fnv1a),
             resync_interval: c.resync_interval,
             full_reconcile_interval: c.full_reconcile_interval,
+            stall_after: stall_after(c.limits.max_reconcile_time),
         }
     }
 }
 
+/// How long a controller may go without progress before it counts as stalled:
+/// twice the longest a call may take, and at least a minute.
+pub fn stall_after(max_reconcile_time: Duration) -> Duration {
+    (max_reconcile_time * 2).max(Duration::from_secs(60))
+}
+
 /// One plugin with its queue, timers and workers.
 pub struct Controller {
-    plugin: Plugin,
+    reconciler: Arc<dyn Reconciler>,
     store: Store,
     engine: Engine,
     queue: WorkQueue<ObjectKey>,
@@ -157,6 +186,14 @@ pub struct Controller {
     metrics: ControllerMetrics,
     /// The finalizer this controller holds on its objects.
     finalizer: String,
+    /// True from the start of [`Controller::run`] until shutdown.
+    running: AtomicBool,
+    /// Worker loops running now.
+    workers_alive: AtomicUsize,
+    /// When a worker last took or finished a key.
+    progress: Mutex<tokio::time::Instant>,
+    /// The slot admission checks run on, made at the first check.
+    admission: tokio::sync::Mutex<Option<Box<dyn Slot>>>,
 }
 
 /// What a full reconciliation did.
@@ -211,17 +248,29 @@ impl Controller {
         leader: &dyn LeaderElector,
         metrics: &Arc<Metrics>,
     ) -> Arc<Self> {
-        let metrics = metrics.controller(&plugin.info().name);
-        let finalizer = format!("{FINALIZER_PREFIX}{}", plugin.info().name);
-        for kind in &plugin.info().kinds {
-            if let Err(e) = store.register_finalizer(kind, &plugin.info().name) {
-                tracing::error!(controller = %plugin.info().name, "cannot register the finalizer: {e}");
+        Self::with_reconciler(Arc::new(plugin), store, engine, leader, metrics)
+    }
+
+    /// A controller for any [`Reconciler`] (e.g. a closure, in tests).
+    pub fn with_reconciler(
+        reconciler: Arc<dyn Reconciler>,
+        store: Store,
+        engine: Engine,
+        leader: &dyn LeaderElector,
+        metrics: &Arc<Metrics>,
+    ) -> Arc<Self> {
+        let info = reconciler.info();
+        let metrics = metrics.controller(&info.name);
+        let finalizer = format!("{FINALIZER_PREFIX}{}", info.name);
+        for kind in &info.kinds {
+            if let Err(e) = store.register_finalizer(kind, &info.name) {
+                tracing::error!(controller = %info.name, "cannot register the finalizer: {e}");
             }
         }
         Arc::new(Self {
             queue: WorkQueue::new(engine.workers, engine.queue_size),
             timers: Timers::new(engine.delay_resolution, engine.delay_capacity),
-            plugin,
+            reconciler,
             store,
             engine,
             keys: Mutex::new(HashMap::new()),
@@ -229,15 +278,61 @@ impl Controller {
             leader: leader.subscribe(),
             metrics,
             finalizer,
+            running: AtomicBool::new(false),
+            workers_alive: AtomicUsize::new(0),
+            progress: Mutex::new(tokio::time::Instant::now()),
+            admission: tokio::sync::Mutex::new(None),
         })
     }
 
     pub fn name(&self) -> &str {
-        &self.plugin.info().name
+        &self.reconciler.info().name
     }
 
-    pub fn plugin(&self) -> &Plugin {
-        &self.plugin
+    /// What the reconciler said about itself.
+    pub fn info(&self) -> &wit::Info {
+        self.reconciler.info()
+    }
+
+    /// The loaded plugin this controller runs, if it runs one.
+    pub fn plugin(&self) -> Option<&Plugin> {
+        self.reconciler.plugin()
+    }
+
+    /// `Err` naming what is wrong if this controller cannot make progress: its
+    /// workers are gone, or it leads, has work outstanding, and no worker has
+    /// started or finished a reconcile for [`Engine::stall_after`].
+    pub fn health(&self) -> Result<(), String> {
+        if !self.running.load(Ordering::SeqCst) {
+            return Ok(());
+        }
+        let alive = self.workers_alive.load(Ordering::SeqCst);
+        if alive < self.engine.workers {
+            return Err(format!(
+                "controller {}: {alive} of {} workers are running",
+                self.name(),
+                self.engine.workers
+            ));
+        }
+        let outstanding = self.queue.len() + self.queue.in_flight();
+        let idle = self.progress().elapsed();
+        if self.leading() && outstanding > 0 && idle >= self.engine.stall_after {
+            return Err(format!(
+                "controller {}: {outstanding} keys outstanding and no reconcile started or \
+                 finished for {}s (see its workers' log lines and `/v1/controllers`)",
+                self.name(),
+                idle.as_secs()
+            ));
+        }
+        Ok(())
+    }
+
+    fn progress(&self) -> MutexGuard<'_, tokio::time::Instant> {
+        self.progress.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn made_progress(&self) {
+        *self.progress() = tokio::time::Instant::now();
     }
 
     /// The status model: counters, last error and success, queue and timers.
@@ -245,7 +340,7 @@ impl Controller {
         let stats = self.stats();
         ControllerStatus {
             name: self.name().to_string(),
-            plugin_version: self.plugin.info().version.clone(),
+            plugin_version: self.info().version.clone(),
             successes: stats.successes,
             failures: stats.failures,
             given_up: stats.given_up,
@@ -279,45 +374,58 @@ impl Controller {
     /// [`ShutdownMode`], either drain the queue or hand back what is queued; work
     /// in flight always finishes. Returns the keys handed back.
     pub async fn run(self: Arc<Self>, shutdown: CancellationToken) -> Vec<ObjectKey> {
-        let kinds = self.plugin.info().kinds.clone();
+        let kinds = self.info().kinds.clone();
+        self.running.store(true, Ordering::SeqCst);
         // Watch first, then list: a change between the two is seen twice, never
         // missed, and the queue folds the duplicate.
         let mut changes = self.store.watch(&kinds);
         let mut tasks = tokio::task::JoinSet::new();
         let stop_taking = CancellationToken::new();
         for lane in 0..self.engine.workers {
-            tasks.spawn(
-                self.clone()
-                    .worker(lane, shutdown.clone(), stop_taking.clone()),
-            );
+            let (me, shutdown, stop_taking) =
+                (self.clone(), shutdown.clone(), stop_taking.clone());
+            tasks.spawn(supervised(self.clone(), "worker", move || {
+                me.clone()
+                    .worker(lane, shutdown.clone(), stop_taking.clone())
+            }));
         }
-        tasks.spawn(self.clone().fire_timers(shutdown.clone()));
-        tasks.spawn(self.clone().follow_leadership(shutdown.clone()));
-        let resync = self.engine.resync_interval.or_else(|| {
-            self.plugin
-                .info()
-                .resync_interval
-                .map(Duration::from_millis)
-        });
+        let (me, stop) = (self.clone(), shutdown.clone());
+        tasks.spawn(supervised(self.clone(), "timers", move || {
+            me.clone().fire_timers(stop.clone())
+        }));
+        let (me, stop) = (self.clone(), shutdown.clone());
+        tasks.spawn(supervised(self.clone(), "leadership", move || {
+            me.clone().follow_leadership(stop.clone())
+        }));
+        let resync = self
+            .engine
+            .resync_interval
+            .or_else(|| self.info().resync_interval.map(Duration::from_millis));
         if let Some(every) = resync.filter(|d| !d.is_zero()) {
-            let me = self.clone();
-            tasks.spawn(periodically(every, shutdown.clone(), move || {
+            let (me, stop) = (self.clone(), shutdown.clone());
+            tasks.spawn(supervised(self.clone(), "resync", move || {
                 let me = me.clone();
-                async move {
-                    if me.leading() {
-                        tracing::debug!(controller = %me.name(), "periodic resync");
-                        me.resync().await;
+                periodically(every, stop.clone(), move || {
+                    let me = me.clone();
+                    async move {
+                        if me.leading() {
+                            tracing::debug!(controller = %me.name(), "periodic resync");
+                            me.resync().await;
+                        }
                     }
-                }
+                })
             }));
         }
         if let Some(every) = self.engine.full_reconcile_interval.filter(|d| !d.is_zero()) {
-            let me = self.clone();
-            tasks.spawn(periodically(every, shutdown.clone(), move || {
+            let (me, stop) = (self.clone(), shutdown.clone());
+            tasks.spawn(supervised(self.clone(), "full-reconciliation", move || {
                 let me = me.clone();
-                async move {
-                    me.full_reconcile().await;
-                }
+                periodically(every, stop.clone(), move || {
+                    let me = me.clone();
+                    async move {
+                        me.full_reconcile().await;
+                    }
+                })
             }));
         }
         // Close the queue the moment shutdown is asked for: a source waiting for
@@ -349,6 +457,7 @@ impl Controller {
             }
         };
         while tasks.join_next().await.is_some() {}
+        self.running.store(false, Ordering::SeqCst);
         if !handed_back.is_empty() {
             tracing::info!(controller = %self.name(), keys = handed_back.len(), "handed back queued keys");
         }
@@ -358,7 +467,7 @@ impl Controller {
     /// Queue every object of this controller's kinds, as after a start or on
     /// regaining leadership.
     pub async fn resync(&self) {
-        for kind in &self.plugin.info().kinds {
+        for kind in &self.info().kinds {
             for key in self.store.keys(kind) {
                 {
                     let mut keys = self.keys();
@@ -387,7 +496,7 @@ impl Controller {
         }
         let mut desired = Vec::new();
         let mut all = 0;
-        for kind in &self.plugin.info().kinds {
+        for kind in &self.info().kinds {
             for object in self.store.list(kind, &Default::default()) {
                 all += 1;
                 if !object.is_deleting() {
@@ -403,10 +512,10 @@ impl Controller {
                 }
             }
         }
-        let prune = if self.plugin.can_prune() {
-            let span = tracing::info_span!("prune", controller = %self.name(), version = %self.plugin.info().version);
-            let _enter = span.enter();
-            match self.plugin.instance().prune(&desired).await {
+        let prune = if self.reconciler.can_prune() {
+            let span = tracing::info_span!("prune", controller = %self.name(), version = %self.info().version);
+            let mut slot = self.reconciler.slot();
+            match slot.prune(&desired).instrument(span).await {
                 Ok(Ok(())) => PruneOutcome::Done,
                 Ok(Err(e)) => PruneOutcome::Failed(match e {
                     ReconcileError::Retry(m) | ReconcileError::Fatal(m) => m,
@@ -543,7 +652,8 @@ impl Controller {
         shutdown: CancellationToken,
         stop_taking: CancellationToken,
     ) {
-        let mut instance = self.plugin.instance();
+        let _alive = Alive::new(&self.workers_alive);
+        let mut slot = self.reconciler.slot();
         let mut leader = self.leader.clone();
         // False once the elector is gone: its value can no longer change.
         let mut watching = true;
@@ -565,17 +675,60 @@ impl Controller {
                 got = self.queue.get(lane) => got,
             };
             let Some((key, timings)) = got else { return };
+            self.made_progress();
             self.metrics.waited(timings.waited);
             self.metrics.worker_busy(true);
-            self.reconcile(&mut instance, &key).await;
+            // A panic in the call or in settling its result fails this key (it
+            // is retried with back-off), never the worker, and never leaves the
+            // key in flight.
+            let call = AssertUnwindSafe(self.reconcile(slot.as_mut(), &key)).catch_unwind();
+            if let Err(panic) = call.await {
+                slot = self.reconciler.slot();
+                self.panicked(&key, &panic_message(panic.as_ref()));
+            }
             self.metrics.worker_busy(false);
             let worked = self.queue.done(&key);
             self.metrics.worked(worked);
+            self.made_progress();
         }
     }
 
-    /// Reconcile one key and act on the result.
-    pub async fn reconcile(&self, instance: &mut Instance, key: &ObjectKey) {
+    /// A reconcile of `key` panicked: log it with the key, count it, and
+    /// retry the key with back-off like any failed call.
+    fn panicked(&self, key: &ObjectKey, message: &str) {
+        let span = tracing::error_span!("reconcile", controller = %self.name(), key = %key);
+        span.in_scope(|| {
+            tracing::error!("the worker panicked while reconciling: {message}");
+            self.metrics.worker_panicked();
+            let event = EventRef {
+                action: Action::Resynced,
+                generation: self.store.get(key).map_or(0, |o| o.metadata.generation),
+            };
+            let state = self
+                .keys()
+                .get(key)
+                .map(|k| k.state.clone())
+                .unwrap_or_default();
+            let error = ReconcileError::Retry(format!("the host panicked: {message}"));
+            self.failed(key, event, error, state);
+        });
+    }
+
+    /// Reconcile one key and act on the result, inside a span that names the
+    /// controller, the plugin version and the key (entered only while the call
+    /// is polled, so concurrent reconciles never share one).
+    pub async fn reconcile(&self, slot: &mut dyn Slot, key: &ObjectKey) -> Settled {
+        let span = tracing::info_span!(
+            "reconcile",
+            controller = %self.name(),
+            version = %self.info().version,
+            key = %key,
+            attempt = tracing::field::Empty,
+        );
+        self.reconcile_in_span(slot, key).instrument(span).await
+    }
+
+    async fn reconcile_in_span(&self, slot: &mut dyn Slot, key: &ObjectKey) -> Settled {
         let object = match self.store.get(key) {
             // Gone, or deleting with this controller's part already done.
             None => None,
@@ -584,7 +737,7 @@ impl Controller {
         };
         let Some(object) = object else {
             self.keys().remove(key);
-            return;
+            return Settled::Gone;
         };
         let (action, attempt, state, full_round) = {
             let mut keys = self.keys();
@@ -604,18 +757,11 @@ impl Controller {
             attempt,
             state,
         };
-        let span = tracing::info_span!(
-            "reconcile",
-            controller = %self.name(),
-            version = %self.plugin.info().version,
-            key = %key,
-            attempt,
-        );
-        let _enter = span.enter();
+        tracing::Span::current().record("attempt", attempt);
         let started = tokio::time::Instant::now();
-        let result = instance.reconcile(&request).await;
+        let result = slot.reconcile(&request).await;
         let took = started.elapsed();
-        if instance.take_drift().is_some() && full_round {
+        if slot.take_drift().is_some() && full_round {
             self.stats().out_of_sync += 1;
             self.metrics.out_of_sync();
         }
@@ -638,7 +784,7 @@ impl Controller {
                     ReconcileResult::Success
                 };
                 self.metrics.reconciled(result, took);
-                self.succeeded(key, &object, outcome);
+                self.succeeded(key, &object, outcome)
             }
             Ok(Err(failure)) => {
                 self.metrics.reconciled(ReconcileResult::Error, took);
@@ -660,7 +806,10 @@ impl Controller {
                     .map(|k| k.state.clone())
                     .unwrap_or_default();
                 let error = match e {
-                    CallError::Setup(_) | CallError::NoPruner | CallError::Mismatch(_) => {
+                    CallError::Setup(_)
+                    | CallError::NoPruner
+                    | CallError::NoAdmission
+                    | CallError::Mismatch(_) => {
                         ReconcileError::Fatal(e.to_string())
                     }
                     _ => ReconcileError::Retry(e.to_string()),
@@ -670,24 +819,45 @@ impl Controller {
         }
     }
 
-    fn succeeded(&self, key: &ObjectKey, object: &Object, outcome: wit::Outcome) {
+    fn succeeded(&self, key: &ObjectKey, object: &Object, outcome: wit::Outcome) -> Settled {
+        let done = Settled::Done {
+            requeue_after_ms: outcome.requeue_after,
+            state: outcome.state.iter().cloned().collect(),
+            removed: false,
+        };
         {
             let mut stats = self.stats();
             stats.successes += 1;
             stats.last_success_at = Some(now_ms());
         }
         if object.is_deleting() {
-            match self.store.finalize(key, &self.finalizer) {
+            return match self.store.finalize(key, &self.finalizer) {
                 Ok(removed) => {
                     self.keys().remove(key);
                     self.timers.cancel(key);
                     tracing::info!(removed, "delete reconciled");
+                    match done {
+                        Settled::Done { state, .. } => Settled::Done {
+                            requeue_after_ms: None,
+                            state,
+                            removed,
+                        },
+                        other => other,
+                    }
                 }
                 // Still deleting and still holding the finalizer: the next
                 // resync (or restart) reconciles the delete again.
-                Err(e) => tracing::error!("delete reconciled, but the finalizer stays: {e}"),
-            }
-            return;
+                Err(e) => {
+                    let message = format!("delete reconciled, but the finalizer stays: {e}");
+                    tracing::error!("{message}");
+                    Settled::Failed {
+                        error: "retry",
+                        message,
+                        retry_in_ms: None,
+                        state: BTreeMap::new(),
+                    }
+                }
+            };
         }
         {
             let mut keys = self.keys();
@@ -709,6 +879,7 @@ impl Controller {
             }
             None => tracing::info!("reconciled"),
         }
+        done
     }
 
     fn failed(
@@ -717,7 +888,8 @@ impl Controller {
         event: EventRef,
         error: ReconcileError,
         state: Vec<(String, String)>,
-    ) {
+    ) -> Settled {
+        let state_shown: BTreeMap<String, String> = state.iter().cloned().collect();
         let failures = {
             let mut keys = self.keys();
             let entry = keys.entry(key.clone()).or_default();
@@ -725,10 +897,20 @@ impl Controller {
             entry.state = state;
             entry.failures
         };
+        let error_class = match &error {
+            ReconcileError::Retry(_) => "retry",
+            ReconcileError::RetryAfter(_) => "retry-after",
+            ReconcileError::Fatal(_) => "fatal",
+        };
         let (message, delay) = match error {
             ReconcileError::Retry(m) => (m, Some(self.engine.backoff.delay(failures))),
             ReconcileError::RetryAfter(r) => (r.message, Some(Duration::from_millis(r.delay))),
             ReconcileError::Fatal(m) => (m, None),
+        };
+        let retry_in = delay.filter(|_| failures <= self.engine.max_retries);
+        let class = match (&error_class, delay, retry_in) {
+            (_, Some(_), None) => "gave-up",
+            (class, _, _) => class,
         };
         let message = match delay {
             Some(delay) if failures <= self.engine.max_retries => {
@@ -749,13 +931,34 @@ impl Controller {
                 message
             }
         };
-        if let Err(e) = self.store.mark_error(key, &message) {
+        // With a retry scheduled the error is for now; a fatal error, or giving
+        // up, is for good, and `setpoint wait` stops at once on it.
+        let recorded = if retry_in.is_some() {
+            self.store.mark_error(key, &message)
+        } else {
+            self.store.mark_failed(key, &message)
+        };
+        if let Err(e) = recorded {
             tracing::error!("cannot record the failure: {e}");
         }
         let mut stats = self.stats();
         stats.failures += 1;
-        stats.last_error = Some(message);
+        stats.last_error = Some(message.clone());
         stats.last_error_at = Some(now_ms());
+        Settled::Failed {
+            error: class,
+            message,
+            retry_in_ms: retry_in.map(|d| d.as_millis() as u64),
+            state: state_shown,
+        }
+    }
+
+    /// Reconcile `key` now, as a worker would, for `action` (a deleting
+    /// object is always reconciled as `deleted`): one-off calls such as
+    /// `setpoint reconcile` take the daemon's path through this.
+    pub async fn reconcile_now(&self, slot: &mut dyn Slot, key: &ObjectKey, action: Action) -> Settled {
+        self.keys().entry(key.clone()).or_default().pending = Some(action);
+        self.reconcile(slot, key).await
     }
 
     /// Put `key` on the delay scheduler; `retry` says which event it retries.
@@ -783,6 +986,47 @@ impl std::fmt::Debug for Controller {
         f.debug_struct("Controller")
             .field("name", &self.name())
             .finish()
+    }
+}
+
+/// What became of one reconcile, as the controller settled it: the same
+/// classification the daemon's workers act on (and `setpoint reconcile` prints).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case", tag = "result")]
+pub enum Settled {
+    /// Nothing to reconcile: the object is gone, or its delete was done here.
+    Gone,
+    /// The plugin succeeded; `removed` if that finished a delete.
+    #[serde(rename = "ok", rename_all = "kebab-case")]
+    Done {
+        requeue_after_ms: Option<u64>,
+        state: BTreeMap<String, String>,
+        removed: bool,
+    },
+    /// The call or the plugin failed. `error` is `retry`, `retry-after`,
+    /// `fatal` or `gave-up`; `retry-in-ms` when a retry is scheduled.
+    #[serde(rename = "error", rename_all = "kebab-case")]
+    Failed {
+        error: &'static str,
+        message: String,
+        retry_in_ms: Option<u64>,
+        state: BTreeMap<String, String>,
+    },
+}
+
+/// Counts a worker loop as alive while it exists.
+struct Alive<'a>(&'a AtomicUsize);
+
+impl<'a> Alive<'a> {
+    fn new(count: &'a AtomicUsize) -> Self {
+        count.fetch_add(1, Ordering::SeqCst);
+        Self(count)
+    }
+}
+
+impl Drop for Alive<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
     }
 }
 
@@ -818,195 +1062,5 @@ fn to_wit_action(action: Action) -> wit::Action {
         Action::Updated => wit::Action::Updated,
         Action::Deleted => wit::Action::Deleted,
         Action::Resynced => wit::Action::Resynced,
-    }
-}
-
-/// Why the manager refused a request.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub enum ManagerError {
-    #[error("a controller named {0:?} is already running; replace it instead")]
-    Exists(String),
-    #[error("no controller named {0:?}")]
-    NotFound(String),
-}
-
-struct Running {
-    controller: Arc<Controller>,
-    stop: CancellationToken,
-    done: watch::Receiver<bool>,
-}
-
-/// Runs many controllers by name: add, replace, remove, wait for termination,
-/// and report their status.
-pub struct Manager {
-    store: Store,
-    leader: Arc<dyn LeaderElector>,
-    metrics: Arc<Metrics>,
-    running: Mutex<HashMap<String, Running>>,
-}
-
-impl Manager {
-    pub fn new(store: Store, leader: Arc<dyn LeaderElector>, metrics: Arc<Metrics>) -> Self {
-        let leading = *leader.subscribe().borrow();
-        metrics.leader.set(i64::from(leading));
-        Self {
-            store,
-            leader,
-            metrics,
-            running: Mutex::new(HashMap::new()),
-        }
-    }
-
-    fn running(&self) -> MutexGuard<'_, HashMap<String, Running>> {
-        self.running.lock().unwrap_or_else(|e| e.into_inner())
-    }
-
-    pub fn metrics(&self) -> &Arc<Metrics> {
-        &self.metrics
-    }
-
-    pub fn store(&self) -> &Store {
-        &self.store
-    }
-
-    /// Every kind some controller reconciles, with the controllers of each.
-    pub fn kinds(&self) -> std::collections::BTreeMap<String, Vec<String>> {
-        let mut kinds = std::collections::BTreeMap::<String, Vec<String>>::new();
-        for c in self.controllers() {
-            for kind in &c.plugin().info().kinds {
-                kinds
-                    .entry(kind.clone())
-                    .or_default()
-                    .push(c.name().to_string());
-            }
-        }
-        kinds
-    }
-
-    /// The controllers of `kind`.
-    pub fn controllers_of(&self, kind: &str) -> Vec<Arc<Controller>> {
-        self.controllers()
-            .into_iter()
-            .filter(|c| c.plugin().info().kinds.iter().any(|k| k == kind))
-            .collect()
-    }
-
-    /// Start a controller for `plugin`, named after it.
-    pub fn add(&self, plugin: Plugin) -> Result<Arc<Controller>, ManagerError> {
-        let engine = Engine::from(plugin.settings());
-        self.add_with(plugin, engine)
-    }
-
-    /// Start a controller with explicit engine settings.
-    pub fn add_with(
-        &self,
-        plugin: Plugin,
-        engine: Engine,
-    ) -> Result<Arc<Controller>, ManagerError> {
-        let name = plugin.info().name.clone();
-        let mut running = self.running();
-        if running.contains_key(&name) {
-            return Err(ManagerError::Exists(name));
-        }
-        let controller = Controller::with_engine(
-            plugin,
-            self.store.clone(),
-            engine,
-            self.leader.as_ref(),
-            &self.metrics,
-        );
-        let stop = CancellationToken::new();
-        let (done_tx, done) = watch::channel(false);
-        tokio::spawn({
-            let controller = controller.clone();
-            let stop = stop.clone();
-            async move {
-                controller.run(stop).await;
-                done_tx.send_replace(true);
-            }
-        });
-        tracing::info!(controller = %name, "controller started");
-        running.insert(
-            name,
-            Running {
-                controller: controller.clone(),
-                stop,
-                done,
-            },
-        );
-        Ok(controller)
-    }
-
-    /// Replace the controller of the same name: the old one stops (its work in
-    /// flight finishes), then the new one starts with its counters at zero.
-    pub async fn replace(&self, plugin: Plugin) -> Arc<Controller> {
-        let name = plugin.info().name.clone();
-        let _ = self.remove_and_wait(&name).await;
-        self.add(plugin).expect("the old controller was removed")
-    }
-
-    /// Signal a controller to stop and forget it; it finishes in the background.
-    pub fn remove(&self, name: &str) -> Result<(), ManagerError> {
-        let running = self
-            .running()
-            .remove(name)
-            .ok_or_else(|| ManagerError::NotFound(name.to_string()))?;
-        running.stop.cancel();
-        self.metrics.forget(name);
-        tracing::info!(controller = %name, "controller removed");
-        Ok(())
-    }
-
-    /// Stop a controller and wait until it has finished.
-    pub async fn remove_and_wait(&self, name: &str) -> Result<(), ManagerError> {
-        let mut done = self.termination(name)?;
-        self.remove(name)?;
-        let _ = done.wait_for(|d| *d).await;
-        Ok(())
-    }
-
-    /// A receiver that turns true once the controller has terminated.
-    pub fn termination(&self, name: &str) -> Result<watch::Receiver<bool>, ManagerError> {
-        self.running()
-            .get(name)
-            .map(|r| r.done.clone())
-            .ok_or_else(|| ManagerError::NotFound(name.to_string()))
-    }
-
-    /// Stop every controller and wait for all of them.
-    pub async fn shutdown(&self) {
-        let names: Vec<String> = self.running().keys().cloned().collect();
-        for name in names {
-            let _ = self.remove_and_wait(&name).await;
-        }
-    }
-
-    pub fn controller(&self, name: &str) -> Option<Arc<Controller>> {
-        self.running().get(name).map(|r| r.controller.clone())
-    }
-
-    pub fn controllers(&self) -> Vec<Arc<Controller>> {
-        let mut all: Vec<_> = self
-            .running()
-            .values()
-            .map(|r| r.controller.clone())
-            .collect();
-        all.sort_by(|a, b| a.name().cmp(b.name()));
-        all
-    }
-
-    /// Every controller's status model, by name.
-    pub fn status(&self) -> Vec<ControllerStatus> {
-        self.controllers().iter().map(|c| c.status()).collect()
-    }
-
-    /// The metrics text, with the "now" gauges refreshed.
-    pub fn encode_metrics(&self) -> String {
-        let leading = *self.leader.subscribe().borrow();
-        self.metrics.leader.set(i64::from(leading));
-        for c in self.controllers() {
-            c.refresh_metrics();
-        }
-        self.metrics.encode()
     }
 }

@@ -1,0 +1,173 @@
+//! The seam between a controller and what it calls.
+//!
+//! A controller calls a [`Reconciler`]; each of its workers holds one [`Slot`]
+//! from it and calls `reconcile` (and a full reconciliation `prune`) through
+//! that slot. A loaded [`Plugin`] is a reconciler whose slots are Wasm
+//! instances; [`FnReconciler`] is one made of a closure, so the controller's
+//! rules (retries, panics, spans, finalizers) can be tested without Wasm, as
+//! kube-runtime tests its `applier` with closures.
+//!
+//! A slot is the unit of isolation: after a call panics, the controller throws
+//! the slot away and asks for a new one.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+
+use crate::plugin::wit::{self, ReconcileError};
+use crate::plugin::{CallError, Instance, Plugin};
+
+/// A boxed future, as the slot's methods return.
+pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
+
+/// What one `reconcile` call gives: the plugin's answer, or why the call failed.
+pub type ReconcileCall = Result<Result<wit::Outcome, wit::Failure>, CallError>;
+
+/// What one `prune` call gives.
+pub type PruneCall = Result<Result<(), ReconcileError>, CallError>;
+
+/// What one `validate` call gives.
+pub type ValidateCall = Result<Result<(), String>, CallError>;
+
+/// What a controller reconciles with.
+pub trait Reconciler: Send + Sync + 'static {
+    /// Who it is and which kinds it reconciles.
+    fn info(&self) -> &wit::Info;
+
+    /// True if [`Slot::prune`] does something.
+    fn can_prune(&self) -> bool {
+        false
+    }
+
+    /// True if [`Slot::validate`] checks objects (the plugin exports
+    /// `admission`).
+    fn can_validate(&self) -> bool {
+        false
+    }
+
+    /// A new slot for one worker (or one full reconciliation).
+    fn slot(&self) -> Box<dyn Slot>;
+
+    /// The loaded plugin behind this reconciler, if it is one.
+    fn plugin(&self) -> Option<&Plugin> {
+        None
+    }
+}
+
+/// One worker's handle on a reconciler.
+pub trait Slot: Send {
+    /// Reconcile one request.
+    fn reconcile<'a>(&'a mut self, request: &'a wit::Request) -> BoxFuture<'a, ReconcileCall>;
+
+    /// Remove what none of `desired` wants.
+    fn prune<'a>(&'a mut self, desired: &'a [String]) -> BoxFuture<'a, PruneCall> {
+        let _ = desired;
+        Box::pin(async { Err(CallError::NoPruner) })
+    }
+
+    /// Check an object before it is stored: `Ok(Err(why))` refuses it.
+    fn validate<'a>(&'a mut self, object: &'a wit::Object) -> BoxFuture<'a, ValidateCall> {
+        let _ = object;
+        Box::pin(async { Err(CallError::NoAdmission) })
+    }
+
+    /// The drift the last call reported, taken.
+    fn take_drift(&mut self) -> Option<String> {
+        None
+    }
+}
+
+impl Reconciler for Plugin {
+    fn info(&self) -> &wit::Info {
+        Plugin::info(self)
+    }
+
+    fn can_prune(&self) -> bool {
+        Plugin::can_prune(self)
+    }
+
+    fn can_validate(&self) -> bool {
+        Plugin::can_validate(self)
+    }
+
+    fn slot(&self) -> Box<dyn Slot> {
+        Box::new(self.instance())
+    }
+
+    fn plugin(&self) -> Option<&Plugin> {
+        Some(self)
+    }
+}
+
+impl Slot for Instance {
+    fn reconcile<'a>(&'a mut self, request: &'a wit::Request) -> BoxFuture<'a, ReconcileCall> {
+        Box::pin(Instance::reconcile(self, request))
+    }
+
+    fn prune<'a>(&'a mut self, desired: &'a [String]) -> BoxFuture<'a, PruneCall> {
+        Box::pin(Instance::prune(self, desired))
+    }
+
+    fn validate<'a>(&'a mut self, object: &'a wit::Object) -> BoxFuture<'a, ValidateCall> {
+        Box::pin(Instance::validate(self, object))
+    }
+
+    fn take_drift(&mut self) -> Option<String> {
+        Instance::take_drift(self)
+    }
+}
+
+/// A reconciler made of a closure from request to answer. It cannot prune.
+pub struct FnReconciler<F> {
+    info: wit::Info,
+    call: Arc<F>,
+}
+
+impl<F, Fut> FnReconciler<F>
+where
+    F: Fn(wit::Request) -> Fut + Send + Sync + 'static,
+    Fut: Future<Output = ReconcileCall> + Send + 'static,
+{
+    /// A reconciler named `name` for `kinds` that answers with `call`.
+    pub fn new(name: &str, kinds: &[&str], call: F) -> Arc<Self> {
+        Arc::new(Self {
+            info: wit::Info {
+                name: name.to_string(),
+                version: "0.0.0".to_string(),
+                kinds: kinds.iter().map(|k| k.to_string()).collect(),
+                resync_interval: None,
+            },
+            call: Arc::new(call),
+        })
+    }
+}
+
+impl<F, Fut> Reconciler for FnReconciler<F>
+where
+    F: Fn(wit::Request) -> Fut + Send + Sync + 'static,
+    Fut: Future<Output = ReconcileCall> + Send + 'static,
+{
+    fn info(&self) -> &wit::Info {
+        &self.info
+    }
+
+    fn slot(&self) -> Box<dyn Slot> {
+        Box::new(FnSlot {
+            call: self.call.clone(),
+        })
+    }
+}
+
+struct FnSlot<F> {
+    call: Arc<F>,
+}
+
+impl<F, Fut> Slot for FnSlot<F>
+where
+    F: Fn(wit::Request) -> Fut + Send + Sync + 'static,
+    Fut: Future<Output = ReconcileCall> + Send + 'static,
+{
+    fn reconcile<'a>(&'a mut self, request: &'a wit::Request) -> BoxFuture<'a, ReconcileCall> {
+        Box::pin((self.call)(request.clone()))
+    }
+}

@@ -1,0 +1,167 @@
+//! Controller rules through the [`Reconciler`] seam, with closures instead of
+//! Wasm, on tokio's paused clock.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+
+use super::*;
+use crate::leader::ManualLeader;
+use crate::store::Phase;
+
+fn done() -> ReconcileCall {
+    Ok(Ok(wit::Outcome {
+        requeue_after: None,
+        state: Vec::new(),
+        status: None,
+    }))
+}
+
+fn engine(workers: usize) -> Engine {
+    Engine {
+        workers,
+        ..Engine::from(&PluginConfig::default())
+    }
+}
+
+struct Rig {
+    store: Store,
+    metrics: Arc<Metrics>,
+    manager: Manager,
+}
+
+fn rig() -> Rig {
+    let store = Store::new();
+    let metrics = Arc::new(Metrics::new());
+    let manager = Manager::new(
+        store.clone(),
+        Arc::new(ManualLeader::new(true)),
+        metrics.clone(),
+    );
+    Rig {
+        store,
+        metrics,
+        manager,
+    }
+}
+
+impl Rig {
+    fn apply(&self, kind: &str, name: &str) -> ObjectKey {
+        let object = Object::new(kind, "", name, serde_json::json!({}));
+        self.store.apply(object).unwrap().object.key()
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_panicking_reconcile_retries_its_key_and_the_worker_serves_the_others() {
+    let rig = rig();
+    let calls = Arc::new(Mutex::new(HashMap::<String, u32>::new()));
+    let counted = calls.clone();
+    let reconciler = FnReconciler::new("panicky", &["Thing"], move |request: wit::Request| {
+        let n = {
+            let mut calls = counted.lock().unwrap();
+            let n = calls.entry(request.object.name.clone()).or_default();
+            *n += 1;
+            *n
+        };
+        async move {
+            if request.object.name == "bad" && n == 1 {
+                panic!("boom in {}", request.key);
+            }
+            done()
+        }
+    });
+    // One worker: the key after the panic must be served by the same lane.
+    rig.manager.add_reconciler(reconciler, engine(1)).unwrap();
+    let keys: Vec<_> = ["a", "bad", "c"]
+        .iter()
+        .map(|n| rig.apply("Thing", n))
+        .collect();
+    let waited = rig.store.wait(None, &[], Duration::from_secs(600)).await;
+    assert_eq!(waited, Ok(()), "every key is reconciled in the end");
+    for key in &keys {
+        assert_eq!(rig.store.status(key).unwrap().phase, Phase::Done, "{key}");
+    }
+    assert_eq!(calls.lock().unwrap()["bad"], 2, "the key was retried once");
+    let controller = rig.manager.controller("panicky").unwrap();
+    let status = controller.status();
+    assert_eq!((status.failures, status.successes), (1, 3));
+    assert!(
+        status.last_error.unwrap().contains("boom in Thing:bad"),
+        "the panic's message is the key's error"
+    );
+    assert_eq!(controller.health(), Ok(()));
+    let text = crate::metrics::to_prometheus_text(&rig.metrics.encode());
+    assert!(
+        text.contains("setpoint_worker_panics_total{controller=\"panicky\"} 1\n"),
+        "{text}"
+    );
+    rig.manager.shutdown().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn health_names_a_leading_controller_whose_queue_does_not_drain() {
+    let rig = rig();
+    let reconciler = FnReconciler::new("stuck", &["Thing"], |request: wit::Request| async move {
+        if request.object.name == "forever" {
+            std::future::pending::<()>().await;
+        }
+        done()
+    });
+    let controller = rig.manager.add_reconciler(reconciler, engine(1)).unwrap();
+    rig.apply("Thing", "forever");
+    rig.apply("Thing", "waiting");
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert_eq!(controller.health(), Ok(()), "busy is not stalled yet");
+    assert!(rig.manager.health().is_empty());
+    tokio::time::sleep(controller.engine.stall_after).await;
+    let problem = controller.health().unwrap_err();
+    assert!(problem.contains("controller stuck"), "{problem}");
+    assert!(problem.contains("keys outstanding and no reconcile"), "{problem}");
+    assert_eq!(rig.manager.health(), vec![problem]);
+}
+
+#[tokio::test]
+async fn controllers_and_their_plugin_calls_run_on_the_runtime_they_are_given() {
+    let plugin_threads = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .thread_name("test-plugins")
+        .enable_all()
+        .build()
+        .unwrap();
+    let store = Store::new();
+    let manager = Manager::new(
+        store.clone(),
+        Arc::new(ManualLeader::new(true)),
+        Arc::new(Metrics::new()),
+    )
+    .run_controllers_on(plugin_threads.handle().clone());
+    let threads = Arc::new(Mutex::new(Vec::<String>::new()));
+    let seen = threads.clone();
+    let reconciler = FnReconciler::new("where", &["Thing"], move |_request: wit::Request| {
+        let seen = seen.clone();
+        async move {
+            let name = std::thread::current().name().unwrap_or("?").to_string();
+            seen.lock().unwrap().push(name);
+            done()
+        }
+    });
+    manager.add_reconciler(reconciler, engine(2)).unwrap();
+    for name in ["a", "b", "c"] {
+        store
+            .apply(Object::new("Thing", "", name, serde_json::json!({})))
+            .unwrap();
+    }
+    let waited = store.wait(None, &[], Duration::from_secs(60)).await;
+    assert_eq!(waited, Ok(()));
+    let caller = std::thread::current().name().unwrap_or("?").to_string();
+    let threads = threads.lock().unwrap().clone();
+    assert_eq!(threads.len(), 3);
+    assert!(
+        threads.iter().all(|t| t == "test-plugins"),
+        "every call ran on the given runtime, not on {caller}: {threads:?}"
+    );
+    manager.shutdown().await;
+    plugin_threads.shutdown_background();
+}
