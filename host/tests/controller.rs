@@ -689,3 +689,22 @@ async fn two_controllers_of_one_kind_both_reconcile_a_delete_before_the_object_g
     assert!(rig.store.get(&key).is_none());
     rig.manager.shutdown().await;
 }
+
+#[tokio::test]
+async fn a_component_of_an_older_minor_loads_is_admitted_and_reconciles() {
+    // `legacy` is built from the frozen 0.1.1 WIT: no `admission` export, and
+    // imports at 0.1.1.
+    let rig = Rig::new(true);
+    let plugin = rig.plugin("legacy", PluginConfig::default()).await;
+    assert!(!plugin.can_validate());
+    assert!(!plugin.can_prune());
+    assert_eq!(plugin.info().kinds, ["Legacy"]);
+    let controller = rig.manager.add(plugin).unwrap();
+    let object = Object::new("Legacy", "", "old", json!({"anything": ["goes", 1]}));
+    assert_eq!(rig.manager.admit(std::slice::from_ref(&object)).await, Ok(()));
+    let key = rig.store.apply(object).unwrap().object.key();
+    wait_until("reconciled", LIMIT, || rig.phase(&key) == Some(Phase::Done)).await;
+    assert_eq!(rig.store.get(&key).unwrap().status, Some(json!({"seen": 1})));
+    assert_eq!(controller.status().failures, 0);
+    rig.manager.shutdown().await;
+}
