@@ -574,6 +574,60 @@ mod tests {
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn readyz_names_a_controller_that_cannot_make_progress() {
+        use crate::controller::{Engine, FnReconciler};
+        let store = Store::new();
+        let manager = Arc::new(Manager::new(
+            store.clone(),
+            Arc::new(AlwaysLeader::default()),
+            Arc::new(Metrics::new()),
+        ));
+        // A reconcile that never returns, and a stall threshold of zero.
+        let stuck = FnReconciler::new("stuck", &["Thing"], |_| std::future::pending());
+        let engine = Engine {
+            workers: 1,
+            stall_after: std::time::Duration::ZERO,
+            ..Engine::from(&crate::config::PluginConfig::default())
+        };
+        let stop = CancellationToken::new();
+        let (addr, task) = serve(
+            "127.0.0.1:0".parse().unwrap(),
+            None,
+            1024,
+            manager.clone(),
+            stop.clone(),
+        )
+        .await
+        .unwrap();
+        let ready = format!("http://{addr}/readyz");
+        let get = |url: String| async move {
+            tokio::task::spawn_blocking(move || status(&url, None))
+                .await
+                .unwrap()
+        };
+        assert_eq!(get(ready.clone()).await, (200, "ok\n".to_string()));
+        manager.add_reconciler(stuck, engine).unwrap();
+        store
+            .apply(crate::object::Object::new("Thing", "", "a", serde_json::json!({})))
+            .unwrap();
+        let mut answer = get(ready.clone()).await;
+        for _ in 0..100 {
+            if answer.0 != 200 {
+                break;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+            answer = get(ready.clone()).await;
+        }
+        assert_eq!(answer.0, 503, "{}", answer.1);
+        assert!(answer.1.contains("not ready: controller stuck"), "{}", answer.1);
+        assert!(answer.1.starts_with("{\"error\""), "JSON: {}", answer.1);
+        let health = format!("http://{addr}/healthz");
+        assert_eq!(get(health).await.0, 200, "liveness stays");
+        stop.cancel();
+        let _ = task.await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn api_with_a_token_refuses_requests_without_it_but_not_health_probes() {
         let manager = Arc::new(Manager::new(
             Store::new(),
