@@ -163,7 +163,11 @@ fn run_names_a_missing_plugin_and_its_os_error_once() {
 }
 
 /// `setpoint reconcile PLUGIN --object OBJECT`.
-fn reconcile(cache: &std::path::Path, name: &str, object: &std::path::Path) -> std::process::Output {
+fn reconcile(
+    cache: &std::path::Path,
+    name: &str,
+    object: &std::path::Path,
+) -> std::process::Output {
     setpoint(cache)
         .arg("reconcile")
         .arg(plugin(name))
@@ -202,7 +206,10 @@ fn reconcile_runs_one_reconcile_and_prints_the_outcome() {
         printed["status-written"],
         serde_json::json!({"path": "/data/_default/motd", "bytes": 2})
     );
-    assert_eq!(std::fs::read_to_string(out_dir.join("_default/motd")).unwrap(), "hi");
+    assert_eq!(
+        std::fs::read_to_string(out_dir.join("_default/motd")).unwrap(),
+        "hi"
+    );
 }
 
 #[test]
@@ -217,7 +224,10 @@ fn reconcile_prints_a_plugin_error_with_its_kind() {
     .unwrap();
     let output = reconcile(cache.path(), "files", &object);
     let (out, err) = texts(&output);
-    assert!(!output.status.success(), "a failed reconcile exits non-zero: {out}");
+    assert!(
+        !output.status.success(),
+        "a failed reconcile exits non-zero: {out}"
+    );
     let printed: serde_json::Value = serde_json::from_str(&out).unwrap();
     assert_eq!(printed["result"], "error");
     assert_eq!(printed["error"], "fatal");
@@ -250,7 +260,10 @@ fn reconcile_classifies_a_trap_as_the_daemon_does_and_shows_the_panic() {
     assert_eq!(printed["error"], "retry", "{out}");
     assert!(printed["retry-in-ms"].as_u64().is_some(), "{out}");
     let message = printed["message"].as_str().unwrap();
-    assert!(message.contains("asked to trap"), "the panic's message: {message}");
+    assert!(
+        message.contains("asked to trap"),
+        "the panic's message: {message}"
+    );
     assert!(err.contains("the reconcile failed (retry)"), "{err}");
 }
 

@@ -769,11 +769,20 @@ fn admission_refuses_a_spec_that_does_not_fit_naming_the_field_and_stores_nothin
     let answer = apply(&url, &both);
     assert_eq!(answer.status, 422, "{}", answer.body);
     let error = answer.json()["error"].as_str().unwrap().to_string();
-    assert!(error.contains("Greeting:bad was refused by plugin hello"), "{error}");
-    assert!(error.contains("spec.who: invalid type: integer `5`"), "{error}");
+    assert!(
+        error.contains("Greeting:bad was refused by plugin hello"),
+        "{error}"
+    );
+    assert!(
+        error.contains("spec.who: invalid type: integer `5`"),
+        "{error}"
+    );
     assert!(error.contains("Nothing was stored"), "{error}");
     for name in ["good", "bad"] {
-        assert_eq!(get(&format!("{url}/v1/objects/Greeting/{name}")).status, 404);
+        assert_eq!(
+            get(&format!("{url}/v1/objects/Greeting/{name}")).status,
+            404
+        );
     }
     // No spec at all: the missing field is named.
     let answer = http(
@@ -783,7 +792,11 @@ fn admission_refuses_a_spec_that_does_not_fit_naming_the_field_and_stores_nothin
         Some(r#"{"kind":"Greeting","metadata":{"name":"empty"}}"#),
     );
     assert_eq!(answer.status, 422, "{}", answer.body);
-    assert!(answer.body.contains("missing field `who`"), "{}", answer.body);
+    assert!(
+        answer.body.contains("missing field `who`"),
+        "{}",
+        answer.body
+    );
     // A fitting spec is admitted and reconciled.
     assert_eq!(apply(&url, &greeting("good", "{who: readers}")).status, 200);
     assert_eq!(wait(&url, "kind=Greeting&name=good").status, 200);
@@ -810,12 +823,22 @@ fn an_object_whose_spec_does_not_decode_can_still_be_deleted() {
         s.status == 200 && s.json()["phase"] == "error"
     });
     let last = get(&status).json()["lastError"].to_string();
-    assert!(last.contains("spec.who"), "the error names the field: {last}");
-    let deleted = http("DELETE", &format!("{url}/v1/objects/Greeting/bad"), &[], None);
+    assert!(
+        last.contains("spec.who"),
+        "the error names the field: {last}"
+    );
+    let deleted = http(
+        "DELETE",
+        &format!("{url}/v1/objects/Greeting/bad"),
+        &[],
+        None,
+    );
     assert!(deleted.status < 300, "{}", deleted.body);
-    eventually("the delete reached the plugin and the object is gone", LIMIT, || {
-        get(&format!("{url}/v1/objects/Greeting/bad")).status == 404
-    });
+    eventually(
+        "the delete reached the plugin and the object is gone",
+        LIMIT,
+        || get(&format!("{url}/v1/objects/Greeting/bad")).status == 404,
+    );
     assert!(d.interrupt().success());
 }
 

@@ -45,7 +45,10 @@ fn reconciles_its_example(home: &Path, project: &Path, component: &Path) {
     assert!(output.status.success(), "{err}");
     let result: serde_json::Value = serde_json::from_str(&out).unwrap();
     assert_eq!(result["result"], "ok", "{out}");
-    assert_eq!(result["status-written"]["greeting"], "Hello, world!", "{out}");
+    assert_eq!(
+        result["status-written"]["greeting"], "Hello, world!",
+        "{out}"
+    );
 }
 
 #[test]

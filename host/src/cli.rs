@@ -431,7 +431,11 @@ struct PluginThreads(Option<tokio::runtime::Runtime>);
 
 impl PluginThreads {
     fn handle(&self) -> tokio::runtime::Handle {
-        self.0.as_ref().expect("alive until dropped").handle().clone()
+        self.0
+            .as_ref()
+            .expect("alive until dropped")
+            .handle()
+            .clone()
     }
 }
 
@@ -872,4 +876,3 @@ async fn reconcile(
         Settled::Done { .. } | Settled::Gone => Ok(()),
     }
 }
-

@@ -701,10 +701,16 @@ async fn a_component_of_an_older_minor_loads_is_admitted_and_reconciles() {
     assert_eq!(plugin.info().kinds, ["Legacy"]);
     let controller = rig.manager.add(plugin).unwrap();
     let object = Object::new("Legacy", "", "old", json!({"anything": ["goes", 1]}));
-    assert_eq!(rig.manager.admit(std::slice::from_ref(&object)).await, Ok(()));
+    assert_eq!(
+        rig.manager.admit(std::slice::from_ref(&object)).await,
+        Ok(())
+    );
     let key = rig.store.apply(object).unwrap().object.key();
     wait_until("reconciled", LIMIT, || rig.phase(&key) == Some(Phase::Done)).await;
-    assert_eq!(rig.store.get(&key).unwrap().status, Some(json!({"seen": 1})));
+    assert_eq!(
+        rig.store.get(&key).unwrap().status,
+        Some(json!({"seen": 1}))
+    );
     assert_eq!(controller.status().failures, 0);
     rig.manager.shutdown().await;
 }

@@ -30,11 +30,14 @@ fn done() -> ReconcileCall {
     }))
 }
 
+/// One event: its `expect` field, and the keys of the spans it was logged in.
+type Seen = (Option<String>, Vec<String>);
+
 /// Records, for every event, its `expect` field and the `key` of every span it
 /// was logged in.
 #[derive(Clone, Default)]
 struct KeysInScope {
-    seen: Arc<Mutex<Vec<(Option<String>, Vec<String>)>>>,
+    seen: Arc<Mutex<Vec<Seen>>>,
 }
 
 struct SpanKey(String);
@@ -76,7 +79,9 @@ impl<S: Subscriber + for<'a> LookupSpan<'a>> Layer<S> for KeysInScope {
 #[tokio::test(start_paused = true)]
 async fn every_log_line_inside_a_reconcile_carries_exactly_its_own_key() {
     let layer = KeysInScope::default();
-    let _guard = tracing_subscriber::registry().with(layer.clone()).set_default();
+    let _guard = tracing_subscriber::registry()
+        .with(layer.clone())
+        .set_default();
     let store = Store::new();
     let manager = Manager::new(
         store.clone(),
@@ -95,7 +100,7 @@ async fn every_log_line_inside_a_reconcile_carries_exactly_its_own_key() {
                     tokio::task::yield_now().await;
                 }
                 // A failure now and then, so retries and their logs interleave too.
-                if attempts.fetch_add(1, Ordering::Relaxed) % 5 == 0 {
+                if attempts.fetch_add(1, Ordering::Relaxed).is_multiple_of(5) {
                     return Ok(Err(wit::Failure {
                         error: wit::ReconcileError::Retry("again".into()),
                         state: Vec::new(),
@@ -112,7 +117,9 @@ async fn every_log_line_inside_a_reconcile_carries_exactly_its_own_key() {
     }
     for i in 0..20 {
         for (kind, name) in [("Left", format!("l{i}")), ("Right", format!("r{i}"))] {
-            store.apply(Object::new(kind, "", &name, serde_json::json!({}))).unwrap();
+            store
+                .apply(Object::new(kind, "", &name, serde_json::json!({})))
+                .unwrap();
         }
     }
     let waited = store.wait(None, &[], Duration::from_secs(600)).await;
@@ -128,5 +135,8 @@ async fn every_log_line_inside_a_reconcile_carries_exactly_its_own_key() {
             assert!(keys.len() <= 1, "a host log line in spans of {keys:?}");
         }
     }
-    assert!(inside >= 40 * 3, "only {inside} log lines from inside reconciles");
+    assert!(
+        inside >= 40 * 3,
+        "only {inside} log lines from inside reconciles"
+    );
 }

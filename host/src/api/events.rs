@@ -52,10 +52,7 @@ pub async fn ingest(
         APPLY => {
             let object = data_object(content_type.as_deref(), data)?;
             check_kind(&state.manager, &object.kind)?;
-            state
-                .manager
-                .admit(std::slice::from_ref(&object))
-                .await?;
+            state.manager.admit(std::slice::from_ref(&object)).await?;
             let applied = state.store.apply(object)?;
             let result = if applied.action.is_some() {
                 "applied"

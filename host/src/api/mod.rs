@@ -608,7 +608,12 @@ mod tests {
         assert_eq!(get(ready.clone()).await, (200, "ok\n".to_string()));
         manager.add_reconciler(stuck, engine).unwrap();
         store
-            .apply(crate::object::Object::new("Thing", "", "a", serde_json::json!({})))
+            .apply(crate::object::Object::new(
+                "Thing",
+                "",
+                "a",
+                serde_json::json!({}),
+            ))
             .unwrap();
         let mut answer = get(ready.clone()).await;
         for _ in 0..100 {
@@ -619,7 +624,11 @@ mod tests {
             answer = get(ready.clone()).await;
         }
         assert_eq!(answer.0, 503, "{}", answer.1);
-        assert!(answer.1.contains("not ready: controller stuck"), "{}", answer.1);
+        assert!(
+            answer.1.contains("not ready: controller stuck"),
+            "{}",
+            answer.1
+        );
         assert!(answer.1.starts_with("{\"error\""), "JSON: {}", answer.1);
         let health = format!("http://{addr}/healthz");
         assert_eq!(get(health).await.0, 200, "liveness stays");

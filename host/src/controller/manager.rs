@@ -7,9 +7,9 @@ use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
 use super::{AdmissionError, Controller, ControllerStatus, Engine, Reconciler};
-use crate::object::Object;
 use crate::leader::LeaderElector;
 use crate::metrics::Metrics;
+use crate::object::Object;
 use crate::plugin::Plugin;
 use crate::store::Store;
 

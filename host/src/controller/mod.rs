@@ -382,8 +382,7 @@ impl Controller {
         let mut tasks = tokio::task::JoinSet::new();
         let stop_taking = CancellationToken::new();
         for lane in 0..self.engine.workers {
-            let (me, shutdown, stop_taking) =
-                (self.clone(), shutdown.clone(), stop_taking.clone());
+            let (me, shutdown, stop_taking) = (self.clone(), shutdown.clone(), stop_taking.clone());
             tasks.spawn(supervised(self.clone(), "worker", move || {
                 me.clone()
                     .worker(lane, shutdown.clone(), stop_taking.clone())
@@ -809,9 +808,7 @@ impl Controller {
                     CallError::Setup(_)
                     | CallError::NoPruner
                     | CallError::NoAdmission
-                    | CallError::Mismatch(_) => {
-                        ReconcileError::Fatal(e.to_string())
-                    }
+                    | CallError::Mismatch(_) => ReconcileError::Fatal(e.to_string()),
                     _ => ReconcileError::Retry(e.to_string()),
                 };
                 self.failed(key, event, error, state)
@@ -956,7 +953,12 @@ impl Controller {
     /// Reconcile `key` now, as a worker would, for `action` (a deleting
     /// object is always reconciled as `deleted`): one-off calls such as
     /// `setpoint reconcile` take the daemon's path through this.
-    pub async fn reconcile_now(&self, slot: &mut dyn Slot, key: &ObjectKey, action: Action) -> Settled {
+    pub async fn reconcile_now(
+        &self,
+        slot: &mut dyn Slot,
+        key: &ObjectKey,
+        action: Action,
+    ) -> Settled {
         self.keys().entry(key.clone()).or_default().pending = Some(action);
         self.reconcile(slot, key).await
     }

@@ -5,7 +5,6 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-
 use super::*;
 use crate::leader::ManualLeader;
 use crate::store::Phase;
@@ -118,7 +117,10 @@ async fn health_names_a_leading_controller_whose_queue_does_not_drain() {
     tokio::time::sleep(controller.engine.stall_after).await;
     let problem = controller.health().unwrap_err();
     assert!(problem.contains("controller stuck"), "{problem}");
-    assert!(problem.contains("keys outstanding and no reconcile"), "{problem}");
+    assert!(
+        problem.contains("keys outstanding and no reconcile"),
+        "{problem}"
+    );
     assert_eq!(rig.manager.health(), vec![problem]);
 }
 

@@ -12,11 +12,11 @@ use wasmtime::UpdateDeadline;
 use wasmtime::component::ResourceTable;
 use wasmtime_wasi::{FsPerms, WasiCtxBuilder};
 
+use super::compat;
 use super::imports::HostState;
 use super::limits::{DeadlineExceeded, Limiter};
-use super::compat;
-use super::stderr::StderrTail;
 use super::runtime::{Plugin, PluginInner};
+use super::stderr::StderrTail;
 use super::wit;
 use crate::config::InstanceMode;
 

@@ -380,7 +380,10 @@ fn link_error(path: &Path, e: &wasmtime::Error) -> LoadError {
         // lacks further down the chain ("... export `f` ...").
         let after = text.split_once(import).map_or("", |(_, rest)| rest);
         if import.starts_with(&format!("{}/", super::compat::PACKAGE))
-            && let Some(function) = after.split("export `").nth(1).and_then(|r| r.split('`').next())
+            && let Some(function) = after
+                .split("export `")
+                .nth(1)
+                .and_then(|r| r.split('`').next())
         {
             return LoadError::MissingFunction {
                 path: path.to_path_buf(),

@@ -147,14 +147,21 @@ mod tests {
         assert_eq!(tail.explain("trap".into()), "trap");
         let mut stream = tail.clone();
         stream.write(Bytes::from(vec![b'a'; TAIL_BYTES])).unwrap();
-        stream.write(Bytes::from_static(b"panicked at src/lib.rs: boom\n")).unwrap();
+        stream
+            .write(Bytes::from_static(b"panicked at src/lib.rs: boom\n"))
+            .unwrap();
         let text = tail.text();
         assert_eq!(text.len(), TAIL_BYTES - 1, "bounded, trimmed");
         assert!(text.ends_with("panicked at src/lib.rs: boom"), "{text}");
-        assert!(tail.explain("trap".into()).starts_with("trap; the plugin's stderr ended with: a"));
+        assert!(
+            tail.explain("trap".into())
+                .starts_with("trap; the plugin's stderr ended with: a")
+        );
         tail.clear();
         assert_eq!(tail.text(), "");
-        stream.write(Bytes::from(vec![b'z'; 3 * TAIL_BYTES])).unwrap();
+        stream
+            .write(Bytes::from(vec![b'z'; 3 * TAIL_BYTES]))
+            .unwrap();
         assert_eq!(tail.text().len(), TAIL_BYTES);
     }
 }
