@@ -10,12 +10,12 @@ use tokio_util::sync::CancellationToken;
 
 use crate::client::{Client, query};
 use crate::config::{Config, DirGrant, PluginConfig};
-use crate::controller::{Controller, Manager, Settled};
-use crate::leader::{AlwaysLeader, LeaderElector};
+use crate::controller::{Controller, Settled};
+use crate::daemon::Daemon;
+use crate::leader::AlwaysLeader;
 use crate::metrics::Metrics;
 use crate::object::{Object, parse_all};
 use crate::plugin::{CONTRACT_VERSION, PACKAGE, Runtime, SUPPORTED_VERSIONS, WORLD};
-use crate::source::manifests::Manifests;
 use crate::store::{Action, Store};
 
 /// The example objects `setpoint run` applies when it runs without `--config`.
@@ -277,174 +277,25 @@ async fn run(
         config.store.path = Some(path);
         config.store.in_memory = false;
     }
-    let store = match config.store.path()? {
-        Some(path) => {
-            let store = Store::open(&path)?;
-            tracing::info!(path = %path.display(), "store opened");
-            store
-        }
-        None => Store::new(),
-    };
-    let metrics = Arc::new(Metrics::new());
-    let leader: Arc<dyn LeaderElector> = Arc::new(AlwaysLeader::default());
-    // Controllers, and so every plugin call, run on threads of their own: a
-    // busy plugin must not starve the API (or the store's flusher) of a core.
-    let plugin_threads = config.runtime.plugin_threads();
-    let controllers_rt = PluginThreads(Some(
-        tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(plugin_threads)
-            .thread_name("setpoint-plugins")
-            .enable_all()
-            .build()
-            .context("cannot start the plugin threads")?,
-    ));
-    let manager = Arc::new(
-        Manager::new(store.clone(), leader, metrics.clone())
-            .run_controllers_on(controllers_rt.handle()),
-    );
-    let runtime = Runtime::new(&config.runtime)?;
-    let mut plugins = Vec::new();
-    for settings in &config.plugins {
-        let path = settings.path.clone();
-        let loaded = runtime.load(&path, settings.clone(), store.clone()).await;
-        let outcome = match &loaded {
-            Ok(p) if p.report().cache == crate::plugin::CacheOutcome::Hit => "cached",
-            Ok(_) => "compiled",
-            Err(_) => "failed",
-        };
-        let name = loaded
-            .as_ref()
-            .map_or_else(|_| path.display().to_string(), |p| p.info().name.clone());
-        metrics.plugin_event(&metrics.plugin_loads, &name, outcome);
-        plugins.push(loaded.with_context(|| {
-            if config_path.is_none() {
-                "the example plugins are built by `cargo xtask plugins`".to_string()
-            } else {
-                "a [[plugin]] of the configuration did not load".to_string()
-            }
-        })?);
-    }
-
-    let mut signals = ShutdownSignals::install()?;
-    // Finalizers before objects, so every object applied below is held for its
-    // controllers; controllers after, so each starts from one list of the store
-    // instead of seeing these applies twice (listed, and as changes).
-    let mut kinds = std::collections::BTreeSet::new();
-    for plugin in &plugins {
-        for kind in &plugin.info().kinds {
-            store.register_finalizer(kind, &plugin.info().name)?;
-            kinds.insert(kind.clone());
-        }
-    }
-    for object in examples {
-        let applied = store.apply(object)?;
-        tracing::info!(key = %applied.object.key(), generation = applied.object.metadata.generation, "applied");
-    }
-    let manifests = if config.manifests.is_empty() {
-        None
-    } else {
-        let manifests = Manifests::new(config.manifests.clone(), store.clone(), kinds);
-        let report = manifests.sync();
-        if let Some((file, why)) = report.errors.first() {
-            bail!("manifest {} was not applied: {why}", file.display());
-        }
-        tracing::info!(
-            applied = report.applied,
-            deleted = report.deleted.len(),
-            "manifests applied"
+    if config_path.is_none()
+        && let Some(missing) = config.plugins.iter().find(|p| !p.path.exists())
+    {
+        bail!(
+            "{} is missing: the example plugins are built by `cargo xtask plugins` (or set \
+             SETPOINT_PLUGIN_DIR to where they are)",
+            missing.path.display()
         );
-        Some(manifests)
-    };
-    for plugin in plugins {
-        manager.add(plugin)?;
     }
-    let flush_stop = CancellationToken::new();
-    let flusher = tokio::spawn(
-        store
-            .clone()
-            .flush_every(Duration::from_secs(1), flush_stop.clone()),
-    );
-    let sources_stop = CancellationToken::new();
-    let mut sources = tokio::task::JoinSet::new();
-    if let Some(manifests) = manifests.filter(|_| config.watch_manifests) {
-        let stop = sources_stop.clone();
-        sources.spawn(async move {
-            if let Err(e) = manifests.watch(stop).await {
-                tracing::error!("the manifest watcher stopped: {e:#}");
-            }
-        });
-    }
-    let api_stop = CancellationToken::new();
-    let api = if config.api.enabled {
-        let (bound, task) = crate::api::serve(
-            config.api.listen,
-            config.api.token.clone(),
-            config.api.max_body_bytes,
-            manager.clone(),
-            api_stop.clone(),
-        )
-        .await?;
-        tracing::info!("api listening on http://{bound} (/v1/objects, /v1/controllers, /metrics)");
-        Some(task)
-    } else {
-        None
-    };
-    tracing::info!(
-        controllers = manager.controllers().len(),
-        "setpoint is running; press Ctrl-C to stop"
-    );
-    let mut report = tokio::time::interval(Duration::from_secs(5));
-    report.tick().await;
-    loop {
-        tokio::select! {
-            _ = signals.recv() => {
-                tracing::info!("shutting down: finishing reconciles in flight");
-                break;
-            }
-            _ = report.tick() => log_status(&manager),
-            _ = tokio::time::sleep(Duration::from_millis(50)), if once => {
-                if all_settled(&manager, &store) {
-                    tracing::info!("every object is reconciled");
-                    break;
-                }
-            }
-        }
-    }
-    sources_stop.cancel();
-    while sources.join_next().await.is_some() {}
-    log_status(&manager);
-    manager.shutdown().await;
-    api_stop.cancel();
-    if let Some(api) = api {
-        let _ = api.await;
-    }
-    flush_stop.cancel();
-    let _ = flusher.await;
-    store.flush()?;
-    Ok(())
-}
-
-/// The runtime controllers run on. Dropped without waiting (a runtime may not
-/// be dropped, blocking, inside another): by the time `run` returns, every
-/// controller has finished, and on an early error none had started.
-struct PluginThreads(Option<tokio::runtime::Runtime>);
-
-impl PluginThreads {
-    fn handle(&self) -> tokio::runtime::Handle {
-        self.0
-            .as_ref()
-            .expect("alive until dropped")
-            .handle()
-            .clone()
-    }
-}
-
-impl Drop for PluginThreads {
-    fn drop(&mut self) {
-        if let Some(rt) = self.0.take() {
-            rt.shutdown_background();
-        }
-    }
+    // Listening from the start: a signal during start-up is not lost.
+    let mut signals = ShutdownSignals::install()?;
+    let daemon = Daemon::start(config, examples).await?;
+    let shutdown = CancellationToken::new();
+    let stop = shutdown.clone();
+    tokio::spawn(async move {
+        signals.recv().await;
+        stop.cancel();
+    });
+    daemon.run(shutdown, once).await
 }
 
 /// Run one client command against the daemon's API.
@@ -682,37 +533,6 @@ fn show_paths(paths: &[PathBuf]) -> String {
         .map(|p| p.display().to_string())
         .collect::<Vec<_>>()
         .join(", ")
-}
-
-fn all_settled(manager: &Manager, store: &Store) -> bool {
-    manager.controllers().iter().all(|c| {
-        let s = c.status();
-        s.queue_depth == 0
-            && s.in_flight == 0
-            && c.info().kinds.iter().all(|kind| {
-                store.keys(kind).iter().all(|k| {
-                    store
-                        .status(k)
-                        .is_some_and(|s| s.phase != crate::store::Phase::Pending)
-                })
-            })
-    })
-}
-
-fn log_status(manager: &Manager) {
-    for s in manager.status() {
-        tracing::info!(
-            controller = %s.name,
-            successes = s.successes,
-            failures = s.failures,
-            given_up = s.given_up,
-            queue_depth = s.queue_depth,
-            in_flight = s.in_flight,
-            timers = s.pending_timers,
-            last_error = s.last_error.as_deref().unwrap_or("-"),
-            "status"
-        );
-    }
 }
 
 /// SIGINT and SIGTERM, listened for from the moment this is made: a signal that

@@ -15,13 +15,16 @@
 //! - [`source`]: event sources: watched manifest folders.
 //! - [`client`]: the command line's client of the API.
 //! - [`scaffold`]: `setpoint new`, plugin projects in Rust, Python and JavaScript.
-//! - [`cli`]: the `setpoint` command line.
+//! - [`daemon`]: composes the process (store, plugins, controllers, sources,
+//!   API) and stops it in order.
+//! - [`cli`]: the `setpoint` command line: argument parsing and client commands.
 
 pub mod api;
 pub mod cli;
 pub mod client;
 pub mod config;
 pub mod controller;
+pub mod daemon;
 pub mod leader;
 pub mod metrics;
 pub mod object;
