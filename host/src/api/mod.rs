@@ -20,7 +20,7 @@
 //! | `GET/PUT/DELETE /v1/objects/{kind}/{name}?namespace=` | one object; PUT and DELETE honour `resourceVersion`; DELETE `force=true` removes it now, dropping its finalizers |
 //! | `GET /v1/objects/{kind}/{name}/status?namespace=` | its reconcile status |
 //! | `GET /v1/status?kind=` | every object's reconcile status |
-//! | `GET /v1/wait?kind=&name=&namespace=&timeout=30s` | wait until reconciled; 504 names what is not |
+//! | `GET /v1/wait?kind=&name=&namespace=&timeout=30s&keepWaiting=` | wait until reconciled; 504 names what is not; 409 at once names what failed for good, unless `keepWaiting=true` |
 //! | `GET /v1/watch?kind=` | server-sent events: applied, status, removed |
 //! | `POST /v1/events` | CloudEvents, binary or structured mode (see [`events`]) |
 //! | `GET /v1/controllers` | each controller's status model |
@@ -474,6 +474,7 @@ async fn plugins(State(state): State<AppState>, headers: HeaderMap) -> Response 
         .iter()
         .filter_map(|c| {
             let p = c.plugin()?;
+            let p = &p;
             let report = p.report();
             Some(PluginView {
                 name: p.info().name.clone(),

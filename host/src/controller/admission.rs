@@ -51,14 +51,19 @@ impl Controller {
     /// Ask the plugin whether `object` may be stored. Admits everything if the
     /// plugin does not export `admission`.
     pub async fn admit(&self, object: &Object) -> Result<(), AdmissionError> {
-        if !self.reconciler.can_validate() {
+        let active = self.active();
+        if !active.reconciler.can_validate() {
             return Ok(());
         }
         let key = object.key().to_string();
         let span = tracing::info_span!("admission", controller = %self.name(), key = %key);
         let request = object_to_wit(object);
-        let mut slot = self.admission.lock().await;
-        let slot = slot.get_or_insert_with(|| self.reconciler.slot());
+        let mut held = self.admission.lock().await;
+        // A slot of an older version (before a swap) is dropped.
+        if held.as_ref().is_none_or(|(g, _)| *g != active.generation) {
+            *held = Some((active.generation, active.reconciler.slot()));
+        }
+        let (_, slot) = held.as_mut().expect("just set");
         let result = slot.validate(&request).instrument(span).await;
         let plugin = self.name().to_string();
         match result {

@@ -20,6 +20,8 @@ pub enum ManagerError {
     Exists(String),
     #[error("no controller named {0:?}")]
     NotFound(String),
+    #[error("cannot swap: {0}")]
+    Swap(String),
 }
 
 struct Running {
@@ -200,6 +202,18 @@ impl Manager {
         let name = plugin.info().name.clone();
         let _ = self.remove_and_wait(&name).await;
         self.add(plugin).expect("the old controller was removed")
+    }
+
+    /// Swap the plugin of the running controller `name` for `plugin`, keeping
+    /// its queue and everything it keeps per key (see [`Controller::swap`]).
+    pub fn swap(&self, name: &str, plugin: Plugin) -> Result<Arc<Controller>, ManagerError> {
+        let controller = self
+            .controller(name)
+            .ok_or_else(|| ManagerError::NotFound(name.to_string()))?;
+        controller
+            .swap(Arc::new(plugin))
+            .map_err(|e| ManagerError::Swap(e.to_string()))?;
+        Ok(controller)
     }
 
     /// Signal a controller to stop and forget it; it finishes in the background.

@@ -175,7 +175,10 @@ pub fn stall_after(max_reconcile_time: Duration) -> Duration {
 
 /// One plugin with its queue, timers and workers.
 pub struct Controller {
-    reconciler: Arc<dyn Reconciler>,
+    /// Fixed for the controller's life, whatever version is active.
+    name: String,
+    /// The active version; replaced by [`Controller::swap`].
+    active: std::sync::RwLock<Active>,
     store: Store,
     engine: Engine,
     queue: WorkQueue<ObjectKey>,
@@ -192,8 +195,26 @@ pub struct Controller {
     workers_alive: AtomicUsize,
     /// When a worker last took or finished a key.
     progress: Mutex<tokio::time::Instant>,
-    /// The slot admission checks run on, made at the first check.
-    admission: tokio::sync::Mutex<Option<Box<dyn Slot>>>,
+    /// The slot admission checks run on, made at the first check, with the
+    /// generation of the version it was made from.
+    admission: tokio::sync::Mutex<Option<(u64, Box<dyn Slot>)>>,
+}
+
+/// The version a controller dispatches to, and a number bumped at each swap.
+#[derive(Clone)]
+struct Active {
+    reconciler: Arc<dyn Reconciler>,
+    generation: u64,
+}
+
+/// Why a swap was refused; the running version stays.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum SwapError {
+    #[error(
+        "the new version reconciles {new:?}, the running one {old:?}: a swap keeps the kinds \
+         (unload the plugin and load the new version instead)"
+    )]
+    Kinds { old: Vec<String>, new: Vec<String> },
 }
 
 /// What a full reconciliation did.
@@ -270,7 +291,11 @@ impl Controller {
         Arc::new(Self {
             queue: WorkQueue::new(engine.workers, engine.queue_size),
             timers: Timers::new(engine.delay_resolution, engine.delay_capacity),
-            reconciler,
+            name: info.name.clone(),
+            active: std::sync::RwLock::new(Active {
+                reconciler: reconciler.clone(),
+                generation: 0,
+            }),
             store,
             engine,
             keys: Mutex::new(HashMap::new()),
@@ -286,17 +311,59 @@ impl Controller {
     }
 
     pub fn name(&self) -> &str {
-        &self.reconciler.info().name
+        &self.name
     }
 
-    /// What the reconciler said about itself.
-    pub fn info(&self) -> &wit::Info {
-        self.reconciler.info()
+    /// What the active version said about itself.
+    pub fn info(&self) -> wit::Info {
+        self.reconciler().info().clone()
     }
 
-    /// The loaded plugin this controller runs, if it runs one.
-    pub fn plugin(&self) -> Option<&Plugin> {
-        self.reconciler.plugin()
+    /// The loaded plugin this controller runs now, if it runs one.
+    pub fn plugin(&self) -> Option<Plugin> {
+        self.reconciler().plugin().cloned()
+    }
+
+    /// The active version.
+    pub fn reconciler(&self) -> Arc<dyn Reconciler> {
+        self.active().reconciler
+    }
+
+    fn active(&self) -> Active {
+        self.active
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    /// Make `new` the active version, atomically: every key a worker takes
+    /// from now on runs on it, reconciles in flight finish on the old one, and
+    /// everything the controller keeps per key (state, failure counts, pending
+    /// requeues and retries, the queue) carries over untouched. Refused if
+    /// `new` reconciles other kinds.
+    pub fn swap(&self, new: Arc<dyn Reconciler>) -> Result<(), SwapError> {
+        let mut active = self.active.write().unwrap_or_else(|e| e.into_inner());
+        let sorted = |kinds: &[String]| {
+            let mut kinds = kinds.to_vec();
+            kinds.sort();
+            kinds
+        };
+        let (old, kinds) = (
+            sorted(&active.reconciler.info().kinds),
+            sorted(&new.info().kinds),
+        );
+        if old != kinds {
+            return Err(SwapError::Kinds { old, new: kinds });
+        }
+        tracing::info!(
+            controller = %self.name,
+            from = %active.reconciler.info().version,
+            to = %new.info().version,
+            "swapped"
+        );
+        active.reconciler = new;
+        active.generation += 1;
+        Ok(())
     }
 
     /// `Err` naming what is wrong if this controller cannot make progress: its
@@ -511,9 +578,10 @@ impl Controller {
                 }
             }
         }
-        let prune = if self.reconciler.can_prune() {
-            let span = tracing::info_span!("prune", controller = %self.name(), version = %self.info().version);
-            let mut slot = self.reconciler.slot();
+        let reconciler = self.reconciler();
+        let prune = if reconciler.can_prune() {
+            let span = tracing::info_span!("prune", controller = %self.name(), version = %reconciler.info().version);
+            let mut slot = reconciler.slot();
             match slot.prune(&desired).instrument(span).await {
                 Ok(Ok(())) => PruneOutcome::Done,
                 Ok(Err(e)) => PruneOutcome::Failed(match e {
@@ -652,7 +720,8 @@ impl Controller {
         stop_taking: CancellationToken,
     ) {
         let _alive = Alive::new(&self.workers_alive);
-        let mut slot = self.reconciler.slot();
+        let mut active = self.active();
+        let mut slot = active.reconciler.slot();
         let mut leader = self.leader.clone();
         // False once the elector is gone: its value can no longer change.
         let mut watching = true;
@@ -675,14 +744,22 @@ impl Controller {
             };
             let Some((key, timings)) = got else { return };
             self.made_progress();
+            // A swap since the last key: this key runs on the new version (the
+            // old slot, and its warm instance, go).
+            let now = self.active();
+            if now.generation != active.generation {
+                active = now;
+                slot = active.reconciler.slot();
+            }
             self.metrics.waited(timings.waited);
             self.metrics.worker_busy(true);
             // A panic in the call or in settling its result fails this key (it
             // is retried with back-off), never the worker, and never leaves the
             // key in flight.
-            let call = AssertUnwindSafe(self.reconcile(slot.as_mut(), &key)).catch_unwind();
-            if let Err(panic) = call.await {
-                slot = self.reconciler.slot();
+            let version = &active.reconciler.info().version;
+            let call = AssertUnwindSafe(self.reconcile_on(version, slot.as_mut(), &key));
+            if let Err(panic) = call.catch_unwind().await {
+                slot = active.reconciler.slot();
                 self.panicked(&key, &panic_message(panic.as_ref()));
             }
             self.metrics.worker_busy(false);
@@ -717,10 +794,16 @@ impl Controller {
     /// controller, the plugin version and the key (entered only while the call
     /// is polled, so concurrent reconciles never share one).
     pub async fn reconcile(&self, slot: &mut dyn Slot, key: &ObjectKey) -> Settled {
+        let version = self.info().version;
+        self.reconcile_on(&version, slot, key).await
+    }
+
+    /// [`reconcile`](Self::reconcile) with a slot of version `version`.
+    async fn reconcile_on(&self, version: &str, slot: &mut dyn Slot, key: &ObjectKey) -> Settled {
         let span = tracing::info_span!(
             "reconcile",
             controller = %self.name(),
-            version = %self.info().version,
+            version = %version,
             key = %key,
             attempt = tracing::field::Empty,
         );

@@ -128,12 +128,18 @@ where
     F: Fn(wit::Request) -> Fut + Send + Sync + 'static,
     Fut: Future<Output = ReconcileCall> + Send + 'static,
 {
-    /// A reconciler named `name` for `kinds` that answers with `call`.
+    /// A reconciler named `name` (version 0.0.0) for `kinds` that answers
+    /// with `call`.
     pub fn new(name: &str, kinds: &[&str], call: F) -> Arc<Self> {
+        Self::versioned(name, "0.0.0", kinds, call)
+    }
+
+    /// As [`FnReconciler::new`], at `version`.
+    pub fn versioned(name: &str, version: &str, kinds: &[&str], call: F) -> Arc<Self> {
         Arc::new(Self {
             info: wit::Info {
                 name: name.to_string(),
-                version: "0.0.0".to_string(),
+                version: version.to_string(),
                 kinds: kinds.iter().map(|k| k.to_string()).collect(),
                 resync_interval: None,
             },

@@ -167,3 +167,135 @@ async fn controllers_and_their_plugin_calls_run_on_the_runtime_they_are_given() 
     manager.shutdown().await;
     plugin_threads.shutdown_background();
 }
+
+/// Every call a test reconciler saw: (version, key, attempt, state).
+type Calls = Arc<Mutex<Vec<(&'static str, String, u32, Vec<(String, String)>)>>>;
+
+#[tokio::test(start_paused = true)]
+async fn a_swap_keeps_state_failure_count_and_a_pending_retry_for_the_new_version() {
+    let rig = rig();
+    let calls: Calls = Arc::default();
+    let log = calls.clone();
+    let v1 = FnReconciler::versioned("swap", "1", &["Thing"], move |r: wit::Request| {
+        log.lock()
+            .unwrap()
+            .push(("1", r.key.clone(), r.attempt, r.state.clone()));
+        async move {
+            Ok(Err(wit::Failure {
+                error: ReconcileError::RetryAfter(wit::RetryAfter {
+                    delay: 10_000,
+                    message: "later".into(),
+                }),
+                state: vec![("seen-by".into(), "1".into())],
+            }))
+        }
+    });
+    let log = calls.clone();
+    let v2 = FnReconciler::versioned("swap", "2", &["Thing"], move |r: wit::Request| {
+        log.lock()
+            .unwrap()
+            .push(("2", r.key.clone(), r.attempt, r.state.clone()));
+        async move { done() }
+    });
+    let controller = rig.manager.add_reconciler(v1, engine(2)).unwrap();
+    let key = rig.apply("Thing", "r");
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert_eq!(rig.store.status(&key).unwrap().phase, Phase::Error);
+    controller.swap(v2).unwrap();
+    assert_eq!(controller.info().version, "2");
+    assert_eq!(
+        controller.status().pending_timers,
+        1,
+        "the retry is still pending"
+    );
+    // Not before the plugin's retry-after.
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    assert_eq!(calls.lock().unwrap().len(), 1);
+    tokio::time::sleep(Duration::from_secs(6)).await;
+    assert_eq!(rig.store.status(&key).unwrap().phase, Phase::Done);
+    let calls = calls.lock().unwrap().clone();
+    let state = vec![("seen-by".to_string(), "1".to_string())];
+    assert_eq!(
+        calls,
+        vec![
+            ("1", "Thing:r".to_string(), 0, vec![]),
+            ("2", "Thing:r".to_string(), 1, state),
+        ],
+        "retried once, by the new version, with the old one's state and attempt count"
+    );
+    rig.manager.shutdown().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_reconcile_in_flight_finishes_on_the_old_version_and_later_work_runs_on_the_new() {
+    let rig = rig();
+    let calls: Calls = Arc::default();
+    let release = Arc::new(tokio::sync::Notify::new());
+    let (log, gate) = (calls.clone(), release.clone());
+    let v1 = FnReconciler::versioned("swap", "1", &["Thing"], move |r: wit::Request| {
+        let (log, gate) = (log.clone(), gate.clone());
+        async move {
+            gate.notified().await;
+            log.lock()
+                .unwrap()
+                .push(("1", r.key.clone(), r.attempt, r.state));
+            done()
+        }
+    });
+    let log = calls.clone();
+    let v2 = FnReconciler::versioned("swap", "2", &["Thing"], move |r: wit::Request| {
+        log.lock()
+            .unwrap()
+            .push(("2", r.key.clone(), r.attempt, r.state.clone()));
+        async move { done() }
+    });
+    let controller = rig.manager.add_reconciler(v1, engine(1)).unwrap();
+    let key = rig.apply("Thing", "a");
+    tokio::time::sleep(Duration::from_millis(10)).await;
+    assert_eq!(controller.status().in_flight, 1);
+    controller.swap(v2).unwrap();
+    // Queued after the swap, while `a` is still in flight on version 1.
+    let b = rig.apply("Thing", "b");
+    release.notify_one();
+    let waited = rig.store.wait(None, &[], Duration::from_secs(60)).await;
+    assert_eq!(waited, Ok(()));
+    // `a` changes again: the new version reconciles it.
+    rig.store
+        .apply(Object::new("Thing", "", "a", serde_json::json!({"v": 2})))
+        .unwrap();
+    let waited = rig
+        .store
+        .wait(Some(&key), &[], Duration::from_secs(60))
+        .await;
+    assert_eq!(waited, Ok(()));
+    let seen: Vec<(&str, String)> = calls
+        .lock()
+        .unwrap()
+        .iter()
+        .map(|(v, k, _, _)| (*v, k.clone()))
+        .collect();
+    assert_eq!(
+        seen,
+        vec![
+            ("1", key.to_string()),
+            ("2", b.to_string()),
+            ("2", key.to_string()),
+        ]
+    );
+    rig.manager.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_swap_to_other_kinds_is_refused_and_the_running_version_stays() {
+    let rig = rig();
+    let v1 = FnReconciler::versioned("swap", "1", &["Thing"], |_| async { done() });
+    let other = FnReconciler::versioned("swap", "2", &["Thing", "Other"], |_| async { done() });
+    let controller = rig.manager.add_reconciler(v1, engine(1)).unwrap();
+    let refused = controller.swap(other).unwrap_err();
+    assert!(
+        refused.to_string().contains("a swap keeps the kinds"),
+        "{refused}"
+    );
+    assert_eq!(controller.info().version, "1");
+    rig.manager.shutdown().await;
+}
