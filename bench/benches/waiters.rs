@@ -8,7 +8,7 @@
 //!
 //! The baseline is the same run with no waiter, measured in the same process;
 //! the runs are interleaved (0, 1, 100, 0, 1, 100, ...) and each figure is the
-//! median of 3.
+//! median of 5.
 //!
 //! ```sh
 //! SETPOINT_PLUGIN_DIR=$PWD/target/plugins cargo bench -p setpoint-bench --bench waiters
@@ -31,7 +31,7 @@ use setpoint::store::{Phase, Store};
 use setpoint_bench::plugin_path;
 
 const WAITERS: [usize; 3] = [0, 1, 100];
-const RUNS: usize = 3;
+const RUNS: usize = 5;
 
 fn env_number(name: &str, default: u64) -> u64 {
     std::env::var(name)

@@ -1195,7 +1195,7 @@ impl Store {
             last_error: error,
             updated_at: now_ms(),
             observed_generation: observed,
-            terminal: terminal && phase == Phase::Error && false,
+            terminal: terminal && phase == Phase::Error,
         };
         inner.status.insert(key.clone(), status.clone());
         inner.dirty_status.insert(key.clone());
