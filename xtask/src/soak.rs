@@ -48,8 +48,8 @@ struct Name {
 }
 
 fn name(i: usize) -> Name {
-    let namespace = if i % 5 == 0 { "team-a" } else { "" };
-    if i % 2 == 0 {
+    let namespace = if i.is_multiple_of(5) { "team-a" } else { "" };
+    if i.is_multiple_of(2) {
         Name {
             kind: "File",
             namespace,
@@ -381,7 +381,7 @@ fn soak(
     for c in &controllers {
         let label = format!("controller=\"{c}\"");
         match panics.get(&label) {
-            Some(&v) if v == 0.0 => {}
+            Some(0.0) => {}
             Some(&v) => bail!("setpoint_worker_panics_total{{{label}}} is {v}"),
             None => bail!("/metrics has no setpoint_worker_panics_total{{{label}}}"),
         }
@@ -466,11 +466,19 @@ fn soak(
                 .map(|(_, v)| v)
                 .sum()
         };
+        let mean_ms = |family: &str| {
+            let sum = of(&daemon::metric(&metrics, &format!("{family}_sum")));
+            let count = of(&daemon::metric(&metrics, &format!("{family}_count")));
+            sum / count.max(1.0) * 1e3
+        };
         println!(
-            "- {controller}: {} reconciles ({} errors, {} given up), 0 worker panics",
+            "- {controller}: {} reconciles ({} errors, {} given up), 0 worker panics; \
+             mean reconcile {:.2} ms, mean time queued {:.2} ms",
             of(&reconciles),
             of(&errors),
-            of(&given_up)
+            of(&given_up),
+            mean_ms("reconcile_time_seconds"),
+            mean_ms("workqueue_queue_duration_seconds"),
         );
     }
     println!(
@@ -560,7 +568,7 @@ fn writer(
         latencies.push(started.elapsed());
         counts.requests.fetch_add(1, Ordering::Relaxed);
         match result {
-            Ok((200 | 201 | 202, _)) => {
+            Ok((200..=202, _)) => {
                 counts.objects_written.fetch_add(written, Ordering::Relaxed);
             }
             Ok((404, _)) if what == "delete" => {
