@@ -943,3 +943,131 @@ fn wait_fails_at_once_on_an_object_that_failed_for_good_and_still_waits_for_a_re
     assert_eq!(out.trim(), "reconciled");
     assert!(d.interrupt().success());
 }
+
+#[test]
+fn plugins_load_swap_roll_back_and_unload_at_runtime_and_a_broken_one_is_reported() {
+    let home = tempfile::tempdir().unwrap();
+    let path = config(home.path(), "", "");
+    // A plugin of the wrong world in the configuration: reported, not fatal.
+    let broken = support::root().join("tests/fixtures/wrong-world.wat");
+    let mut text = std::fs::read_to_string(&path).unwrap();
+    text.push_str(&format!("\n[[plugin]]\npath = \"{}\"\n", broken.display()));
+    std::fs::write(&path, text).unwrap();
+    let mut d = support::Daemon::start_in(home.path(), &["--config", path.to_str().unwrap()]);
+    let url = d.url();
+    let cli = |args: &[&str]| cli(home.path(), &url, args);
+    let (ok, out, err) = cli(&["plugin", "ls"]);
+    assert!(ok, "{err}");
+    let broken_line = out.lines().find(|l| l.starts_with("wrong-world")).unwrap();
+    assert!(broken_line.contains("failed"), "{out}");
+    assert!(broken_line.contains("it is not a Setpoint plugin"), "{out}");
+    assert!(
+        out.lines()
+            .any(|l| l.starts_with("hello ") && l.contains("running")),
+        "{out}"
+    );
+
+    // Greetings are served by the Rust hello.
+    let greeting = "kind: Greeting\nmetadata:\n  name: swapped\nspec: {who: swaps}\n";
+    assert_eq!(apply(&url, greeting).status, 200);
+    assert_eq!(wait(&url, "kind=Greeting&name=swapped").status, 200);
+    let rust_sha = get(&format!("{url}/v1/plugins/hello")).json()["sha256"].clone();
+
+    // A swap to a version that fails leaves the running one and says why.
+    let refused = http(
+        "POST",
+        &format!("{url}/v1/plugins/hello/swap"),
+        &[JSON],
+        Some(&format!("{{\"path\": \"{}\"}}", broken.display())),
+    );
+    assert_eq!(refused.status, 422, "{}", refused.body);
+    assert!(
+        refused.body.contains("it is not a Setpoint plugin"),
+        "{}",
+        refused.body
+    );
+    assert_eq!(
+        get(&format!("{url}/v1/plugins/hello")).json()["sha256"],
+        rust_sha
+    );
+
+    // Swap the Rust hello for the Python one: same controller, same kind.
+    let py = plugin("hello-py");
+    let (ok, out, err) = cli(&["plugin", "swap", "hello", py.to_str().unwrap()]);
+    assert!(ok, "{err}");
+    assert!(out.starts_with("hello running:"), "{out}");
+    let view = get(&format!("{url}/v1/plugins/hello")).json();
+    assert_ne!(view["sha256"], rust_sha, "{view}");
+    let changed = "kind: Greeting\nmetadata:\n  name: swapped\nspec: {who: python}\n";
+    assert_eq!(apply(&url, changed).status, 200);
+    assert_eq!(wait(&url, "kind=Greeting&name=swapped").status, 200);
+    let object = get(&format!("{url}/v1/objects/Greeting/swapped")).json();
+    assert_eq!(object["status"]["greeting"], "Hello, python!", "{object}");
+    let controllers = get(&format!("{url}/v1/controllers")).json();
+    let hello = controllers
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["name"] == "hello")
+        .unwrap();
+    assert_eq!(hello["plugin-version"], view["version"], "{hello}");
+
+    // Roll back to the Rust version, without recompiling.
+    let (ok, _, err) = cli(&["plugin", "rollback", "hello"]);
+    assert!(ok, "{err}");
+    assert_eq!(
+        get(&format!("{url}/v1/plugins/hello")).json()["sha256"],
+        rust_sha
+    );
+    let (ok, out, _) = cli(&["plugin", "history", "hello"]);
+    assert!(ok);
+    let states: Vec<(&str, bool)> = out
+        .lines()
+        .skip(1)
+        .map(|l| {
+            let columns: Vec<&str> = l.split_whitespace().collect();
+            (columns[2], columns.get(3) == Some(&"yes"))
+        })
+        .collect();
+    // Rust, the refused swap, Python, Rust again (active).
+    assert_eq!(
+        states,
+        [
+            ("loaded", false),
+            ("failed", false),
+            ("loaded", false),
+            ("loaded", true)
+        ],
+        "{out}"
+    );
+    let metrics = get(&format!("{url}/metrics")).body;
+    assert!(
+        metrics.contains("setpoint_plugin_swaps_total{controller=\"hello\",result=\"swapped\"} 1"),
+        "{metrics}"
+    );
+
+    // Unload: the finalizer stays, so a delete waits until hello is back.
+    let (ok, _, err) = cli(&["plugin", "unload", "hello"]);
+    assert!(ok, "{err}");
+    let deleted = http(
+        "DELETE",
+        &format!("{url}/v1/objects/Greeting/swapped"),
+        &[],
+        None,
+    );
+    assert_eq!(deleted.status, 202, "{}", deleted.body);
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(
+        get(&format!("{url}/v1/objects/Greeting/swapped")).status,
+        200
+    );
+    let hello_wasm = plugin("hello");
+    let (ok, _, err) = cli(&["plugin", "load", hello_wasm.to_str().unwrap()]);
+    assert!(ok, "{err}");
+    eventually(
+        "the delete completes once hello is loaded again",
+        LIMIT,
+        || get(&format!("{url}/v1/objects/Greeting/swapped")).status == 404,
+    );
+    assert!(d.interrupt().success());
+}

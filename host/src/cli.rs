@@ -165,6 +165,31 @@ pub enum PluginCommand {
         #[arg(long)]
         json: bool,
     },
+    /// List the daemon's plugins: running, failed (with the error), unloaded.
+    Ls,
+    /// Load a new plugin into the running daemon (a new controller).
+    Load {
+        /// The component, as the daemon's file system sees it.
+        path: PathBuf,
+    },
+    /// Stop a plugin's controller after its work in flight. Its finalizer stays
+    /// on its objects: their deletes wait until it is loaded again.
+    Unload { name: String },
+    /// Swap a running plugin for another version, keeping every key's state.
+    Swap {
+        name: String,
+        /// The new component, as the daemon's file system sees it.
+        path: PathBuf,
+    },
+    /// Go back to a kept earlier version, without recompiling.
+    Rollback {
+        name: String,
+        /// The version (or a sha256 prefix); default: the one before the active one.
+        #[arg(long)]
+        to: Option<String>,
+    },
+    /// A plugin's versions: loaded, failed, active.
+    History { name: String },
 }
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
@@ -202,6 +227,10 @@ impl Cli {
             Command::Plugin {
                 command: PluginCommand::Inspect { file, json },
             } => inspect(&file, json).await,
+            Command::Plugin { command } => {
+                let client = Client::new(&self.server, self.token);
+                tokio::task::spawn_blocking(move || plugin_command(&client, command)).await?
+            }
             Command::Reconcile {
                 file,
                 object,
@@ -296,6 +325,112 @@ async fn run(
         stop.cancel();
     });
     daemon.run(shutdown, once).await
+}
+
+/// A `setpoint plugin` command against the daemon's registry.
+fn plugin_command(client: &Client, command: PluginCommand) -> anyhow::Result<()> {
+    let json =
+        |value: serde_json::Value| Some(("application/json", value.to_string().into_bytes()));
+    let absolute = |path: &Path| std::path::absolute(path).unwrap_or_else(|_| path.to_path_buf());
+    let view = match command {
+        PluginCommand::Inspect { .. } => unreachable!("inspect runs locally"),
+        PluginCommand::Ls => {
+            let all = client.call("GET", "/v1/plugins", None)?.json()?;
+            println!(
+                "{:<16} {:<9} {:<10} {:<14} {:<20} ERROR",
+                "NAME", "STATE", "VERSION", "SHA256", "KINDS"
+            );
+            for p in all.as_array().into_iter().flatten() {
+                let text = |k: &str| p[k].as_str().unwrap_or("-").to_string();
+                let kinds: Vec<&str> = p["kinds"]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .filter_map(|k| k.as_str())
+                    .collect();
+                let sha = text("sha256");
+                println!(
+                    "{:<16} {:<9} {:<10} {:<14} {:<20} {}",
+                    text("name"),
+                    text("state"),
+                    text("version"),
+                    &sha[..sha.len().min(12)],
+                    if kinds.is_empty() {
+                        "-".to_string()
+                    } else {
+                        kinds.join(",")
+                    },
+                    text("error"),
+                );
+            }
+            return Ok(());
+        }
+        PluginCommand::Load { path } => {
+            let body = serde_json::json!({"path": absolute(&path)});
+            client.call("POST", "/v1/plugins", json(body))?.json()?
+        }
+        PluginCommand::Unload { name } => client
+            .call("DELETE", &format!("/v1/plugins/{name}"), None)?
+            .json()?,
+        PluginCommand::Swap { name, path } => {
+            let body = serde_json::json!({"path": absolute(&path)});
+            client
+                .call("POST", &format!("/v1/plugins/{name}/swap"), json(body))?
+                .json()?
+        }
+        PluginCommand::Rollback { name, to } => {
+            let body = serde_json::json!({"to": to});
+            client
+                .call("POST", &format!("/v1/plugins/{name}/rollback"), json(body))?
+                .json()?
+        }
+        PluginCommand::History { name } => {
+            let view = client
+                .call("GET", &format!("/v1/plugins/{name}"), None)?
+                .json()?;
+            println!(
+                "{:<10} {:<14} {:<10} {:<7} ERROR",
+                "VERSION", "SHA256", "STATE", "ACTIVE"
+            );
+            for v in view["history"].as_array().into_iter().flatten() {
+                let sha = v["sha256"].as_str().unwrap_or("");
+                println!(
+                    "{:<10} {:<14} {:<10} {:<7} {}",
+                    v["version"]
+                        .as_str()
+                        .filter(|s| !s.is_empty())
+                        .unwrap_or("-"),
+                    if sha.is_empty() {
+                        "-"
+                    } else {
+                        &sha[..sha.len().min(12)]
+                    },
+                    v["state"].as_str().unwrap_or("-"),
+                    if v["active"] == true { "yes" } else { "" },
+                    v["error"].as_str().unwrap_or(""),
+                );
+            }
+            return Ok(());
+        }
+    };
+    println!(
+        "{} {}: {} {} ({})",
+        view["name"].as_str().unwrap_or("?"),
+        view["state"].as_str().unwrap_or("?"),
+        view["version"].as_str().unwrap_or("-"),
+        view["sha256"]
+            .as_str()
+            .map_or("-", |s| &s[..s.len().min(12)]),
+        view["kinds"]
+            .as_array()
+            .map(|k| k
+                .iter()
+                .filter_map(|k| k.as_str())
+                .collect::<Vec<_>>()
+                .join(","))
+            .unwrap_or_default(),
+    );
+    Ok(())
 }
 
 /// Run one client command against the daemon's API.

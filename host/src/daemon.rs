@@ -28,7 +28,8 @@ use crate::controller::Manager;
 use crate::leader::{AlwaysLeader, LeaderElector};
 use crate::metrics::Metrics;
 use crate::object::Object;
-use crate::plugin::{CacheOutcome, Runtime};
+use crate::plugin::Runtime;
+use crate::registry::{Registry, RegistrySettings};
 use crate::source::manifests::Manifests;
 use crate::store::{Phase, Store};
 
@@ -69,33 +70,30 @@ impl Daemon {
                 .run_controllers_on(plugin_threads.handle()),
         );
         let runtime = Runtime::new(&config.runtime)?;
-        let mut plugins = Vec::new();
-        for settings in &config.plugins {
-            let path = settings.path.clone();
-            let loaded = runtime.load(&path, settings.clone(), store.clone()).await;
-            let outcome = match &loaded {
-                Ok(p) if p.report().cache == CacheOutcome::Hit => "cached",
-                Ok(_) => "compiled",
-                Err(_) => "failed",
-            };
-            let name = loaded
-                .as_ref()
-                .map_or_else(|_| path.display().to_string(), |p| p.info().name.clone());
-            metrics.plugin_event(&metrics.plugin_loads, &name, outcome);
-            plugins.push(loaded.context("a [[plugin]] of the configuration did not load")?);
+        let registry = Arc::new(Registry::new(
+            runtime,
+            store.clone(),
+            manager.clone(),
+            RegistrySettings::default(),
+        ));
+        // A plugin that does not load is recorded (GET /v1/plugins shows it)
+        // and the others start.
+        let prepared = registry.prepare_all(&config.plugins).await;
+        let failed = config.plugins.len() - prepared.len();
+        if failed > 0 {
+            tracing::warn!(
+                failed,
+                "some plugins did not load; `setpoint plugin ls` shows why"
+            );
         }
-
-        // Finalizers before objects, so every object applied below is held for
-        // its controllers; controllers after, so each starts from one list of
-        // the store instead of seeing these applies twice (listed, and as
-        // changes).
-        let mut kinds = BTreeSet::new();
-        for plugin in &plugins {
-            for kind in &plugin.info().kinds {
-                store.register_finalizer(kind, &plugin.info().name)?;
-                kinds.insert(kind.clone());
-            }
-        }
+        // Finalizers (registered by `prepare`) before objects, so every object
+        // applied below is held for its controllers; controllers after, so
+        // each starts from one list of the store instead of seeing these
+        // applies twice (listed, and as changes).
+        let kinds: BTreeSet<String> = prepared
+            .iter()
+            .flat_map(|(p, _)| p.info().kinds.clone())
+            .collect();
         for object in examples {
             let applied = store.apply(object)?;
             tracing::info!(key = %applied.object.key(), generation = applied.object.metadata.generation, "applied");
@@ -115,8 +113,8 @@ impl Daemon {
             );
             Some(manifests)
         };
-        for plugin in plugins {
-            manager.add(plugin)?;
+        for (plugin, path) in prepared {
+            registry.start(plugin, &path)?;
         }
         let flush_stop = CancellationToken::new();
         let flusher = tokio::spawn(
@@ -136,11 +134,12 @@ impl Daemon {
         }
         let api_stop = CancellationToken::new();
         let api = if config.api.enabled {
-            let (bound, task) = crate::api::serve(
+            let (bound, task) = crate::api::serve_with(
                 config.api.listen,
                 config.api.token.clone(),
                 config.api.max_body_bytes,
                 manager.clone(),
+                Some(registry.clone()),
                 api_stop.clone(),
             )
             .await?;

@@ -10,6 +10,8 @@
 //! - [`leader`]: leader gating of dispatch.
 //! - [`metrics`]: Prometheus metrics.
 //! - [`plugin`]: the wasmtime engine, compile cache, instances, limits and host imports.
+//! - [`registry`]: plugin versions (loaded, failed, active, history); load,
+//!   swap, rollback and unload at runtime.
 //! - [`config`]: the daemon's configuration, every setting defaulted.
 //! - [`api`]: the HTTP admin API (objects, status, watch, CloudEvents) and `/metrics`.
 //! - [`source`]: event sources: watched manifest folders.
@@ -30,6 +32,7 @@ pub mod metrics;
 pub mod object;
 pub mod plugin;
 pub mod queue;
+pub mod registry;
 pub mod scaffold;
 pub mod source;
 pub mod store;

@@ -97,6 +97,12 @@ pub struct KindLabel {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct SwapLabel {
+    pub controller: String,
+    pub result: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct PluginLabel {
     pub plugin: String,
     pub outcome: String,
@@ -131,6 +137,7 @@ pub struct Metrics {
     pub active_workers: Family<ControllerLabel, Gauge>,
     pub plugin_loads: Family<PluginLabel, Counter>,
     pub plugin_failures: Family<PluginLabel, Counter>,
+    pub plugin_swaps: Family<SwapLabel, Counter>,
     pub forced_deletes: Family<KindLabel, Counter>,
     pub leader: Gauge,
     pub full_reconciliations: Family<ControllerLabel, Counter>,
@@ -165,6 +172,7 @@ impl Metrics {
             active_workers: Family::default(),
             plugin_loads: Family::default(),
             plugin_failures: Family::default(),
+            plugin_swaps: Family::default(),
             forced_deletes: Family::default(),
             leader: Gauge::default(),
             full_reconciliations: Family::default(),
@@ -239,6 +247,11 @@ impl Metrics {
             "setpoint_plugin_call_failures",
             "Plugin calls that failed by trap, timeout or out of memory",
             m.plugin_failures.clone(),
+        );
+        r.register(
+            "setpoint_plugin_swaps",
+            "Swaps and rollbacks of a controller's plugin, by result (swapped, rolled-back, refused)",
+            m.plugin_swaps.clone(),
         );
         r.register(
             "setpoint_forced_deletes",
@@ -343,6 +356,17 @@ impl Metrics {
     }
 
     /// Count a plugin load or call failure.
+    /// A swap or rollback of `controller`'s plugin: `swapped`, `rolled-back`
+    /// or `refused`.
+    pub fn swapped(&self, controller: &str, result: &str) {
+        self.plugin_swaps
+            .get_or_create(&SwapLabel {
+                controller: controller.to_string(),
+                result: result.to_string(),
+            })
+            .inc();
+    }
+
     pub fn plugin_event(&self, family: &Family<PluginLabel, Counter>, plugin: &str, outcome: &str) {
         family
             .get_or_create(&PluginLabel {

@@ -29,6 +29,7 @@
 
 pub mod events;
 mod objects;
+mod plugins;
 mod watch;
 
 use std::net::SocketAddr;
@@ -48,12 +49,15 @@ use tokio_util::sync::CancellationToken;
 
 use crate::controller::{AdmissionError, Manager};
 use crate::object::{quote, shorten};
+use crate::registry::Registry;
 use crate::store::{Store, StoreError};
 
 /// What every handler sees.
 #[derive(Clone)]
 pub struct AppState {
     pub manager: Arc<Manager>,
+    /// The plugin registry, where the server can load and swap plugins.
+    pub registry: Option<Arc<Registry>>,
     pub store: Store,
     pub max_body: usize,
     /// Cancelled when the server stops: long-lived answers (watch) end then.
@@ -64,6 +68,7 @@ pub struct AppState {
 /// health probes needs `Authorization: Bearer <token>`.
 pub fn router(
     manager: Arc<Manager>,
+    registry: Option<Arc<Registry>>,
     token: Option<String>,
     max_body: usize,
     stopping: CancellationToken,
@@ -72,6 +77,7 @@ pub fn router(
     let state = AppState {
         store: manager.store().clone(),
         manager,
+        registry,
         max_body,
         stopping,
     };
@@ -82,7 +88,13 @@ pub fn router(
             "/v1/controllers/{name}/full-reconcile",
             post(full_reconcile),
         )
-        .route("/v1/plugins", get(plugins))
+        .route("/v1/plugins", get(plugins::list).post(plugins::load))
+        .route(
+            "/v1/plugins/{name}",
+            get(plugins::get).delete(plugins::unload),
+        )
+        .route("/v1/plugins/{name}/swap", post(plugins::swap))
+        .route("/v1/plugins/{name}/rollback", post(plugins::rollback))
         .route("/v1/apply", post(objects::apply))
         .route("/v1/objects", post(objects::create))
         .route("/v1/objects/{kind}", get(objects::list))
@@ -451,48 +463,6 @@ async fn full_reconcile(
     Ok(respond(&headers, StatusCode::OK, &report))
 }
 
-/// What `/v1/plugins` says about one loaded plugin.
-#[derive(Serialize)]
-#[serde(rename_all = "kebab-case")]
-struct PluginView {
-    name: String,
-    version: String,
-    kinds: Vec<String>,
-    path: String,
-    sha256: String,
-    cache: crate::plugin::CacheOutcome,
-    load_ms: u64,
-    prune: bool,
-    workers: usize,
-    instances: crate::config::InstanceMode,
-}
-
-async fn plugins(State(state): State<AppState>, headers: HeaderMap) -> Response {
-    let views: Vec<PluginView> = state
-        .manager
-        .controllers()
-        .iter()
-        .filter_map(|c| {
-            let p = c.plugin()?;
-            let p = &p;
-            let report = p.report();
-            Some(PluginView {
-                name: p.info().name.clone(),
-                version: p.info().version.clone(),
-                kinds: p.info().kinds.clone(),
-                path: report.path.display().to_string(),
-                sha256: report.sha256.clone(),
-                cache: report.cache,
-                load_ms: report.took.as_millis() as u64,
-                prune: p.can_prune(),
-                workers: p.settings().workers,
-                instances: p.settings().instances,
-            })
-        })
-        .collect();
-    respond(&headers, StatusCode::OK, &views)
-}
-
 /// The running controllers' names, for messages.
 fn names(manager: &Manager) -> String {
     let names: Vec<String> = manager
@@ -538,11 +508,23 @@ pub async fn serve(
     manager: Arc<Manager>,
     shutdown: CancellationToken,
 ) -> anyhow::Result<(SocketAddr, tokio::task::JoinHandle<()>)> {
+    serve_with(addr, token, max_body, manager, None, shutdown).await
+}
+
+/// [`serve`] with a plugin registry behind `/v1/plugins`.
+pub async fn serve_with(
+    addr: SocketAddr,
+    token: Option<String>,
+    max_body: usize,
+    manager: Arc<Manager>,
+    registry: Option<Arc<Registry>>,
+    shutdown: CancellationToken,
+) -> anyhow::Result<(SocketAddr, tokio::task::JoinHandle<()>)> {
     let listener = tokio::net::TcpListener::bind(addr).await.map_err(|e| {
         anyhow::anyhow!("cannot listen on {addr}: {e}; set [api] listen to a free address")
     })?;
     let bound = listener.local_addr()?;
-    let app = router(manager, token, max_body, shutdown.clone());
+    let app = router(manager, registry, token, max_body, shutdown.clone());
     let task = tokio::spawn(async move {
         let server = axum::serve(listener, app).with_graceful_shutdown(shutdown.cancelled_owned());
         if let Err(e) = server.await {
