@@ -1041,10 +1041,33 @@ fn plugins_load_swap_roll_back_and_unload_at_runtime_and_a_broken_one_is_reporte
         "{out}"
     );
     let metrics = get(&format!("{url}/metrics")).body;
-    assert!(
-        metrics.contains("setpoint_plugin_swaps_total{controller=\"hello\",result=\"swapped\"} 1"),
-        "{metrics}"
+    let rust = rust_sha.as_str().unwrap();
+    for line in [
+        "setpoint_plugin_swaps_total{controller=\"hello\",result=\"swapped\"} 1".to_string(),
+        "setpoint_plugin_swaps_total{controller=\"hello\",result=\"refused\"} 1".to_string(),
+        "setpoint_plugin_rollbacks_total{controller=\"hello\"} 1".to_string(),
+        "setpoint_plugin_load_failures_total{controller=\"wrong-world\"} 1".to_string(),
+        format!(
+            "setpoint_plugin_active_info{{controller=\"hello\",version=\"0.1.0\",sha256=\"{rust}\"}} 1"
+        ),
+    ] {
+        assert!(metrics.contains(&line), "{line} in:\n{metrics}");
+    }
+    assert_eq!(
+        metrics
+            .matches("setpoint_plugin_active_info{controller=\"hello\"")
+            .count(),
+        1
     );
+    let controllers = get(&format!("{url}/v1/controllers")).json();
+    let hello = controllers
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["name"] == "hello")
+        .unwrap();
+    assert_eq!(hello["plugin-sha256"], rust_sha, "{hello}");
+    assert_eq!(hello["swaps"], 2, "{hello}");
 
     // Unload: the finalizer stays, so a delete waits until hello is back.
     let (ok, _, err) = cli(&["plugin", "unload", "hello"]);

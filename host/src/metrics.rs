@@ -97,6 +97,13 @@ pub struct KindLabel {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ActiveLabel {
+    pub controller: String,
+    pub version: String,
+    pub sha256: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct SwapLabel {
     pub controller: String,
     pub result: String,
@@ -138,6 +145,9 @@ pub struct Metrics {
     pub plugin_loads: Family<PluginLabel, Counter>,
     pub plugin_failures: Family<PluginLabel, Counter>,
     pub plugin_swaps: Family<SwapLabel, Counter>,
+    pub plugin_rollbacks: Family<ControllerLabel, Counter>,
+    pub plugin_load_failures: Family<ControllerLabel, Counter>,
+    pub plugin_active: Family<ActiveLabel, Gauge>,
     pub forced_deletes: Family<KindLabel, Counter>,
     pub leader: Gauge,
     pub full_reconciliations: Family<ControllerLabel, Counter>,
@@ -173,6 +183,9 @@ impl Metrics {
             plugin_loads: Family::default(),
             plugin_failures: Family::default(),
             plugin_swaps: Family::default(),
+            plugin_rollbacks: Family::default(),
+            plugin_load_failures: Family::default(),
+            plugin_active: Family::default(),
             forced_deletes: Family::default(),
             leader: Gauge::default(),
             full_reconciliations: Family::default(),
@@ -254,6 +267,21 @@ impl Metrics {
             m.plugin_swaps.clone(),
         );
         r.register(
+            "setpoint_plugin_rollbacks",
+            "Rollbacks of a controller's plugin to a kept earlier version",
+            m.plugin_rollbacks.clone(),
+        );
+        r.register(
+            "setpoint_plugin_load_failures",
+            "Plugin versions that failed to load (at start, load or swap)",
+            m.plugin_load_failures.clone(),
+        );
+        r.register(
+            "setpoint_plugin_active_info",
+            "The active plugin version of each controller (always 1)",
+            m.plugin_active.clone(),
+        );
+        r.register(
             "setpoint_forced_deletes",
             "Objects removed by a forced delete, without waiting for their finalizers",
             m.forced_deletes.clone(),
@@ -319,6 +347,8 @@ impl Metrics {
             prune_errors: self.prune_errors.get_or_create(&label).clone(),
             out_of_sync: self.out_of_sync.get_or_create(&label).clone(),
             worker_panics: self.worker_panics.get_or_create(&label).clone(),
+            active: Arc::default(),
+            name: name.to_string(),
             success: result("success"),
             requeue: result("requeue"),
             error: result("error"),
@@ -358,7 +388,23 @@ impl Metrics {
     /// Count a plugin load or call failure.
     /// A swap or rollback of `controller`'s plugin: `swapped`, `rolled-back`
     /// or `refused`.
+    /// A plugin version failed to load (at start, or for a load or swap).
+    pub fn load_failed(&self, plugin: &str) {
+        self.plugin_load_failures
+            .get_or_create(&ControllerLabel {
+                controller: plugin.to_string(),
+            })
+            .inc();
+    }
+
     pub fn swapped(&self, controller: &str, result: &str) {
+        if result == "rolled-back" {
+            self.plugin_rollbacks
+                .get_or_create(&ControllerLabel {
+                    controller: controller.to_string(),
+                })
+                .inc();
+        }
         self.plugin_swaps
             .get_or_create(&SwapLabel {
                 controller: controller.to_string(),
@@ -434,6 +480,7 @@ pub fn to_prometheus_text(openmetrics: &str) -> String {
 #[derive(Clone)]
 pub struct ControllerMetrics {
     metrics: Arc<Metrics>,
+    name: String,
     depth: Gauge,
     adds: Counter,
     retries: Counter,
@@ -450,6 +497,8 @@ pub struct ControllerMetrics {
     prune_errors: Counter,
     out_of_sync: Counter,
     worker_panics: Counter,
+    /// The labels of this controller's `setpoint_plugin_active_info` series.
+    active: Arc<Mutex<Option<ActiveLabel>>>,
     success: Counter,
     requeue: Counter,
     error: Counter,
@@ -482,6 +531,30 @@ impl ControllerMetrics {
 
     pub fn out_of_sync(&self) {
         self.out_of_sync.inc();
+    }
+
+    /// `version` (with the component's `sha256`) is the active plugin now:
+    /// `setpoint_plugin_active_info` shows it (and no longer the one before).
+    pub fn activated(&self, version: &str, sha256: &str) {
+        let label = ActiveLabel {
+            controller: self.name.clone(),
+            version: version.to_string(),
+            sha256: sha256.to_string(),
+        };
+        let mut active = self.active.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(old) = active.take() {
+            self.metrics.plugin_active.remove(&old);
+        }
+        self.metrics.plugin_active.get_or_create(&label).set(1);
+        *active = Some(label);
+    }
+
+    /// The controller is gone: drop its `setpoint_plugin_active_info` series.
+    pub fn deactivated(&self) {
+        let mut active = self.active.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(old) = active.take() {
+            self.metrics.plugin_active.remove(&old);
+        }
     }
 
     /// A panic in one of the controller's tasks was caught.

@@ -189,6 +189,7 @@ impl Registry {
             Err(e) => {
                 let error = e.to_string();
                 tracing::error!(plugin = %label, "plugin not loaded: {error}");
+                metrics.load_failed(&label);
                 self.record(&label, failed(&path, &error));
                 Err(RegistryError::Load(error))
             }
@@ -287,7 +288,13 @@ impl Registry {
         if !self.entries().get(name).is_some_and(|e| e.running) {
             return Err(RegistryError::NotFound(name.to_string()));
         }
-        let plugin = self.validate(Some(name), &settings).await?;
+        let plugin = match self.validate(Some(name), &settings).await {
+            Ok(plugin) => plugin,
+            Err(e) => {
+                self.manager.metrics().swapped(name, "refused");
+                return Err(e);
+            }
+        };
         if let Err(e) = self.manager.swap(name, plugin.clone()) {
             self.record(name, failed(&settings.path, &e.to_string()));
             self.manager.metrics().swapped(name, "refused");

@@ -223,6 +223,7 @@ impl Manager {
             .remove(name)
             .ok_or_else(|| ManagerError::NotFound(name.to_string()))?;
         running.stop.cancel();
+        running.controller.metrics.deactivated();
         self.metrics.forget(name);
         tracing::info!(controller = %name, "controller removed");
         Ok(())

@@ -73,6 +73,12 @@ use crate::store::{Action, Change, FINALIZER_PREFIX, Store};
 pub struct ControllerStatus {
     pub name: String,
     pub plugin_version: String,
+    /// The active component's sha256 (for a loaded plugin).
+    pub plugin_sha256: Option<String>,
+    /// When the active version became active, ms since the Unix epoch.
+    pub activated_at: u64,
+    /// Swaps and rollbacks since the controller started.
+    pub swaps: u64,
     pub successes: u64,
     pub failures: u64,
     pub given_up: u64,
@@ -205,6 +211,8 @@ pub struct Controller {
 struct Active {
     reconciler: Arc<dyn Reconciler>,
     generation: u64,
+    /// Milliseconds since the Unix epoch.
+    activated_at: u64,
 }
 
 /// Why a swap was refused; the running version stays.
@@ -282,6 +290,7 @@ impl Controller {
     ) -> Arc<Self> {
         let info = reconciler.info();
         let metrics = metrics.controller(&info.name);
+        metrics.activated(&info.version, &sha256_of(reconciler.as_ref()));
         let finalizer = format!("{FINALIZER_PREFIX}{}", info.name);
         for kind in &info.kinds {
             if let Err(e) = store.register_finalizer(kind, &info.name) {
@@ -295,6 +304,7 @@ impl Controller {
             active: std::sync::RwLock::new(Active {
                 reconciler: reconciler.clone(),
                 generation: 0,
+                activated_at: now_ms(),
             }),
             store,
             engine,
@@ -361,8 +371,11 @@ impl Controller {
             to = %new.info().version,
             "swapped"
         );
+        self.metrics
+            .activated(&new.info().version, &sha256_of(new.as_ref()));
         active.reconciler = new;
         active.generation += 1;
+        active.activated_at = now_ms();
         Ok(())
     }
 
@@ -405,9 +418,16 @@ impl Controller {
     /// The status model: counters, last error and success, queue and timers.
     pub fn status(&self) -> ControllerStatus {
         let stats = self.stats();
+        let active = self.active();
         ControllerStatus {
             name: self.name().to_string(),
-            plugin_version: self.info().version.clone(),
+            plugin_version: active.reconciler.info().version.clone(),
+            plugin_sha256: active
+                .reconciler
+                .plugin()
+                .map(|p| p.report().sha256.clone()),
+            activated_at: active.activated_at,
+            swaps: active.generation,
             successes: stats.successes,
             failures: stats.failures,
             given_up: stats.given_up,
@@ -1097,6 +1117,14 @@ pub enum Settled {
         retry_in_ms: Option<u64>,
         state: BTreeMap<String, String>,
     },
+}
+
+/// The component's sha256, for a loaded plugin; empty otherwise.
+fn sha256_of(reconciler: &dyn Reconciler) -> String {
+    reconciler
+        .plugin()
+        .map(|p| p.report().sha256.clone())
+        .unwrap_or_default()
 }
 
 /// Counts a worker loop as alive while it exists.
