@@ -299,3 +299,157 @@ async fn a_swap_to_other_kinds_is_refused_and_the_running_version_stays() {
     assert_eq!(controller.info().version, "1");
     rig.manager.shutdown().await;
 }
+
+/// What a swap-under-load test reconciler records.
+#[derive(Default)]
+struct SwapLog {
+    /// Bumped at every call and every swap: orders them.
+    seq: u64,
+    /// (seq, version) of each swap, in order.
+    swaps: Vec<(u64, &'static str)>,
+    /// (seq, version, key) of each call.
+    calls: Vec<(u64, &'static str, String)>,
+    in_flight: std::collections::HashSet<String>,
+    overlaps: Vec<String>,
+}
+
+/// A test reconciler at `version`: the key's name says what it does. `plain-*`
+/// succeed; `requeue-*` ask to be called again in 100 ms once, then succeed;
+/// `retry-*` fail with retry-after 50 ms once, then succeed. Which call it is
+/// comes from the state handed back, so it must survive swaps.
+fn workload(version: &'static str, log: Arc<Mutex<SwapLog>>) -> Arc<dyn Reconciler> {
+    FnReconciler::versioned("load", version, &["Load"], move |r: wit::Request| {
+        let log = log.clone();
+        let name = r.object.name.clone();
+        {
+            let mut log = log.lock().unwrap();
+            log.seq += 1;
+            let seq = log.seq;
+            log.calls.push((seq, version, r.key.clone()));
+            if !log.in_flight.insert(r.key.clone()) {
+                log.overlaps.push(r.key.clone());
+            }
+        }
+        let again = r.state.iter().any(|(k, _)| k == "seen");
+        let state = vec![("seen".to_string(), version.to_string())];
+        async move {
+            tokio::task::yield_now().await;
+            log.lock().unwrap().in_flight.remove(&r.key);
+            let outcome = |requeue_after| {
+                Ok(Ok(wit::Outcome {
+                    requeue_after,
+                    state: state.clone(),
+                    status: None,
+                }))
+            };
+            match (name.split('-').next(), again) {
+                (Some("requeue"), false) => outcome(Some(100)),
+                (Some("retry"), false) => Ok(Err(wit::Failure {
+                    error: ReconcileError::RetryAfter(wit::RetryAfter {
+                        delay: 50,
+                        message: "once more".into(),
+                    }),
+                    state: state.clone(),
+                })),
+                _ => outcome(None),
+            }
+        }
+    })
+}
+
+#[tokio::test(start_paused = true)]
+async fn swaps_under_load_lose_no_key_double_no_run_and_route_new_work_to_the_new_version() {
+    const KEYS: usize = 50_000;
+    let rig = rig();
+    let log = Arc::new(Mutex::new(SwapLog::default()));
+    let (v1, v2) = (workload("1", log.clone()), workload("2", log.clone()));
+    let mut expected = 0;
+    let mut batch = Vec::new();
+    for i in 0..KEYS {
+        let (name, calls) = match i % 3 {
+            0 => (format!("plain-{i}"), 1),
+            1 => (format!("requeue-{i}"), 2),
+            _ => (format!("retry-{i}"), 2),
+        };
+        expected += calls;
+        batch.push(Object::new("Load", "", &name, serde_json::json!({})));
+        if batch.len() == 1000 {
+            rig.store.apply_all(std::mem::take(&mut batch)).unwrap();
+        }
+    }
+    let controller = rig.manager.add_reconciler(v1.clone(), engine(4)).unwrap();
+    // Six swaps back and forth and a rollback, spread over the run.
+    let plan = [
+        (&v2, "2"),
+        (&v1, "1"),
+        (&v2, "2"),
+        (&v1, "1"),
+        (&v2, "2"),
+        (&v1, "1"),
+        (&v2, "2"),
+    ];
+    for (i, (next, version)) in plan.iter().enumerate() {
+        let at = expected * (i + 1) / (plan.len() + 2);
+        while log.lock().unwrap().calls.len() < at {
+            // Let the workers run; when only timers are left, let time pass
+            // (the paused clock moves only when every task waits).
+            let s = controller.status();
+            if s.queue_depth == 0 && s.in_flight == 0 {
+                tokio::time::sleep(Duration::from_millis(1)).await;
+            } else {
+                tokio::task::yield_now().await;
+            }
+        }
+        let mut l = log.lock().unwrap();
+        controller.swap((*next).clone()).unwrap();
+        l.seq += 1;
+        let seq = l.seq;
+        l.swaps.push((seq, *version));
+    }
+    let waited = rig.store.wait(None, &[], Duration::from_secs(3600)).await;
+    assert_eq!(waited, Ok(()), "every key ends done");
+    // Requeues are still due after the last success: let them run.
+    while controller.status().pending_timers > 0 || controller.status().in_flight > 0 {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let log = log.lock().unwrap();
+    assert_eq!(log.swaps.len(), 7);
+    assert!(
+        log.overlaps.is_empty(),
+        "keys reconciled concurrently: {:?}",
+        &log.overlaps[..log.overlaps.len().min(5)]
+    );
+    assert_eq!(
+        log.calls.len(),
+        expected,
+        "no key lost, no extra run because of a swap"
+    );
+    // Every call began on the version active when it was dispatched.
+    let mut swaps = log.swaps.iter().peekable();
+    let mut active = "1";
+    for (seq, version, key) in &log.calls {
+        while let Some((at, to)) = swaps.peek() {
+            if at < seq {
+                active = to;
+                swaps.next();
+            } else {
+                break;
+            }
+        }
+        assert_eq!(
+            version, &active,
+            "call {seq} of {key} ran version {version} after the swap to {active}"
+        );
+    }
+    let per_key = log
+        .calls
+        .iter()
+        .fold(HashMap::<&str, usize>::new(), |mut m, (_, _, k)| {
+            *m.entry(k.as_str()).or_default() += 1;
+            m
+        });
+    assert_eq!(per_key.len(), KEYS);
+    assert_eq!(controller.status().swaps, 7);
+    drop(log);
+    rig.manager.shutdown().await;
+}
