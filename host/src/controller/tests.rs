@@ -412,7 +412,13 @@ async fn swaps_under_load_lose_no_key_double_no_run_and_route_new_work_to_the_ne
     while controller.status().pending_timers > 0 || controller.status().in_flight > 0 {
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
-    let log = log.lock().unwrap();
+    check_swap_log(&log.lock().unwrap(), expected, KEYS);
+    assert_eq!(controller.status().swaps, 7);
+    rig.manager.shutdown().await;
+}
+
+/// The assertions of the swap-under-load test on what its reconcilers logged.
+fn check_swap_log(log: &SwapLog, expected: usize, keys: usize) {
     assert_eq!(log.swaps.len(), 7);
     assert!(
         log.overlaps.is_empty(),
@@ -448,8 +454,5 @@ async fn swaps_under_load_lose_no_key_double_no_run_and_route_new_work_to_the_ne
             *m.entry(k.as_str()).or_default() += 1;
             m
         });
-    assert_eq!(per_key.len(), KEYS);
-    assert_eq!(controller.status().swaps, 7);
-    drop(log);
-    rig.manager.shutdown().await;
+    assert_eq!(per_key.len(), keys);
 }
