@@ -1012,8 +1012,22 @@ fn plugins_load_swap_roll_back_and_unload_at_runtime_and_a_broken_one_is_reporte
         .unwrap();
     assert_eq!(hello["plugin-version"], view["version"], "{hello}");
 
+    // And for the JavaScript one.
+    let js = plugin("hello-js");
+    let (ok, _, err) = cli(&["plugin", "swap", "hello", js.to_str().unwrap()]);
+    assert!(ok, "{err}");
+    let changed = "kind: Greeting\nmetadata:\n  name: swapped\nspec: {who: javascript}\n";
+    assert_eq!(apply(&url, changed).status, 200);
+    assert_eq!(wait(&url, "kind=Greeting&name=swapped").status, 200);
+    let object = get(&format!("{url}/v1/objects/Greeting/swapped")).json();
+    assert_eq!(
+        object["status"]["greeting"], "Hello, javascript!",
+        "{object}"
+    );
+
     // Roll back to the Rust version, without recompiling.
-    let (ok, _, err) = cli(&["plugin", "rollback", "hello"]);
+    let prefix = &rust_sha.as_str().unwrap()[..12];
+    let (ok, _, err) = cli(&["plugin", "rollback", "hello", "--to", prefix]);
     assert!(ok, "{err}");
     assert_eq!(
         get(&format!("{url}/v1/plugins/hello")).json()["sha256"],
@@ -1029,12 +1043,14 @@ fn plugins_load_swap_roll_back_and_unload_at_runtime_and_a_broken_one_is_reporte
             (columns[2], columns.get(3) == Some(&"yes"))
         })
         .collect();
-    // Rust, the refused swap, Python, Rust again (active).
+    // Rust (no longer kept compiled: three are), the refused swap, Python,
+    // JavaScript, Rust again (active).
     assert_eq!(
         states,
         [
-            ("loaded", false),
+            ("forgotten", false),
             ("failed", false),
+            ("loaded", false),
             ("loaded", false),
             ("loaded", true)
         ],
@@ -1043,7 +1059,7 @@ fn plugins_load_swap_roll_back_and_unload_at_runtime_and_a_broken_one_is_reporte
     let metrics = get(&format!("{url}/metrics")).body;
     let rust = rust_sha.as_str().unwrap();
     for line in [
-        "setpoint_plugin_swaps_total{controller=\"hello\",result=\"swapped\"} 1".to_string(),
+        "setpoint_plugin_swaps_total{controller=\"hello\",result=\"swapped\"} 2".to_string(),
         "setpoint_plugin_swaps_total{controller=\"hello\",result=\"refused\"} 1".to_string(),
         "setpoint_plugin_rollbacks_total{controller=\"hello\"} 1".to_string(),
         "setpoint_plugin_load_failures_total{controller=\"wrong-world\"} 1".to_string(),
@@ -1067,7 +1083,7 @@ fn plugins_load_swap_roll_back_and_unload_at_runtime_and_a_broken_one_is_reporte
         .find(|c| c["name"] == "hello")
         .unwrap();
     assert_eq!(hello["plugin-sha256"], rust_sha, "{hello}");
-    assert_eq!(hello["swaps"], 2, "{hello}");
+    assert_eq!(hello["swaps"], 3, "{hello}");
 
     // Unload: the finalizer stays, so a delete waits until hello is back.
     let (ok, _, err) = cli(&["plugin", "unload", "hello"]);
