@@ -1110,3 +1110,62 @@ fn plugins_load_swap_roll_back_and_unload_at_runtime_and_a_broken_one_is_reporte
     );
     assert!(d.interrupt().success());
 }
+
+#[test]
+fn a_watched_plugin_folder_loads_swaps_and_unloads_and_never_loads_a_half_written_file() {
+    let home = tempfile::tempdir().unwrap();
+    let folder = home.path().join("plugins");
+    std::fs::create_dir_all(&folder).unwrap();
+    let top = format!("plugin-dir = \"{}\"", folder.display());
+    // The configuration's own plugins run too; the folder's come in beside.
+    let (mut d, url) = daemon(home.path(), &top, "");
+    let view = |name: &str| get(&format!("{url}/v1/plugins/{name}"));
+
+    // A new file is loaded: the Python hello, as a controller of its own.
+    std::fs::copy(plugin("hello-py"), folder.join("greeter.wasm")).unwrap();
+    eventually("hello-py is loaded from the folder", LIMIT, || {
+        let v = view("hello-py");
+        v.status == 200 && v.json()["state"] == "running"
+    });
+    let first = view("hello-py").json()["sha256"].clone();
+
+    // Half a file, left there a while: refused, never loaded.
+    let bytes = std::fs::read(plugin("legacy")).unwrap();
+    let half = folder.join("legacy.wasm");
+    std::fs::write(&half, &bytes[..bytes.len() / 2]).unwrap();
+    eventually("the half file was tried and refused", LIMIT, || {
+        let v = view("legacy");
+        v.status == 200 && v.json()["state"] == "failed"
+    });
+    std::fs::write(&half, &bytes).unwrap();
+    eventually("the whole file is loaded", LIMIT, || {
+        view("legacy").json()["state"] == "running"
+    });
+    let history = view("legacy").json()["history"].clone();
+    let states: Vec<&str> = history
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v["state"].as_str().unwrap())
+        .collect();
+    assert!(
+        states.iter().all(|s| *s == "failed" || *s == "loaded"),
+        "{history}"
+    );
+    assert_eq!(states.last(), Some(&"loaded"), "{history}");
+
+    // A changed file is swapped in for the plugin it loaded.
+    let js = std::fs::read(plugin("hello-js")).unwrap();
+    std::fs::write(folder.join("greeter.wasm"), js).unwrap();
+    eventually("the changed file is swapped in", LIMIT, || {
+        let v = view("hello-py").json();
+        v["sha256"] != first && v["state"] == "running"
+    });
+
+    // A removed file's plugin is unloaded.
+    std::fs::remove_file(folder.join("greeter.wasm")).unwrap();
+    eventually("the removed file's plugin is unloaded", LIMIT, || {
+        view("hello-py").json()["state"] == "unloaded"
+    });
+    assert!(d.interrupt().success());
+}

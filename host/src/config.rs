@@ -26,6 +26,12 @@ pub struct Config {
     /// Watch the `manifests` paths: a changed file is applied again, and the
     /// objects of a removed file (or of a document removed from one) are deleted.
     pub watch_manifests: bool,
+    /// A folder of plugin components (`*.wasm`), each loaded with default
+    /// settings as a controller of its own.
+    pub plugin_dir: Option<PathBuf>,
+    /// Watch `plugin-dir`: a new component is loaded, a changed one swapped
+    /// in, a removed one unloaded.
+    pub watch_plugins: bool,
     /// The HTTP admin API.
     pub api: ApiConfig,
     /// The embedded desired-state store.
@@ -39,6 +45,8 @@ impl Default for Config {
             plugins: Vec::new(),
             manifests: Vec::new(),
             watch_manifests: true,
+            plugin_dir: None,
+            watch_plugins: true,
             api: ApiConfig::default(),
             store: StoreConfig::default(),
         }
@@ -397,6 +405,9 @@ impl Config {
             fix(path);
         }
         self.manifests.iter_mut().for_each(fix);
+        if let Some(dir) = &mut self.plugin_dir {
+            fix(dir);
+        }
         for plugin in &mut self.plugins {
             fix(&mut plugin.path);
             plugin.grants.dirs.iter_mut().for_each(|d| fix(&mut d.host));

@@ -31,6 +31,7 @@ use crate::object::Object;
 use crate::plugin::Runtime;
 use crate::registry::{Registry, RegistrySettings};
 use crate::source::manifests::Manifests;
+use crate::source::plugins::PluginFolder;
 use crate::store::{Phase, Store};
 
 /// A running daemon.
@@ -131,6 +132,19 @@ impl Daemon {
                     tracing::error!("the manifest watcher stopped: {e:#}");
                 }
             });
+        }
+        if let Some(dir) = config.plugin_dir.clone() {
+            let mut folder = PluginFolder::new(dir, registry.clone());
+            if config.watch_plugins {
+                let stop = sources_stop.clone();
+                sources.spawn(async move {
+                    if let Err(e) = folder.watch(stop).await {
+                        tracing::error!("the plugin folder watcher stopped: {e:#}");
+                    }
+                });
+            } else {
+                folder.sync().await;
+            }
         }
         let api_stop = CancellationToken::new();
         let api = if config.api.enabled {

@@ -2,5 +2,7 @@
 //! lives in [`crate::api`], CloudEvents included).
 //!
 //! - [`manifests`]: a watched set of manifest files and folders.
+//! - [`plugins`]: a watched folder of plugin components.
 
 pub mod manifests;
+pub mod plugins;
