@@ -484,6 +484,11 @@ struct Watcher {
 }
 
 /// Milliseconds since the Unix epoch.
+/// The finalizer controller `controller` holds on the objects of its kinds.
+pub fn finalizer_of(controller: &str) -> String {
+    format!("{FINALIZER_PREFIX}{controller}")
+}
+
 pub fn now_ms() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
@@ -756,7 +761,7 @@ impl Store {
     /// on, so that `controller` sees their deletes. Objects already stored get
     /// it too (one durable commit).
     pub fn register_finalizer(&self, kind: &str, controller: &str) -> Result<(), StoreError> {
-        let finalizer = format!("{FINALIZER_PREFIX}{controller}");
+        let finalizer = finalizer_of(controller);
         let mut inner = self.lock();
         let list = inner.finalizers.entry(kind.to_string()).or_default();
         if !list.contains(&finalizer) {

@@ -682,7 +682,15 @@ async fn two_controllers_of_one_kind_both_reconcile_a_delete_before_the_object_g
     let file = data.path().join("_default/motd");
     wait_until("the file is written", LIMIT, || file.exists()).await;
     rig.store.delete(&key, None).unwrap();
-    wait_until("files did its part", LIMIT, || !file.exists()).await;
+    // The plugin removes the file during its call; the host drops its
+    // finalizer after the call returns: wait for the second.
+    wait_until("files did its part", LIMIT, || {
+        rig.store
+            .get(&key)
+            .is_some_and(|o| o.metadata.finalizers == ["setpoint.dev/audit"])
+    })
+    .await;
+    assert!(!file.exists());
     let object = rig.store.get(&key).expect("audit still holds it");
     assert_eq!(object.metadata.finalizers, vec!["setpoint.dev/audit"]);
     assert!(rig.store.finalize(&key, "setpoint.dev/audit").unwrap());

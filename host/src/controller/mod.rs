@@ -41,7 +41,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::panic::AssertUnwindSafe;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use futures::FutureExt;
 use serde::Serialize;
@@ -65,7 +65,7 @@ use crate::plugin::{CallError, Plugin, object_to_wit};
 use crate::queue::{
     Added, Backoff, DequeuePolicy, EventRef, Fnv1a, QueueError, Timers, WorkQueue, WorkerHasher,
 };
-use crate::store::{Action, Change, FINALIZER_PREFIX, Store};
+use crate::store::{Action, Change, Store, finalizer_of, now_ms};
 
 /// What a controller reports about itself.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
@@ -251,12 +251,6 @@ pub enum PruneOutcome {
     NotLeading,
 }
 
-fn now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64)
-}
-
 impl Controller {
     /// A controller for `plugin`, with the engine settings from its configuration.
     pub fn new(
@@ -291,7 +285,7 @@ impl Controller {
         let info = reconciler.info();
         let metrics = metrics.controller(&info.name);
         metrics.activated(&info.version, &sha256_of(reconciler.as_ref()));
-        let finalizer = format!("{FINALIZER_PREFIX}{}", info.name);
+        let finalizer = finalizer_of(&info.name);
         for kind in &info.kinds {
             if let Err(e) = store.register_finalizer(kind, &info.name) {
                 tracing::error!(controller = %info.name, "cannot register the finalizer: {e}");
