@@ -951,7 +951,10 @@ fn plugins_load_swap_roll_back_and_unload_at_runtime_and_a_broken_one_is_reporte
     // A plugin of the wrong world in the configuration: reported, not fatal.
     let broken = support::root().join("tests/fixtures/wrong-world.wat");
     let mut text = std::fs::read_to_string(&path).unwrap();
-    text.push_str(&format!("\n[[plugin]]\npath = \"{}\"\n", broken.display()));
+    text.push_str(&format!(
+        "\n[[plugin]]\npath = \"{}\"\nkinds = [\"Broken\"]\n",
+        broken.display()
+    ));
     std::fs::write(&path, text).unwrap();
     let mut d = support::Daemon::start_in(home.path(), &["--config", path.to_str().unwrap()]);
     let url = d.url();
@@ -966,6 +969,14 @@ fn plugins_load_swap_roll_back_and_unload_at_runtime_and_a_broken_one_is_reporte
             .any(|l| l.starts_with("hello ") && l.contains("running")),
         "{out}"
     );
+    // Its manifest declares its kinds: their objects are kept, pending, not
+    // refused; a kind nobody declares still is.
+    let waiting = "kind: Broken\nmetadata:\n  name: waits\nspec: {}\n";
+    assert_eq!(apply(&url, waiting).status, 200);
+    let status = get(&format!("{url}/v1/objects/Broken/waits/status")).json();
+    assert_eq!(status["phase"], "pending", "{status}");
+    let unknown = "kind: Nobody\nmetadata:\n  name: x\nspec: {}\n";
+    assert_eq!(apply(&url, unknown).status, 422);
 
     // Greetings are served by the Rust hello.
     let greeting = "kind: Greeting\nmetadata:\n  name: swapped\nspec: {who: swaps}\n";

@@ -339,6 +339,7 @@ fn end_to_end_report() {
                         queue_size: keys,
                         ..PluginConfig::default()
                     };
+                    let engine = settings.engine();
                     let plugin = runtime
                         .load(&plugin_path("hello"), settings, store.clone())
                         .await
@@ -357,7 +358,7 @@ fn end_to_end_report() {
                             .flush_every(Duration::from_secs(1), stop.clone()),
                     );
                     let start = Instant::now();
-                    manager.add(plugin).unwrap();
+                    manager.add(plugin, engine).unwrap();
                     let mut remaining = names.as_slice();
                     while let Some(k) = remaining.first() {
                         match store.status(k).map(|s| s.phase) {

@@ -94,6 +94,7 @@ fn run(rt: &tokio::runtime::Runtime, runtime: &Runtime, keys: usize, waiters: us
             queue_size: keys,
             ..PluginConfig::default()
         };
+        let engine = settings.engine();
         let plugin = runtime
             .load(&plugin_path("hello"), settings, store.clone())
             .await
@@ -113,7 +114,7 @@ fn run(rt: &tokio::runtime::Runtime, runtime: &Runtime, keys: usize, waiters: us
         // Let every waiter make its first check before the clock starts.
         tokio::time::sleep(Duration::from_millis(50)).await;
         let start = Instant::now();
-        manager.add(plugin).unwrap();
+        manager.add(plugin, engine).unwrap();
         let mut done = 0;
         let mut capped = false;
         while done < names.len() {

@@ -792,12 +792,14 @@ async fn reconcile(
     }
     let store = Store::new();
     let runtime = Runtime::new(&Default::default())?;
+    let engine = settings.engine();
     let plugin = runtime.load(file, settings, store.clone()).await?;
     // The daemon's path: a controller (which holds its finalizer on the
     // object), one worker's slot, and the same settling of the result.
     let controller = Controller::new(
         plugin.clone(),
         store.clone(),
+        engine,
         &AlwaysLeader::default(),
         &Arc::new(Metrics::new()),
     );

@@ -14,7 +14,6 @@
 //! object is reconciled once at start (listed), not twice (listed and seen as
 //! a change).
 
-use std::collections::BTreeSet;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
@@ -24,7 +23,7 @@ use tokio::task::{JoinHandle, JoinSet};
 use tokio_util::sync::CancellationToken;
 
 use crate::config::Config;
-use crate::controller::Manager;
+use crate::controller::{KnownKinds, Manager};
 use crate::leader::{AlwaysLeader, LeaderElector};
 use crate::metrics::Metrics;
 use crate::object::Object;
@@ -71,15 +70,25 @@ impl Daemon {
                 .run_controllers_on(plugin_threads.handle()),
         );
         let runtime = Runtime::new(&config.runtime)?;
-        let registry = Arc::new(Registry::new(
-            runtime,
-            store.clone(),
-            manager.clone(),
-            RegistrySettings::default(),
-        ));
+        let registry = Arc::new(
+            Registry::new(
+                runtime,
+                store.clone(),
+                manager.clone(),
+                RegistrySettings {
+                    grants: config.grants.clone(),
+                    ..RegistrySettings::default()
+                },
+            )
+            .with_resolver(crate::config::resolver(
+                config.plugins.clone(),
+                config.runtime.clone(),
+            )),
+        );
         // A plugin that does not load is recorded (GET /v1/plugins shows it)
         // and the others start.
-        let prepared = registry.prepare_all(&config.plugins).await;
+        let specs: Vec<_> = config.plugins.iter().map(|p| p.spec()).collect();
+        let prepared = registry.prepare_all(&specs).await;
         let failed = config.plugins.len() - prepared.len();
         if failed > 0 {
             tracing::warn!(
@@ -91,10 +100,6 @@ impl Daemon {
         // applied below is held for its controllers; controllers after, so
         // each starts from one list of the store instead of seeing these
         // applies twice (listed, and as changes).
-        let kinds: BTreeSet<String> = prepared
-            .iter()
-            .flat_map(|(p, _)| p.info().kinds.clone())
-            .collect();
         for object in examples {
             let applied = store.apply(object)?;
             tracing::info!(key = %applied.object.key(), generation = applied.object.metadata.generation, "applied");
@@ -102,7 +107,11 @@ impl Daemon {
         let manifests = if config.manifests.is_empty() {
             None
         } else {
-            let manifests = Manifests::new(config.manifests.clone(), store.clone(), kinds);
+            let manifests = Manifests::new(
+                config.manifests.clone(),
+                store.clone(),
+                registry.clone() as Arc<dyn KnownKinds>,
+            );
             let report = manifests.sync();
             if let Some((file, why)) = report.errors.first() {
                 bail!("manifest {} was not applied: {why}", file.display());
@@ -114,8 +123,8 @@ impl Daemon {
             );
             Some(manifests)
         };
-        for (plugin, path) in prepared {
-            registry.start(plugin, &path)?;
+        for (plugin, spec) in prepared {
+            registry.start(plugin, &spec)?;
         }
         let flush_stop = CancellationToken::new();
         let flusher = tokio::spawn(

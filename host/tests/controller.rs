@@ -52,8 +52,10 @@ impl Rig {
         }
     }
 
-    async fn plugin(&self, name: &str, settings: PluginConfig) -> Plugin {
-        load(&self.rt, name, settings, &self.store).await
+    /// The plugin, and the engine settings its table asks for.
+    async fn plugin(&self, name: &str, settings: PluginConfig) -> (Plugin, Engine) {
+        let engine = settings.engine();
+        (load(&self.rt, name, settings, &self.store).await, engine)
     }
 
     fn apply(&self, kind: &str, name: &str, spec: serde_json::Value) -> ObjectKey {
@@ -95,12 +97,12 @@ fn hostile(max_retries: u32, min_backoff: Duration) -> PluginConfig {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn controller_reconciles_every_object_and_every_change() {
     let rig = Rig::new(true);
-    let plugin = rig.plugin("hello", PluginConfig::default()).await;
+    let (plugin, engine) = rig.plugin("hello", PluginConfig::default()).await;
     let keys: Vec<ObjectKey> = ["a", "b", "c"]
         .iter()
         .map(|n| rig.apply("Greeting", n, json!({"who": n})))
         .collect();
-    let controller = rig.manager.add(plugin).unwrap();
+    let controller = rig.manager.add(plugin, engine.clone()).unwrap();
     wait_until("every greeting is done", LIMIT, || {
         keys.iter().all(|k| rig.phase(k) == Some(Phase::Done))
     })
@@ -130,9 +132,9 @@ async fn controller_reconciles_a_key_changed_during_its_reconcile_again_after_it
     let rig = Rig::new(true);
     let mut settings = hostile(0, Duration::from_secs(1));
     settings.workers = 4;
-    let plugin = rig.plugin("hostile", settings).await;
+    let (plugin, engine) = rig.plugin("hostile", settings).await;
     let key = rig.apply("Hostile", "s", json!({"mode": "slow", "delay-ms": 300}));
-    let controller = rig.manager.add(plugin).unwrap();
+    let controller = rig.manager.add(plugin, engine.clone()).unwrap();
     wait_until("the slow reconcile is in flight", LIMIT, || {
         controller.status().in_flight == 1
     })
@@ -157,9 +159,9 @@ async fn controller_reconciles_a_key_changed_during_its_reconcile_again_after_it
 async fn controller_removes_a_deleted_object_only_after_its_delete_is_reconciled() {
     let rig = Rig::new(true);
     let data = tempfile::tempdir().unwrap();
-    let plugin = rig.plugin("files", granting_data(data.path())).await;
+    let (plugin, engine) = rig.plugin("files", granting_data(data.path())).await;
     let motd = rig.apply("File", "motd", json!({"content": "hi"}));
-    rig.manager.add(plugin).unwrap();
+    rig.manager.add(plugin, engine.clone()).unwrap();
     let file = data.path().join("_default/motd");
     wait_until("the file is written", LIMIT, || file.exists()).await;
 
@@ -178,7 +180,7 @@ async fn controller_removes_a_deleted_object_only_after_its_delete_is_reconciled
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn hostile_keys_fail_alone_while_the_other_keys_are_served() {
     let rig = Rig::new(true);
-    let plugin = rig
+    let (plugin, engine) = rig
         .plugin("hostile", hostile(0, Duration::from_secs(1)))
         .await;
     let bad: Vec<(ObjectKey, &str)> = [
@@ -192,7 +194,7 @@ async fn hostile_keys_fail_alone_while_the_other_keys_are_served() {
     let good: Vec<ObjectKey> = (0..5)
         .map(|i| rig.apply("Hostile", &format!("ok{i}"), json!({"mode": "ok"})))
         .collect();
-    rig.manager.add(plugin).unwrap();
+    rig.manager.add(plugin, engine.clone()).unwrap();
     wait_until("every key settled", LIMIT, || {
         good.iter().all(|k| rig.phase(k) == Some(Phase::Done))
             && bad.iter().all(|(k, _)| rig.phase(k) == Some(Phase::Error))
@@ -215,11 +217,11 @@ async fn hostile_keys_fail_alone_while_the_other_keys_are_served() {
 #[tokio::test(start_paused = true)]
 async fn retries_back_off_hand_back_state_and_give_up_after_max_retries() {
     let rig = Rig::new(true);
-    let plugin = rig
+    let (plugin, engine) = rig
         .plugin("hostile", hostile(3, Duration::from_secs(1)))
         .await;
     let key = rig.apply("Hostile", "f", json!({"mode": "fail"}));
-    let controller = rig.manager.add(plugin).unwrap();
+    let controller = rig.manager.add(plugin, engine.clone()).unwrap();
     let start = tokio::time::Instant::now();
     wait_until("the key is given up", Duration::from_secs(60), || {
         controller.status().given_up == 1
@@ -266,11 +268,11 @@ async fn a_retried_requeue_followed_by_success_forgets_the_failures() {
     // client-go's "rate-limited requeue, then forget": after a success the next
     // failure backs off from the minimum again, not from where it left off.
     let rig = Rig::new(true);
-    let plugin = rig
+    let (plugin, engine) = rig
         .plugin("hostile", hostile(10, Duration::from_secs(1)))
         .await;
     rig.apply("Hostile", "f", json!({"mode": "flaky", "delay-ms": 10_000}));
-    let controller = rig.manager.add(plugin).unwrap();
+    let controller = rig.manager.add(plugin, engine.clone()).unwrap();
     let start = tokio::time::Instant::now();
     let mut events = Vec::new();
     for (failures, successes) in [(1, 0), (1, 1), (2, 1), (2, 2), (3, 2), (3, 3)] {
@@ -290,7 +292,7 @@ async fn a_retried_requeue_followed_by_success_forgets_the_failures() {
 #[tokio::test(start_paused = true)]
 async fn retry_after_from_the_plugin_overrides_the_back_off() {
     let rig = Rig::new(true);
-    let plugin = rig
+    let (plugin, engine) = rig
         .plugin("hostile", hostile(5, Duration::from_secs(3600)))
         .await;
     rig.apply(
@@ -298,7 +300,7 @@ async fn retry_after_from_the_plugin_overrides_the_back_off() {
         "r",
         json!({"mode": "retry-after", "delay-ms": 2000}),
     );
-    let controller = rig.manager.add(plugin).unwrap();
+    let controller = rig.manager.add(plugin, engine.clone()).unwrap();
     let gap = time_between(&controller, |s| s.failures == 1, |s| s.failures == 2).await;
     assert!(
         gap >= Duration::from_secs(2) && gap < Duration::from_secs(3),
@@ -310,11 +312,11 @@ async fn retry_after_from_the_plugin_overrides_the_back_off() {
 #[tokio::test(start_paused = true)]
 async fn a_fatal_error_is_not_retried() {
     let rig = Rig::new(true);
-    let plugin = rig
+    let (plugin, engine) = rig
         .plugin("hostile", hostile(5, Duration::from_millis(10)))
         .await;
     let key = rig.apply("Hostile", "x", json!({"mode": "no-such-mode"}));
-    let controller = rig.manager.add(plugin).unwrap();
+    let controller = rig.manager.add(plugin, engine.clone()).unwrap();
     wait_until("the attempt", LIMIT, || controller.status().failures == 1).await;
     tokio::time::sleep(Duration::from_secs(3600)).await;
     assert_eq!(controller.status().failures, 1);
@@ -326,9 +328,9 @@ async fn a_fatal_error_is_not_retried() {
 #[tokio::test(start_paused = true)]
 async fn requeue_after_reconciles_the_key_again_after_the_delay() {
     let rig = Rig::new(true);
-    let plugin = rig.plugin("hostile", PluginConfig::default()).await;
+    let (plugin, engine) = rig.plugin("hostile", PluginConfig::default()).await;
     rig.apply("Hostile", "r", json!({"mode": "requeue", "delay-ms": 1000}));
-    let controller = rig.manager.add(plugin).unwrap();
+    let controller = rig.manager.add(plugin, engine.clone()).unwrap();
     let gap = time_between(&controller, |s| s.successes == 1, |s| s.successes == 2).await;
     assert!(
         gap >= Duration::from_secs(1) && gap < Duration::from_millis(1100),
@@ -340,11 +342,11 @@ async fn requeue_after_reconciles_the_key_again_after_the_delay() {
 #[tokio::test(start_paused = true)]
 async fn dequeue_policy_keeps_a_retry_for_the_same_generation_and_replaces_it_for_a_newer_one() {
     let rig = Rig::new(true);
-    let plugin = rig
+    let (plugin, engine) = rig
         .plugin("hostile", hostile(5, Duration::from_secs(600)))
         .await;
     let key = rig.apply("Hostile", "d", json!({"mode": "fail"}));
-    let controller = rig.manager.add(plugin).unwrap();
+    let controller = rig.manager.add(plugin, engine.clone()).unwrap();
     wait_until("the first failure", LIMIT, || {
         controller.status().failures == 1
     })
@@ -381,9 +383,9 @@ async fn dequeue_policy_keeps_a_retry_for_the_same_generation_and_replaces_it_fo
 #[tokio::test(start_paused = true)]
 async fn dispatch_waits_for_leadership_stops_when_it_is_lost_and_resumes_from_the_store() {
     let rig = Rig::new(false);
-    let plugin = rig.plugin("hello", PluginConfig::default()).await;
+    let (plugin, engine) = rig.plugin("hello", PluginConfig::default()).await;
     let a = rig.apply("Greeting", "a", json!({"who": "a"}));
-    let controller = rig.manager.add(plugin).unwrap();
+    let controller = rig.manager.add(plugin, engine.clone()).unwrap();
     tokio::time::sleep(Duration::from_secs(60)).await;
     assert_eq!(
         controller.status().successes,
@@ -419,12 +421,12 @@ async fn dispatch_waits_for_leadership_stops_when_it_is_lost_and_resumes_from_th
 #[tokio::test(start_paused = true)]
 async fn a_negative_hasher_answer_drops_the_key_and_counts_it() {
     let rig = Rig::new(true);
-    let plugin = rig.plugin("hello", PluginConfig::default()).await;
-    let mut engine = Engine::from(plugin.settings());
+    let (plugin, engine) = rig.plugin("hello", PluginConfig::default()).await;
+    let mut engine = engine;
     engine.hasher = Arc::new(|key: &str, _count: usize| if key.ends_with("drop") { -1 } else { 0 });
     let kept = rig.apply("Greeting", "keep", json!({"who": "k"}));
     let dropped = rig.apply("Greeting", "drop", json!({"who": "d"}));
-    let controller = rig.manager.add_with(plugin, engine).unwrap();
+    let controller = rig.manager.add(plugin, engine).unwrap();
     wait_until("the kept key is done", LIMIT, || {
         rig.phase(&kept) == Some(Phase::Done)
     })
@@ -449,7 +451,7 @@ async fn stop_during_the_first_of_three(
     let mut settings = hostile(0, Duration::from_secs(1));
     settings.workers = 1;
     settings.shutdown = mode;
-    let plugin = rig.plugin("hostile", settings).await;
+    let (plugin, engine) = rig.plugin("hostile", settings).await;
     let keys: Vec<ObjectKey> = (0..3)
         .map(|i| {
             rig.apply(
@@ -459,7 +461,13 @@ async fn stop_during_the_first_of_three(
             )
         })
         .collect();
-    let controller = Controller::new(plugin, rig.store.clone(), rig.leader.as_ref(), &rig.metrics);
+    let controller = Controller::new(
+        plugin,
+        rig.store.clone(),
+        engine,
+        rig.leader.as_ref(),
+        &rig.metrics,
+    );
     let stop = CancellationToken::new();
     let run = tokio::spawn(controller.clone().run(stop.clone()));
     wait_until("one key in flight", LIMIT, || {
@@ -503,11 +511,17 @@ async fn shutdown_is_not_held_up_by_a_full_queue_without_a_leader() {
         queue_size: 2,
         ..PluginConfig::default()
     };
-    let plugin = rig.plugin("hello", settings).await;
+    let (plugin, engine) = rig.plugin("hello", settings).await;
     for i in 0..5 {
         rig.apply("Greeting", &format!("g{i}"), json!({"who": "x"}));
     }
-    let controller = Controller::new(plugin, rig.store.clone(), rig.leader.as_ref(), &rig.metrics);
+    let controller = Controller::new(
+        plugin,
+        rig.store.clone(),
+        engine,
+        rig.leader.as_ref(),
+        &rig.metrics,
+    );
     let stop = CancellationToken::new();
     let run = tokio::spawn(controller.clone().run(stop.clone()));
     wait_until("the queue is full", LIMIT, || {
@@ -524,17 +538,21 @@ async fn shutdown_is_not_held_up_by_a_full_queue_without_a_leader() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn manager_adds_replaces_removes_and_reports_termination() {
     let rig = Rig::new(true);
-    let hello = rig.plugin("hello", PluginConfig::default()).await;
+    let (hello, engine) = rig.plugin("hello", PluginConfig::default()).await;
     let key = rig.apply("Greeting", "a", json!({"who": "a"}));
-    let first = rig.manager.add(hello.clone()).unwrap();
+    let first = rig.manager.add(hello.clone(), engine.clone()).unwrap();
     assert_eq!(
-        rig.manager.add(hello.clone()).unwrap_err(),
+        rig.manager.add(hello.clone(), engine.clone()).unwrap_err(),
         ManagerError::Exists("hello".into())
     );
     wait_until("reconciled", LIMIT, || first.status().successes == 1).await;
 
     let mut terminated = rig.manager.termination("hello").unwrap();
-    let second = rig.manager.replace(hello.clone()).await;
+    let second = rig
+        .manager
+        .replace(hello.clone(), engine.clone())
+        .await
+        .unwrap();
     assert!(
         *terminated.borrow_and_update(),
         "the old controller ended first"
@@ -567,11 +585,11 @@ async fn manager_adds_replaces_removes_and_reports_termination() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn manager_remove_and_wait_lets_the_reconcile_in_flight_finish() {
     let rig = Rig::new(true);
-    let plugin = rig
+    let (plugin, engine) = rig
         .plugin("hostile", hostile(0, Duration::from_secs(1)))
         .await;
     let key = rig.apply("Hostile", "s", json!({"mode": "slow", "delay-ms": 300}));
-    let controller = rig.manager.add(plugin).unwrap();
+    let controller = rig.manager.add(plugin, engine.clone()).unwrap();
     wait_until("in flight", LIMIT, || controller.status().in_flight == 1).await;
     rig.manager.remove_and_wait("hostile").await.unwrap();
     assert_eq!(rig.phase(&key), Some(Phase::Done));
@@ -585,10 +603,10 @@ async fn resync_interval_reconciles_every_object_again_while_nothing_changes() {
         resync_interval: Some(Duration::from_secs(20)),
         ..PluginConfig::default()
     };
-    let plugin = rig.plugin("hello", settings).await;
+    let (plugin, engine) = rig.plugin("hello", settings).await;
     rig.apply("Greeting", "a", json!({"who": "a"}));
     rig.apply("Greeting", "b", json!({"who": "b"}));
-    let controller = rig.manager.add(plugin).unwrap();
+    let controller = rig.manager.add(plugin, engine.clone()).unwrap();
     let gap = time_between(&controller, |s| s.successes == 2, |s| s.successes == 4).await;
     assert!(
         gap >= Duration::from_secs(19) && gap <= Duration::from_secs(21),
@@ -605,9 +623,9 @@ async fn periodic_resync_and_full_reconciliation_wait_for_leadership() {
         full_reconcile_interval: Some(Duration::from_secs(10)),
         ..PluginConfig::default()
     };
-    let plugin = rig.plugin("hello", settings).await;
+    let (plugin, engine) = rig.plugin("hello", settings).await;
     rig.apply("Greeting", "a", json!({"who": "a"}));
-    let controller = rig.manager.add(plugin).unwrap();
+    let controller = rig.manager.add(plugin, engine.clone()).unwrap();
     tokio::time::sleep(Duration::from_secs(35)).await;
     assert_eq!(controller.status().successes, 0);
     assert_eq!(
@@ -628,9 +646,9 @@ async fn full_reconciliation_at_its_interval_prunes_then_reconciles_every_object
     let data = tempfile::tempdir().unwrap();
     let mut settings = granting_data(data.path());
     settings.full_reconcile_interval = Some(Duration::from_millis(200));
-    let plugin = rig.plugin("files", settings).await;
+    let (plugin, engine) = rig.plugin("files", settings).await;
     rig.apply("File", "keep", json!({"content": "k"}));
-    let controller = rig.manager.add(plugin).unwrap();
+    let controller = rig.manager.add(plugin, engine.clone()).unwrap();
     let kept = data.path().join("_default/keep");
     wait_until("the file is written", LIMIT, || kept.exists()).await;
     std::fs::write(data.path().join("stray"), "x").unwrap();
@@ -654,10 +672,16 @@ async fn trigger_queues_a_key_and_answers_queue_full_instead_of_waiting() {
         queue_size: 1,
         ..PluginConfig::default()
     };
-    let plugin = rig.plugin("hello", settings).await;
+    let (plugin, engine) = rig.plugin("hello", settings).await;
     let a = rig.apply("Greeting", "a", json!({"who": "a"}));
     let b = rig.apply("Greeting", "b", json!({"who": "b"}));
-    let controller = Controller::new(plugin, rig.store.clone(), rig.leader.as_ref(), &rig.metrics);
+    let controller = Controller::new(
+        plugin,
+        rig.store.clone(),
+        engine,
+        rig.leader.as_ref(),
+        &rig.metrics,
+    );
     // Not leading, so nothing drains the queue; not running, so nothing fills it.
     controller.trigger(a.clone()).unwrap();
     controller.trigger(a).unwrap();
@@ -674,9 +698,9 @@ async fn trigger_queues_a_key_and_answers_queue_full_instead_of_waiting() {
 async fn two_controllers_of_one_kind_both_reconcile_a_delete_before_the_object_goes() {
     let rig = Rig::new(true);
     let data = tempfile::tempdir().unwrap();
-    let files = rig.plugin("files", granting_data(data.path())).await;
+    let (files, engine) = rig.plugin("files", granting_data(data.path())).await;
     let key = rig.apply("File", "motd", json!({"content": "hi"}));
-    rig.manager.add(files).unwrap();
+    rig.manager.add(files, engine).unwrap();
     // A second holder of the kind: the store's finalizer list is per controller.
     rig.store.register_finalizer("File", "audit").unwrap();
     let file = data.path().join("_default/motd");
@@ -703,11 +727,11 @@ async fn a_component_of_an_older_minor_loads_is_admitted_and_reconciles() {
     // `legacy` is built from the frozen 0.1.1 WIT: no `admission` export, and
     // imports at 0.1.1.
     let rig = Rig::new(true);
-    let plugin = rig.plugin("legacy", PluginConfig::default()).await;
+    let (plugin, engine) = rig.plugin("legacy", PluginConfig::default()).await;
     assert!(!plugin.can_validate());
     assert!(!plugin.can_prune());
     assert_eq!(plugin.info().kinds, ["Legacy"]);
-    let controller = rig.manager.add(plugin).unwrap();
+    let controller = rig.manager.add(plugin, engine.clone()).unwrap();
     let object = Object::new("Legacy", "", "old", json!({"anything": ["goes", 1]}));
     assert_eq!(
         rig.manager.admit(std::slice::from_ref(&object)).await,

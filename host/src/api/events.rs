@@ -51,7 +51,7 @@ pub async fn ingest(
     let (key, result) = match ty.as_str() {
         APPLY => {
             let object = data_object(content_type.as_deref(), data)?;
-            check_kind(&state.manager, &object.kind)?;
+            check_kind(&state, &object.kind)?;
             state.manager.admit(std::slice::from_ref(&object)).await?;
             let applied = state.store.apply(object)?;
             let result = if applied.action.is_some() {
@@ -79,7 +79,7 @@ pub async fn ingest(
                 ))
             })?;
             let key = subject_key(&subject)?;
-            check_kind(&state.manager, &key.kind)?;
+            check_kind(&state, &key.kind)?;
             if state.store.get(&key).is_none() {
                 return Err(ApiError::new(
                     StatusCode::NOT_FOUND,

@@ -47,7 +47,7 @@ use serde::Serialize;
 use serde::de::DeserializeOwned;
 use tokio_util::sync::CancellationToken;
 
-use crate::controller::{AdmissionError, Manager};
+use crate::controller::{AdmissionError, KnownKinds, Manager};
 use crate::object::{quote, shorten};
 use crate::registry::Registry;
 use crate::store::{Store, StoreError};
@@ -477,9 +477,13 @@ fn names(manager: &Manager) -> String {
     }
 }
 
-/// Refuse a kind no controller reconciles: it would stay pending for ever.
-pub fn check_kind(manager: &Manager, kind: &str) -> Result<(), ApiError> {
-    let kinds = manager.kinds();
+/// Refuse a kind no plugin stands for (none reconciles it, and none that
+/// failed to load declares it): it would stay pending for ever.
+pub fn check_kind(state: &AppState, kind: &str) -> Result<(), ApiError> {
+    let kinds = match &state.registry {
+        Some(registry) => registry.kinds(),
+        None => KnownKinds::kinds(state.manager.as_ref()),
+    };
     if kinds.contains_key(kind) {
         return Ok(());
     }
@@ -570,7 +574,7 @@ mod tests {
         let engine = Engine {
             workers: 1,
             stall_after: std::time::Duration::ZERO,
-            ..Engine::from(&crate::config::PluginConfig::default())
+            ..Engine::default()
         };
         let stop = CancellationToken::new();
         let (addr, task) = serve(

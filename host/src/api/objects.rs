@@ -180,7 +180,7 @@ async fn body_objects(
     let bytes = read_body(body, state.max_body).await?;
     let objects = parse_objects(headers, &bytes)?;
     for o in &objects {
-        check_kind(&state.manager, &o.kind)?;
+        check_kind(state, &o.kind)?;
     }
     state.manager.admit(&objects).await?;
     Ok(objects)

@@ -13,7 +13,7 @@ use axum::response::Response;
 use serde::Deserialize;
 
 use super::{ApiError, AppState, Path, read_body, respond};
-use crate::config::PluginConfig;
+use crate::config::{Grants, PluginConfig, RuntimeConfig};
 use crate::object::quote;
 use crate::registry::{Registry, RegistryError};
 
@@ -90,20 +90,44 @@ pub async fn get(
     Ok(respond(&headers, StatusCode::OK, &view))
 }
 
-/// `POST /v1/plugins`: load a new plugin (a `[[plugin]]` table as JSON:
-/// `path`, and optionally `workers`, `limits`, `grants` ...).
+/// `POST /v1/plugins`: load a new plugin. `{"path": ...}` alone loads it
+/// with its manifest (`NAME.toml` beside it, or the daemon's `[[plugin]]`
+/// table for the file), or default settings; a whole plugin table as JSON
+/// (`path`, `name`, `workers`, `limits`, `capabilities` ...) is its manifest.
+/// Such a table may not carry `grants`: those come from the daemon's
+/// configuration, `[grants.NAME]`.
 pub async fn load(
     State(state): State<AppState>,
     headers: HeaderMap,
     body: Body,
 ) -> Result<Response, ApiError> {
-    let settings: PluginConfig = json_body(&state, body, "[[plugin]] table").await?;
-    let view = registry(&state)?.load(settings).await?;
+    let table: PluginConfig = json_body(&state, body, "plugin table").await?;
+    let registry = registry(&state)?;
+    if table.grants != Grants::default() {
+        return Err(ApiError::new(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "a load cannot grant capabilities: ask in `capabilities`; the operator grants \
+             them in the daemon's configuration under [grants.NAME]",
+        ));
+    }
+    let path_only = PluginConfig {
+        path: table.path.clone(),
+        ..PluginConfig::default()
+    };
+    let view = if table == path_only {
+        registry.load_path(&table.path).await?
+    } else {
+        table
+            .check("the plugin table", &RuntimeConfig::default())
+            .map_err(|e| ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, format!("{e:#}")))?;
+        registry.load(table.manifest_spec()).await?
+    };
     Ok(respond(&headers, StatusCode::CREATED, &view))
 }
 
 /// `POST /v1/plugins/{name}/swap` `{"path": ...}`: a new version of a running
-/// plugin, with the running version's settings.
+/// plugin, with its manifest if it has one, else the running version's
+/// settings.
 pub async fn swap(
     State(state): State<AppState>,
     Path(name): Path<String>,
@@ -112,16 +136,10 @@ pub async fn swap(
 ) -> Result<Response, ApiError> {
     let SwapBody { path } = json_body(&state, body, "swap").await?;
     let registry = registry(&state)?;
-    let controller = state
-        .manager
-        .controller(&name)
-        .ok_or_else(|| RegistryError::NotFound(quote(&name).to_string()))?;
-    let mut settings = controller
-        .plugin()
-        .map(|p| p.settings().clone())
-        .unwrap_or_default();
-    settings.path = path;
-    let view = registry.swap(&name, settings).await?;
+    if state.manager.controller(&name).is_none() {
+        return Err(RegistryError::NotFound(quote(&name).to_string()).into());
+    }
+    let view = registry.swap_path(&name, &path).await?;
     Ok(respond(&headers, StatusCode::OK, &view))
 }
 

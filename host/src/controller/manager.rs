@@ -20,8 +20,6 @@ pub enum ManagerError {
     Exists(String),
     #[error("no controller named {0:?}")]
     NotFound(String),
-    #[error("cannot swap: {0}")]
-    Swap(String),
 }
 
 struct Running {
@@ -120,7 +118,7 @@ impl Manager {
     }
 
     /// Every kind some controller reconciles, with the controllers of each.
-    pub fn kinds(&self) -> std::collections::BTreeMap<String, Vec<String>> {
+    pub fn kinds_running(&self) -> std::collections::BTreeMap<String, Vec<String>> {
         let mut kinds = std::collections::BTreeMap::<String, Vec<String>>::new();
         for c in self.controllers() {
             for kind in &c.info().kinds {
@@ -141,18 +139,8 @@ impl Manager {
             .collect()
     }
 
-    /// Start a controller for `plugin`, named after it.
-    pub fn add(&self, plugin: Plugin) -> Result<Arc<Controller>, ManagerError> {
-        let engine = Engine::from(plugin.settings());
-        self.add_with(plugin, engine)
-    }
-
-    /// Start a controller with explicit engine settings.
-    pub fn add_with(
-        &self,
-        plugin: Plugin,
-        engine: Engine,
-    ) -> Result<Arc<Controller>, ManagerError> {
+    /// Start a controller for `plugin`, named after it, with `engine` settings.
+    pub fn add(&self, plugin: Plugin, engine: Engine) -> Result<Arc<Controller>, ManagerError> {
         self.add_reconciler(Arc::new(plugin), engine)
     }
 
@@ -198,10 +186,14 @@ impl Manager {
 
     /// Replace the controller of the same name: the old one stops (its work in
     /// flight finishes), then the new one starts with its counters at zero.
-    pub async fn replace(&self, plugin: Plugin) -> Arc<Controller> {
+    pub async fn replace(
+        &self,
+        plugin: Plugin,
+        engine: Engine,
+    ) -> Result<Arc<Controller>, ManagerError> {
         let name = plugin.info().name.clone();
         let _ = self.remove_and_wait(&name).await;
-        self.add(plugin).expect("the old controller was removed")
+        self.add(plugin, engine)
     }
 
     /// Swap the plugin of the running controller `name` for `plugin`, keeping
@@ -210,9 +202,7 @@ impl Manager {
         let controller = self
             .controller(name)
             .ok_or_else(|| ManagerError::NotFound(name.to_string()))?;
-        controller
-            .swap(Arc::new(plugin))
-            .map_err(|e| ManagerError::Swap(e.to_string()))?;
+        controller.swap(Arc::new(plugin));
         Ok(controller)
     }
 
@@ -280,5 +270,24 @@ impl Manager {
             c.refresh_metrics();
         }
         self.metrics.encode()
+    }
+}
+
+/// The kinds some plugin stands for, by kind, with the names of its plugins:
+/// what sources and the API accept objects of.
+pub trait KnownKinds: Send + Sync {
+    fn kinds(&self) -> std::collections::BTreeMap<String, Vec<String>>;
+}
+
+impl KnownKinds for Manager {
+    fn kinds(&self) -> std::collections::BTreeMap<String, Vec<String>> {
+        self.kinds_running()
+    }
+}
+
+/// A fixed set of kinds (e.g. in tests), each with no plugin named.
+impl KnownKinds for std::collections::BTreeSet<String> {
+    fn kinds(&self) -> std::collections::BTreeMap<String, Vec<String>> {
+        self.iter().map(|k| (k.clone(), Vec::new())).collect()
     }
 }

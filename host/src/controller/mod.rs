@@ -44,19 +44,18 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use futures::FutureExt;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
 pub use admission::AdmissionError;
-pub use manager::{Manager, ManagerError};
+pub use manager::{KnownKinds, Manager, ManagerError};
 pub use reconciler::{
     BoxFuture, FnReconciler, PruneCall, ReconcileCall, Reconciler, Slot, ValidateCall,
 };
 use supervise::{panic_message, supervised};
 
-use crate::config::{BackoffKind, PluginConfig, ShutdownMode};
 use crate::leader::{LeaderElector, until_leading};
 use crate::metrics::{ControllerMetrics, Metrics, ReconcileResult};
 use crate::object::{Object, ObjectKey};
@@ -121,7 +120,8 @@ struct KeyState {
     full_round: bool,
 }
 
-/// How the engine treats one plugin's keys; read from [`PluginConfig`].
+/// How the engine treats one plugin's keys (its workers, queue, delays and
+/// retries). The configuration maps its `[[plugin]]` tables onto it.
 #[derive(Clone)]
 pub struct Engine {
     pub workers: usize,
@@ -143,32 +143,39 @@ pub struct Engine {
     pub stall_after: Duration,
 }
 
-impl From<&PluginConfig> for Engine {
-    fn from(c: &PluginConfig) -> Self {
-        let backoff = match c.retry.backoff {
-            BackoffKind::Exponential => Backoff::Exponential {
-                min: c.retry.min_backoff,
-                max: c.retry.max_backoff,
-                jitter: c.retry.jitter,
-            },
-            BackoffKind::Linear => Backoff::Linear {
-                base: c.retry.min_backoff,
-                max: c.retry.max_backoff,
-            },
-        };
+/// What a controller does at shutdown with keys still queued.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum ShutdownMode {
+    /// Reconcile every queued key, then stop.
+    #[default]
+    Drain,
+    /// Stop taking keys at once; queued keys stay pending for the next start.
+    HandBack,
+}
+
+impl Default for Engine {
+    /// Two workers, room for 10,000 queued keys and a million delayed ones
+    /// (10 ms apart at best), exponential back-off from 100 ms to a minute
+    /// with 10 % jitter, ten retries, drain at shutdown, no periodic resync.
+    fn default() -> Self {
         Self {
-            workers: c.workers,
-            queue_size: c.queue_size,
-            delay_resolution: c.delay_resolution,
-            delay_capacity: c.delay_capacity,
-            backoff,
-            max_retries: c.retry.max_retries,
-            dequeue: c.retry.dequeue_policy,
-            shutdown: c.shutdown,
+            workers: 2,
+            queue_size: 10_000,
+            delay_resolution: Duration::from_millis(10),
+            delay_capacity: 1_000_000,
+            backoff: Backoff::Exponential {
+                min: Duration::from_millis(100),
+                max: Duration::from_secs(60),
+                jitter: 0.1,
+            },
+            max_retries: 10,
+            dequeue: DequeuePolicy::Opinionated,
+            shutdown: ShutdownMode::Drain,
             hasher: Arc::new(Fnv1a),
-            resync_interval: c.resync_interval,
-            full_reconcile_interval: c.full_reconcile_interval,
-            stall_after: stall_after(c.limits.max_reconcile_time),
+            resync_interval: None,
+            full_reconcile_interval: None,
+            stall_after: stall_after(crate::plugin::Limits::default().max_reconcile_time),
         }
     }
 }
@@ -204,6 +211,9 @@ pub struct Controller {
     /// The slot admission checks run on, made at the first check, with the
     /// generation of the version it was made from.
     admission: tokio::sync::Mutex<Option<(u64, Box<dyn Slot>)>>,
+    /// Kinds a swap added, for the run loop to watch and list.
+    added_kinds: Mutex<Vec<String>>,
+    kinds_changed: tokio::sync::Notify,
 }
 
 /// The version a controller dispatches to, and a number bumped at each swap.
@@ -213,16 +223,6 @@ struct Active {
     generation: u64,
     /// Milliseconds since the Unix epoch.
     activated_at: u64,
-}
-
-/// Why a swap was refused; the running version stays.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub enum SwapError {
-    #[error(
-        "the new version reconciles {new:?}, the running one {old:?}: a swap keeps the kinds \
-         (unload the plugin and load the new version instead)"
-    )]
-    Kinds { old: Vec<String>, new: Vec<String> },
 }
 
 /// What a full reconciliation did.
@@ -252,19 +252,8 @@ pub enum PruneOutcome {
 }
 
 impl Controller {
-    /// A controller for `plugin`, with the engine settings from its configuration.
+    /// A controller for `plugin` with `engine` settings.
     pub fn new(
-        plugin: Plugin,
-        store: Store,
-        leader: &dyn LeaderElector,
-        metrics: &Arc<Metrics>,
-    ) -> Arc<Self> {
-        let engine = Engine::from(plugin.settings());
-        Self::with_engine(plugin, store, engine, leader, metrics)
-    }
-
-    /// A controller with explicit engine settings (e.g. a custom hasher).
-    pub fn with_engine(
         plugin: Plugin,
         store: Store,
         engine: Engine,
@@ -311,11 +300,18 @@ impl Controller {
             workers_alive: AtomicUsize::new(0),
             progress: Mutex::new(tokio::time::Instant::now()),
             admission: tokio::sync::Mutex::new(None),
+            added_kinds: Mutex::new(Vec::new()),
+            kinds_changed: tokio::sync::Notify::new(),
         })
     }
 
     pub fn name(&self) -> &str {
         &self.name
+    }
+
+    /// Its engine settings.
+    pub fn engine(&self) -> &Engine {
+        &self.engine
     }
 
     /// What the active version said about itself.
@@ -343,34 +339,51 @@ impl Controller {
     /// Make `new` the active version, atomically: every key a worker takes
     /// from now on runs on it, reconciles in flight finish on the old one, and
     /// everything the controller keeps per key (state, failure counts, pending
-    /// requeues and retries, the queue) carries over untouched. Refused if
-    /// `new` reconciles other kinds.
-    pub fn swap(&self, new: Arc<dyn Reconciler>) -> Result<(), SwapError> {
-        let mut active = self.active.write().unwrap_or_else(|e| e.into_inner());
-        let sorted = |kinds: &[String]| {
-            let mut kinds = kinds.to_vec();
-            kinds.sort();
-            kinds
+    /// requeues and retries, the queue) carries over untouched.
+    ///
+    /// If `new` reconciles other kinds, the objects of added kinds are watched
+    /// and queued (their finalizer must already be registered), and keys of
+    /// dropped kinds are forgotten: their timers cancelled, their queued
+    /// entries skipped. Their objects keep this controller's finalizer.
+    pub fn swap(&self, new: Arc<dyn Reconciler>) {
+        let (added, dropped) = {
+            let mut active = self.active.write().unwrap_or_else(|e| e.into_inner());
+            let old = active.reconciler.info().kinds.clone();
+            let kinds = &new.info().kinds;
+            let added: Vec<String> = kinds.iter().filter(|k| !old.contains(k)).cloned().collect();
+            let dropped: Vec<String> = old.into_iter().filter(|k| !kinds.contains(k)).collect();
+            tracing::info!(
+                controller = %self.name,
+                from = %active.reconciler.info().version,
+                to = %new.info().version,
+                ?added,
+                ?dropped,
+                "swapped"
+            );
+            self.metrics
+                .activated(&new.info().version, &sha256_of(new.as_ref()));
+            active.reconciler = new;
+            active.generation += 1;
+            active.activated_at = now_ms();
+            (added, dropped)
         };
-        let (old, kinds) = (
-            sorted(&active.reconciler.info().kinds),
-            sorted(&new.info().kinds),
-        );
-        if old != kinds {
-            return Err(SwapError::Kinds { old, new: kinds });
+        if !dropped.is_empty() {
+            let mut keys = self.keys();
+            keys.retain(|key, _| {
+                let keep = !dropped.contains(&key.kind);
+                if !keep {
+                    self.timers.cancel(key);
+                }
+                keep
+            });
         }
-        tracing::info!(
-            controller = %self.name,
-            from = %active.reconciler.info().version,
-            to = %new.info().version,
-            "swapped"
-        );
-        self.metrics
-            .activated(&new.info().version, &sha256_of(new.as_ref()));
-        active.reconciler = new;
-        active.generation += 1;
-        active.activated_at = now_ms();
-        Ok(())
+        if !added.is_empty() {
+            self.added_kinds
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .extend(added);
+            self.kinds_changed.notify_one();
+        }
     }
 
     /// `Err` naming what is wrong if this controller cannot make progress: its
@@ -525,6 +538,15 @@ impl Controller {
                     Some(change) => self.on_change(change).await,
                     None => break,
                 },
+                _ = self.kinds_changed.notified() => {
+                    // A swap changed the kinds: watch the new set first, then
+                    // list what was added (as at start).
+                    changes = self.store.watch(&self.info().kinds);
+                    let added = std::mem::take(
+                        &mut *self.added_kinds.lock().unwrap_or_else(|e| e.into_inner()),
+                    );
+                    self.resync_kinds(&added).await;
+                }
                 _ = shutdown.cancelled() => break,
             }
         }
@@ -547,7 +569,11 @@ impl Controller {
     /// Queue every object of this controller's kinds, as after a start or on
     /// regaining leadership.
     pub async fn resync(&self) {
-        for kind in &self.info().kinds {
+        self.resync_kinds(&self.info().kinds).await;
+    }
+
+    async fn resync_kinds(&self, kinds: &[String]) {
+        for kind in kinds {
             for key in self.store.keys(kind) {
                 {
                     let mut keys = self.keys();
@@ -764,6 +790,12 @@ impl Controller {
             if now.generation != active.generation {
                 active = now;
                 slot = active.reconciler.slot();
+            }
+            // A swap dropped its kind: nothing here reconciles it any more.
+            if !active.reconciler.info().kinds.contains(&key.kind) {
+                self.keys().remove(&key);
+                self.queue.done(&key);
+                continue;
             }
             self.metrics.waited(timings.waited);
             self.metrics.worker_busy(true);

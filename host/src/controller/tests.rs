@@ -20,7 +20,7 @@ fn done() -> ReconcileCall {
 fn engine(workers: usize) -> Engine {
     Engine {
         workers,
-        ..Engine::from(&PluginConfig::default())
+        ..Engine::default()
     }
 }
 
@@ -201,7 +201,7 @@ async fn a_swap_keeps_state_failure_count_and_a_pending_retry_for_the_new_versio
     let key = rig.apply("Thing", "r");
     tokio::time::sleep(Duration::from_secs(1)).await;
     assert_eq!(rig.store.status(&key).unwrap().phase, Phase::Error);
-    controller.swap(v2).unwrap();
+    controller.swap(v2);
     assert_eq!(controller.info().version, "2");
     assert_eq!(
         controller.status().pending_timers,
@@ -253,7 +253,7 @@ async fn a_reconcile_in_flight_finishes_on_the_old_version_and_later_work_runs_o
     let key = rig.apply("Thing", "a");
     tokio::time::sleep(Duration::from_millis(10)).await;
     assert_eq!(controller.status().in_flight, 1);
-    controller.swap(v2).unwrap();
+    controller.swap(v2);
     // Queued after the swap, while `a` is still in flight on version 1.
     let b = rig.apply("Thing", "b");
     release.notify_one();
@@ -285,18 +285,79 @@ async fn a_reconcile_in_flight_finishes_on_the_old_version_and_later_work_runs_o
     rig.manager.shutdown().await;
 }
 
-#[tokio::test]
-async fn a_swap_to_other_kinds_is_refused_and_the_running_version_stays() {
+#[tokio::test(start_paused = true)]
+async fn a_swap_to_other_kinds_queues_the_added_kinds_and_forgets_the_dropped_ones() {
     let rig = rig();
-    let v1 = FnReconciler::versioned("swap", "1", &["Thing"], |_| async { done() });
-    let other = FnReconciler::versioned("swap", "2", &["Thing", "Other"], |_| async { done() });
-    let controller = rig.manager.add_reconciler(v1, engine(1)).unwrap();
-    let refused = controller.swap(other).unwrap_err();
+    let calls = Arc::new(Mutex::new(Vec::<(&'static str, String)>::new()));
+    let version = |v: &'static str, kinds: &[&str]| {
+        let calls = calls.clone();
+        FnReconciler::versioned("shift", v, kinds, move |request: wit::Request| {
+            calls.lock().unwrap().push((v, request.key.clone()));
+            let fail = request.object.name == "flaky";
+            async move {
+                if fail {
+                    Ok(Err(wit::Failure {
+                        error: ReconcileError::Retry("not yet".into()),
+                        state: Vec::new(),
+                    }))
+                } else {
+                    done()
+                }
+            }
+        })
+    };
+    rig.store.register_finalizer("Thing", "shift").unwrap();
+    let controller = rig
+        .manager
+        .add_reconciler(version("1", &["Thing"]), engine(1))
+        .unwrap();
+    let thing = rig.apply("Thing", "a");
+    let flaky = rig.apply("Thing", "flaky");
+    let other = rig.apply("Other", "b");
+    rig.store
+        .wait(Some(&thing), &[], Duration::from_secs(600))
+        .await
+        .unwrap();
+    // Let `flaky` fail once: it now waits on a retry timer.
+    tokio::time::sleep(Duration::from_millis(10)).await;
+    assert!(controller.status().pending_timers >= 1);
+    assert_eq!(rig.store.status(&other).unwrap().phase, Phase::Pending);
+
+    // Added: `Other`. Its object, there before the swap, is reconciled by v2;
+    // nothing of `Thing` runs again because of the swap.
+    rig.store.register_finalizer("Other", "shift").unwrap();
+    let before = calls.lock().unwrap().len();
+    controller.swap(version("2", &["Thing", "Other"]));
+    rig.store
+        .wait(Some(&other), &[], Duration::from_secs(600))
+        .await
+        .unwrap();
+    let since: Vec<_> = calls.lock().unwrap()[before..].to_vec();
+    assert!(since.contains(&("2", other.to_string())), "{since:?}");
     assert!(
-        refused.to_string().contains("a swap keeps the kinds"),
-        "{refused}"
+        !since.iter().any(|(_, k)| *k == thing.to_string()),
+        "{since:?}"
     );
-    assert_eq!(controller.info().version, "1");
+    // A new object of the added kind is seen through the new watch.
+    let later = rig.apply("Other", "c");
+    rig.store
+        .wait(Some(&later), &[], Duration::from_secs(600))
+        .await
+        .unwrap();
+
+    // Dropped: `Thing`. Its pending retry is cancelled and never runs; its
+    // objects keep the finalizer, so a delete waits for a plugin of the kind.
+    controller.swap(version("3", &["Other"]));
+    let before = calls.lock().unwrap().len();
+    tokio::time::sleep(Duration::from_secs(3600)).await;
+    let since: Vec<_> = calls.lock().unwrap()[before..].to_vec();
+    assert!(since.is_empty(), "{since:?}");
+    assert_eq!(controller.status().pending_timers, 0);
+    assert_ne!(rig.store.status(&flaky).unwrap().phase, Phase::Done);
+    rig.store.delete(&thing, None).unwrap();
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let held = rig.store.get(&thing).expect("held by the finalizer");
+    assert!(held.metadata.finalizers.contains(&finalizer_of("shift")));
     rig.manager.shutdown().await;
 }
 
@@ -401,7 +462,7 @@ async fn swaps_under_load_lose_no_key_double_no_run_and_route_new_work_to_the_ne
             }
         }
         let mut l = log.lock().unwrap();
-        controller.swap((*next).clone()).unwrap();
+        controller.swap((*next).clone());
         l.seq += 1;
         let seq = l.seq;
         l.swaps.push((seq, *version));

@@ -18,7 +18,7 @@ use super::limits::{DeadlineExceeded, Limiter};
 use super::runtime::{Plugin, PluginInner};
 use super::stderr::StderrTail;
 use super::wit;
-use crate::config::InstanceMode;
+use super::settings::InstanceMode;
 
 /// Why a call into a plugin failed (as opposed to the plugin reporting an error).
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]

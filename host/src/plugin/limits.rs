@@ -10,7 +10,7 @@
 
 use wasmtime::ResourceLimiter;
 
-use crate::config::Limits;
+use super::settings::Limits;
 
 /// The error a call fails with when it runs past its deadline.
 #[derive(Debug, thiserror::Error)]

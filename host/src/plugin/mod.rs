@@ -19,13 +19,17 @@ mod imports;
 mod instance;
 mod limits;
 mod runtime;
+pub mod settings;
 mod stderr;
 
-pub use cache::{CacheOutcome, CompileCache};
+pub use cache::{CacheOutcome, CompileCache, sha256_hex};
 pub use compat::{CONTRACT_VERSION, PACKAGE, SUPPORTED_VERSIONS, WORLD};
 pub use imports::object_to_wit;
 pub use instance::{CallError, Instance};
 pub use runtime::{LoadError, LoadReport, Plugin, Runtime};
+pub use settings::{
+    Capabilities, DirGrant, DirRequest, Grants, InstanceMode, Limits, RuntimeConfig, Settings,
+};
 
 /// The WIT contract as Rust types, generated from `wit/` at build time.
 pub mod wit {

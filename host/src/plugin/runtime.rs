@@ -16,7 +16,7 @@ use super::compat;
 use super::imports::{HostContext, HostState};
 use super::instance::{self, CallError, Instance};
 use super::wit;
-use crate::config::{PluginConfig, RuntimeConfig};
+use super::settings::{Grants, RuntimeConfig, Settings};
 use crate::store::Store;
 
 /// Why a file could not become a plugin. Each message is one paragraph that says
@@ -78,6 +78,8 @@ pub struct LoadReport {
     pub cache: CacheOutcome,
     #[serde(with = "humantime_serde")]
     pub took: Duration,
+    /// The name `describe()` gave, which [`Settings::name`] may override.
+    pub described_as: String,
 }
 
 /// The wasmtime engine, linker and compile cache. One per process; cheap to clone.
@@ -182,16 +184,21 @@ impl Runtime {
     pub async fn load(
         &self,
         path: &Path,
-        settings: PluginConfig,
+        settings: impl Into<Settings>,
         store: Store,
     ) -> Result<Plugin, LoadError> {
-        let bytes = tokio::fs::read(path)
+        let bytes = self.read(path).await?;
+        self.load_bytes(path, bytes, settings.into(), store).await
+    }
+
+    /// A component file's bytes, or why it cannot be read.
+    pub async fn read(&self, path: &Path) -> Result<Vec<u8>, LoadError> {
+        tokio::fs::read(path)
             .await
             .map_err(|error| LoadError::Read {
                 path: path.to_path_buf(),
                 error,
-            })?;
-        self.load_bytes(path, bytes, settings, store).await
+            })
     }
 
     /// Load a component from memory; `path` names it in messages.
@@ -199,7 +206,7 @@ impl Runtime {
         &self,
         path: &Path,
         bytes: Vec<u8>,
-        settings: PluginConfig,
+        settings: Settings,
         store: Store,
     ) -> Result<Plugin, LoadError> {
         let started = Instant::now();
@@ -260,6 +267,7 @@ impl Runtime {
             sha256,
             cache,
             took: Duration::ZERO,
+            described_as: String::new(),
         };
         let mut plugin = PluginInner {
             runtime: self.clone(),
@@ -296,6 +304,11 @@ impl Runtime {
                 path,
                 reason: "it must give a non-empty `name` and at least one kind in `kinds`".into(),
             });
+        }
+        let mut info = info;
+        plugin.report.described_as = info.name.clone();
+        if let Some(name) = &plugin.settings.name {
+            info.name = name.clone();
         }
         plugin.host = Arc::new(HostContext {
             plugin: info.name.clone(),
@@ -417,7 +430,7 @@ pub(super) struct PluginInner {
     pub(super) reconciler: wit::ReconcilerIndices,
     pub(super) pruner: Option<wit::PrunerIndices>,
     pub(super) admission: Option<wit::AdmissionIndices>,
-    pub(super) settings: PluginConfig,
+    pub(super) settings: Settings,
     pub(super) info: wit::Info,
     pub(super) host: Arc<HostContext>,
     pub(super) report: LoadReport,
@@ -435,8 +448,30 @@ impl Plugin {
     }
 
     /// The settings it runs with.
-    pub fn settings(&self) -> &PluginConfig {
+    pub fn settings(&self) -> &Settings {
         &self.inner.settings
+    }
+
+    /// This plugin with other grants (e.g. those its manifest asked for, once
+    /// the operator's configuration is checked), sharing the compiled code.
+    pub fn with_grants(&self, grants: Grants) -> Plugin {
+        let inner = &self.inner;
+        Plugin {
+            inner: Arc::new(PluginInner {
+                runtime: inner.runtime.clone(),
+                pre: inner.pre.clone(),
+                reconciler: inner.reconciler.clone(),
+                pruner: inner.pruner.clone(),
+                admission: inner.admission.clone(),
+                settings: Settings {
+                    grants,
+                    ..inner.settings.clone()
+                },
+                info: inner.info.clone(),
+                host: inner.host.clone(),
+                report: inner.report.clone(),
+            }),
+        }
     }
 
     /// True if the component exports `pruner`.

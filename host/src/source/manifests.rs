@@ -14,11 +14,13 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
 
 use notify::Watcher;
 use tokio_util::sync::CancellationToken;
 
+use crate::controller::KnownKinds;
 use crate::object::{Object, ObjectKey, parse_all};
 use crate::store::Store;
 
@@ -41,12 +43,13 @@ pub struct SyncReport {
 pub struct Manifests {
     paths: Vec<PathBuf>,
     store: Store,
-    kinds: BTreeSet<String>,
+    kinds: Arc<dyn KnownKinds>,
 }
 
 impl Manifests {
-    /// `kinds`: the kinds some plugin reconciles; files with others are refused.
-    pub fn new(paths: Vec<PathBuf>, store: Store, kinds: BTreeSet<String>) -> Self {
+    /// `kinds`: the kinds some plugin stands for, asked at every read; files
+    /// with others are refused.
+    pub fn new(paths: Vec<PathBuf>, store: Store, kinds: Arc<dyn KnownKinds>) -> Self {
         Self {
             paths,
             store,
@@ -157,7 +160,8 @@ impl Manifests {
     fn read(&self, file: &Path) -> Result<Vec<Object>, String> {
         let text = std::fs::read_to_string(file).map_err(|e| format!("cannot read it: {e}"))?;
         let objects = parse_all(&text).map_err(|e| e.to_string())?;
-        if let Some(o) = objects.iter().find(|o| !self.kinds.contains(&o.kind)) {
+        let kinds = self.kinds.kinds();
+        if let Some(o) = objects.iter().find(|o| !kinds.contains_key(&o.kind)) {
             return Err(format!(
                 "{} is of kind {:?}, which no loaded plugin reconciles",
                 o.key(),
@@ -241,7 +245,7 @@ mod tests {
         Manifests::new(
             vec![dir.to_path_buf()],
             store.clone(),
-            ["Greeting".to_string()].into(),
+            Arc::new(BTreeSet::from(["Greeting".to_string()])),
         )
     }
 

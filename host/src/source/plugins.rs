@@ -18,7 +18,6 @@ use std::time::Duration;
 use sha2::{Digest, Sha256};
 use tokio_util::sync::CancellationToken;
 
-use crate::config::PluginConfig;
 use crate::registry::Registry;
 
 /// How long a burst of file events must be quiet before the folder is read.
@@ -65,21 +64,23 @@ impl PluginFolder {
                 tracing::debug!(path = %path.display(), "still being written; later");
                 continue;
             };
-            let sha = hex::encode(Sha256::digest(&bytes));
-            let settings = PluginConfig {
-                path: path.clone(),
-                ..PluginConfig::default()
-            };
+            // A changed manifest beside the component is a new version too.
+            let mut digest = Sha256::new();
+            digest.update(&bytes);
+            if let Ok(manifest) = tokio::fs::read(path.with_extension("toml")).await {
+                digest.update(&manifest);
+            }
+            let sha = hex::encode(digest.finalize());
             match self.loaded.get(path).cloned() {
                 Some((_, old)) if old == sha => {}
-                Some((name, _)) => match self.registry.swap(&name, settings).await {
+                Some((name, _)) => match self.registry.swap_path(&name, path).await {
                     Ok(_) => {
                         tracing::info!(plugin = %name, path = %path.display(), "swapped from the plugin folder");
                         self.loaded.insert(path.clone(), (name, sha));
                     }
                     Err(e) => tracing::error!(plugin = %name, "not swapped: {e}"),
                 },
-                None => match self.registry.load(settings).await {
+                None => match self.registry.load_path(path).await {
                     Ok(view) => {
                         tracing::info!(plugin = %view.name, path = %path.display(), "loaded from the plugin folder");
                         self.loaded.insert(path.clone(), (view.name, sha));

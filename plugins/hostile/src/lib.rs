@@ -71,6 +71,10 @@ impl Reconciler for Hostile {
     type Status = Status;
 
     fn describe(&self) -> Info {
+        // For the host's refusal of a version whose describe() fails.
+        if std::env::var("HOSTILE_DESCRIBE").as_deref() == Ok("trap") {
+            panic!("describe() trapped on purpose (HOSTILE_DESCRIBE=trap)");
+        }
         Info::new("hostile", env!("CARGO_PKG_VERSION"), ["Hostile"])
     }
 

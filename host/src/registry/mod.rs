@@ -23,7 +23,17 @@
 //!   delete is ever silently skipped.
 //! - A controller keeps its name across versions: a swap may bring a plugin
 //!   that calls itself otherwise in `describe()` (say, the Python `hello-py`
-//!   for the Rust `hello`), as long as it reconciles the same kinds.
+//!   for the Rust `hello`). Its name, and so its key-value store, is its
+//!   manifest's or configuration's `name`, else what `describe()` says.
+//! - A version whose manifest ([`PluginSpec`]) pins a sha256, a version or
+//!   kinds it does not have, or asks for a capability the operator did not
+//!   grant ([`RegistrySettings::grants`]), is refused, naming what differs.
+//! - The kinds a plugin that failed to load declares in its manifest stay
+//!   known ([`Registry::kinds`]): their objects are accepted and wait,
+//!   pending, held by its finalizer, until a version loads.
+//! - A swap may change the kinds: finalizers are registered for added kinds
+//!   before the switch and their objects queued; dropped kinds are treated as
+//!   an unload of those kinds (their finalizer stays, see above).
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -31,21 +41,33 @@ use std::sync::{Arc, Mutex, MutexGuard};
 
 use serde::Serialize;
 
-use crate::config::PluginConfig;
-use crate::controller::{Manager, ManagerError};
-use crate::plugin::{CacheOutcome, Plugin, Runtime};
+use crate::controller::{KnownKinds, Manager, ManagerError};
+use crate::plugin::{CacheOutcome, Grants, Plugin, Runtime};
 use crate::store::{Store, now_ms};
+
+mod spec;
+
+pub use spec::{Expect, GrantTable, PluginSpec};
+
+/// Finds the manifest of a component file: `Ok(None)` if it has none.
+pub type Resolver = Arc<dyn Fn(&Path) -> Result<Option<PluginSpec>, String> + Send + Sync>;
 
 /// How the registry keeps versions.
 #[derive(Clone, Debug)]
 pub struct RegistrySettings {
     /// Loaded versions kept compiled per plugin, the active one included.
     pub keep: usize,
+    /// What the operator grants each plugin, by name: what a manifest's
+    /// capabilities are checked against.
+    pub grants: GrantTable,
 }
 
 impl Default for RegistrySettings {
     fn default() -> Self {
-        Self { keep: 3 }
+        Self {
+            keep: 3,
+            grants: GrantTable::new(),
+        }
     }
 }
 
@@ -117,6 +139,8 @@ struct Version {
 struct Entry {
     versions: Vec<Version>,
     running: bool,
+    /// The kinds its manifest declares, known even if no version loaded.
+    declared: Vec<String>,
 }
 
 /// The plugins of a daemon, by controller name.
@@ -125,6 +149,7 @@ pub struct Registry {
     store: Store,
     manager: Arc<Manager>,
     settings: RegistrySettings,
+    resolve: Resolver,
     entries: Mutex<BTreeMap<String, Entry>>,
 }
 
@@ -148,8 +173,15 @@ impl Registry {
             store,
             manager,
             settings,
+            resolve: Arc::new(|_| Ok(None)),
             entries: Mutex::default(),
         }
+    }
+
+    /// Find components' manifests with `resolve` (see [`Registry::load_path`]).
+    pub fn with_resolver(mut self, resolve: Resolver) -> Self {
+        self.resolve = resolve;
+        self
     }
 
     fn entries(&self) -> MutexGuard<'_, BTreeMap<String, Entry>> {
@@ -160,40 +192,85 @@ impl Registry {
         &self.manager
     }
 
-    /// Load and validate a version. The error is recorded under `name` (or
-    /// the file's name) and returned.
+    /// Load and validate a version against its spec. The error is recorded
+    /// under `name` (or the spec's name, or the file's) and returned.
     async fn validate(
         &self,
         name: Option<&str>,
-        settings: &PluginConfig,
+        spec: &PluginSpec,
     ) -> Result<Plugin, RegistryError> {
-        let path = settings.path.clone();
-        let loaded = self
-            .runtime
-            .load(&path, settings.clone(), self.store.clone())
-            .await;
+        let label = name
+            .map(str::to_string)
+            .or_else(|| spec.settings.name.clone())
+            .unwrap_or_else(|| name_of_path(&spec.path));
+        let loaded = self.load_checked(spec).await;
         let metrics = self.manager.metrics();
         let outcome = match &loaded {
             Ok(p) if p.report().cache == CacheOutcome::Hit => "cached",
             Ok(_) => "compiled",
             Err(_) => "failed",
         };
-        let label = match (name, &loaded) {
-            (Some(n), _) => n.to_string(),
-            (None, Ok(p)) => p.info().name.clone(),
-            (None, Err(_)) => name_of_path(&path),
+        let label = match &loaded {
+            Ok(p) if name.is_none() => p.info().name.clone(),
+            _ => label,
         };
         metrics.plugin_event(&metrics.plugin_loads, &label, outcome);
         match loaded {
             Ok(plugin) => Ok(plugin),
-            Err(e) => {
-                let error = e.to_string();
+            Err(error) => {
                 tracing::error!(plugin = %label, "plugin not loaded: {error}");
                 metrics.load_failed(&label);
-                self.record(&label, failed(&path, &error));
+                self.record(&label, failed(&spec.path, &error));
+                let declared = spec.expect.kinds.clone().unwrap_or_default();
+                let running = {
+                    let mut entries = self.entries();
+                    let entry = entries.entry(label.clone()).or_default();
+                    if !declared.is_empty() {
+                        entry.declared = declared.clone();
+                    }
+                    entry.running
+                };
+                if !running {
+                    // Its objects wait for it, held by its finalizer.
+                    for kind in &declared {
+                        if let Err(e) = self.store.register_finalizer(kind, &label) {
+                            tracing::error!(plugin = %label, "cannot register the finalizer: {e}");
+                        }
+                    }
+                }
                 Err(RegistryError::Load(error))
             }
         }
+    }
+
+    /// Read, pin-check, load, and hold to the spec: the plugin with the grants
+    /// it is to run with.
+    async fn load_checked(&self, spec: &PluginSpec) -> Result<Plugin, String> {
+        let bytes = self
+            .runtime
+            .read(&spec.path)
+            .await
+            .map_err(|e| e.to_string())?;
+        spec.expect
+            .check_sha256(&spec.path, &crate::plugin::sha256_hex(&bytes))?;
+        let mut settings = spec.settings.clone();
+        if spec.capabilities.is_some() {
+            // Nothing until the request is checked against the grants.
+            settings.grants = Grants::default();
+        }
+        let plugin = self
+            .runtime
+            .load_bytes(&spec.path, bytes, settings, self.store.clone())
+            .await
+            .map_err(|e| e.to_string())?;
+        spec.expect.check(&plugin)?;
+        let Some(asked) = &spec.capabilities else {
+            return Ok(plugin);
+        };
+        let name = &plugin.info().name;
+        let offered = self.settings.grants.get(name).or(spec.granted.as_ref());
+        let grants = asked.granted_by(name, offered)?;
+        Ok(plugin.with_grants(grants))
     }
 
     fn record(&self, name: &str, version: Version) {
@@ -230,15 +307,31 @@ impl Registry {
 
     /// Load a plugin that is not running yet: a new controller. A failure is
     /// recorded (shown by [`Registry::list`]) and returned.
-    pub async fn load(&self, settings: PluginConfig) -> Result<PluginView, RegistryError> {
-        let plugin = self.prepare(&settings).await?;
-        self.start(plugin, &settings.path)
+    pub async fn load(&self, spec: PluginSpec) -> Result<PluginView, RegistryError> {
+        let plugin = self.prepare(&spec).await?;
+        self.start(plugin, &spec)
+    }
+
+    /// [Load](Registry::load) the component at `path` with its manifest (see
+    /// [`Registry::with_resolver`]), or with default settings if it has none.
+    pub async fn load_path(&self, path: &Path) -> Result<PluginView, RegistryError> {
+        let spec = self.resolve(path)?.unwrap_or_else(|| PluginSpec::new(path));
+        self.load(spec).await
+    }
+
+    fn resolve(&self, path: &Path) -> Result<Option<PluginSpec>, RegistryError> {
+        (self.resolve)(path).map_err(|e| {
+            let label = name_of_path(path);
+            self.manager.metrics().load_failed(&label);
+            self.record(&label, failed(path, &e));
+            RegistryError::Load(e)
+        })
     }
 
     /// Validate a new plugin and register its finalizers, without starting
     /// it (see [`Registry::start`]).
-    pub async fn prepare(&self, settings: &PluginConfig) -> Result<Plugin, RegistryError> {
-        let plugin = self.validate(None, settings).await?;
+    pub async fn prepare(&self, spec: &PluginSpec) -> Result<Plugin, RegistryError> {
+        let plugin = self.validate(None, spec).await?;
         let name = plugin.info().name.clone();
         if self.entries().get(&name).is_some_and(|e| e.running) {
             return Err(RegistryError::Exists(name));
@@ -248,16 +341,18 @@ impl Registry {
                 .register_finalizer(kind, &name)
                 .map_err(|e| RegistryError::Load(e.to_string()))?;
         }
+        // Known from now on: objects applied before it starts are kept.
+        self.entries().entry(name).or_default().declared = plugin.info().kinds.clone();
         Ok(plugin)
     }
 
-    /// Start a controller for a [prepared](Registry::prepare) plugin from `path`.
-    pub fn start(&self, plugin: Plugin, path: &Path) -> Result<PluginView, RegistryError> {
+    /// Start a controller for a [prepared](Registry::prepare) plugin.
+    pub fn start(&self, plugin: Plugin, spec: &PluginSpec) -> Result<PluginView, RegistryError> {
         let name = plugin.info().name.clone();
-        self.manager.add(plugin.clone())?;
+        self.manager.add(plugin.clone(), spec.engine.clone())?;
         self.record(&name, loaded(&plugin, true));
         // A file that failed under its file name before is this plugin now.
-        let stem = name_of_path(path);
+        let stem = name_of_path(&spec.path);
         if stem != name {
             self.entries().remove(&stem);
         }
@@ -267,42 +362,93 @@ impl Registry {
 
     /// [Prepare](Registry::prepare) the plugins of a configuration at start:
     /// each one that fails is recorded and logged and left out.
-    pub async fn prepare_all(&self, plugins: &[PluginConfig]) -> Vec<(Plugin, PathBuf)> {
+    pub async fn prepare_all(&self, specs: &[PluginSpec]) -> Vec<(Plugin, PluginSpec)> {
         let mut prepared = Vec::new();
-        for settings in plugins {
-            if let Ok(plugin) = self.prepare(settings).await {
-                prepared.push((plugin, settings.path.clone()));
+        for spec in specs {
+            if let Ok(plugin) = self.prepare(spec).await {
+                prepared.push((plugin, spec.clone()));
             }
         }
         prepared
     }
 
-    /// Swap the running plugin `name` for the component in `settings`: the new
+    /// Swap in the component at `path` for the running plugin `name`, with
+    /// its manifest if it has one, else with the running version's settings.
+    pub async fn swap_path(&self, name: &str, path: &Path) -> Result<PluginView, RegistryError> {
+        let spec = match self.resolve(path)? {
+            Some(spec) => spec,
+            None => {
+                let running = self
+                    .manager
+                    .controller(name)
+                    .and_then(|c| c.plugin())
+                    .ok_or_else(|| RegistryError::NotFound(name.to_string()))?;
+                PluginSpec {
+                    settings: running.settings().clone(),
+                    ..PluginSpec::new(path)
+                }
+            }
+        };
+        self.swap(name, spec).await
+    }
+
+    /// Swap the running plugin `name` for the component in `spec`: the new
     /// version is validated first; if it fails, `name` keeps its version and
-    /// the error is returned and recorded.
+    /// the error is returned and recorded. The controller keeps its engine
+    /// settings and its name.
     pub async fn swap(
         &self,
         name: &str,
-        settings: PluginConfig,
+        mut spec: PluginSpec,
     ) -> Result<PluginView, RegistryError> {
         if !self.entries().get(name).is_some_and(|e| e.running) {
             return Err(RegistryError::NotFound(name.to_string()));
         }
-        let plugin = match self.validate(Some(name), &settings).await {
-            Ok(plugin) => plugin,
-            Err(e) => {
-                self.manager.metrics().swapped(name, "refused");
-                return Err(e);
-            }
-        };
-        if let Err(e) = self.manager.swap(name, plugin.clone()) {
-            self.record(name, failed(&settings.path, &e.to_string()));
+        let refused = |e: RegistryError| {
             self.manager.metrics().swapped(name, "refused");
-            return Err(e.into());
+            Err(e)
+        };
+        if let Some(other) = spec.settings.name.as_deref().filter(|n| *n != name) {
+            let e = format!(
+                "the manifest of {} names plugin {other}, not {name}: swap it into {other}, or \
+                 fix the manifest's `name`",
+                spec.path.display()
+            );
+            self.record(name, failed(&spec.path, &e));
+            return refused(RegistryError::Load(e));
         }
-        self.manager.metrics().swapped(name, "swapped");
-        self.record(name, loaded(&plugin, true));
+        spec.settings.name = Some(name.to_string());
+        let plugin = match self.validate(Some(name), &spec).await {
+            Ok(plugin) => plugin,
+            Err(e) => return refused(e),
+        };
+        if let Err(e) = self.activate(name, &plugin, "swapped") {
+            self.record(name, failed(&spec.path, &e.to_string()));
+            return refused(e);
+        }
         Ok(self.view(name).expect("recorded"))
+    }
+
+    /// Make `plugin` the active version of the running `name`: hold the
+    /// objects of kinds it adds, switch, count it as `result`, record it.
+    fn activate(&self, name: &str, plugin: &Plugin, result: &str) -> Result<(), RegistryError> {
+        let old = self
+            .manager
+            .controller(name)
+            .map(|c| c.info().kinds)
+            .unwrap_or_default();
+        for kind in plugin.info().kinds.iter().filter(|k| !old.contains(k)) {
+            self.store.register_finalizer(kind, name).map_err(|e| {
+                RegistryError::Load(format!("cannot hold objects of kind {kind}: {e}"))
+            })?;
+        }
+        self.manager.swap(name, plugin.clone())?;
+        self.manager.metrics().swapped(name, result);
+        self.record(name, loaded(plugin, true));
+        if let Some(entry) = self.entries().get_mut(name) {
+            entry.declared = plugin.info().kinds.clone();
+        }
+        Ok(())
     }
 
     /// Make an earlier kept version of `name` active again, without
@@ -345,9 +491,7 @@ impl Registry {
                     .join(", "),
             })?
         };
-        self.manager.swap(name, plugin.clone())?;
-        self.manager.metrics().swapped(name, "rolled-back");
-        self.record(name, loaded(&plugin, true));
+        self.activate(name, &plugin, "rolled-back")?;
         Ok(self.view(name).expect("recorded"))
     }
 
@@ -361,6 +505,7 @@ impl Registry {
         let mut entries = self.entries();
         let entry = entries.get_mut(name).expect("running");
         entry.running = false;
+        entry.declared.clear();
         for v in &mut entry.versions {
             v.view.active = false;
         }
@@ -393,16 +538,37 @@ impl Registry {
             state,
             version: p.map(|p| p.info().version.clone()),
             sha256: p.map(|p| p.report().sha256.clone()),
-            kinds: p.map(|p| p.info().kinds.clone()).unwrap_or_default(),
+            kinds: p.map_or_else(|| entry.declared.clone(), |p| p.info().kinds.clone()),
             path: p.map(|p| p.report().path.display().to_string()),
             cache: p.map(|p| p.report().cache),
             load_ms: p.map(|p| p.report().took.as_millis() as u64),
             prune: p.is_some_and(|p| p.can_prune()),
             admission: p.is_some_and(|p| p.can_validate()),
-            workers: p.map(|p| p.settings().workers),
+            workers: entry
+                .running
+                .then(|| self.manager.controller(name).map(|c| c.engine().workers))
+                .flatten(),
             error: newest_error,
             history: entry.versions.iter().map(|v| v.view.clone()).collect(),
         })
+    }
+
+    /// Every kind a running or starting plugin reconciles or a plugin that
+    /// failed to load declares, with the plugins of each. An unloaded
+    /// plugin's kinds are not (unless another plugin reconciles them).
+    pub fn kinds(&self) -> BTreeMap<String, Vec<String>> {
+        let mut kinds = self.manager.kinds_running();
+        for (name, entry) in self.entries().iter() {
+            {
+                for kind in &entry.declared {
+                    let names = kinds.entry(kind.clone()).or_default();
+                    if !names.contains(name) {
+                        names.push(name.clone());
+                    }
+                }
+            }
+        }
+        kinds
     }
 
     /// Every plugin, by name.
@@ -442,5 +608,11 @@ fn failed(path: &Path, error: &str) -> Version {
             active: false,
         },
         plugin: None,
+    }
+}
+
+impl KnownKinds for Registry {
+    fn kinds(&self) -> BTreeMap<String, Vec<String>> {
+        Registry::kinds(self)
     }
 }

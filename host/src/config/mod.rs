@@ -1,0 +1,305 @@
+//! The daemon's configuration, read from TOML. Every setting has a default, so an
+//! empty file (or none at all) is the embedded single-node configuration.
+//!
+//! Durations are written the human way: `"250ms"`, `"5s"`, `"2m"`. Sizes are in
+//! MiB. Unknown keys are refused with the key's name, so a typo never silently
+//! falls back to a default.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, bail};
+use serde::{Deserialize, Serialize};
+
+mod plugin;
+
+pub use crate::controller::ShutdownMode;
+pub use crate::plugin::{
+    Capabilities, DirGrant, DirRequest, Grants, InstanceMode, Limits, RuntimeConfig,
+};
+pub use plugin::{BackoffKind, PluginConfig, RetryConfig, resolver};
+
+/// The whole configuration file.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields, rename_all = "kebab-case")]
+pub struct Config {
+    /// Engine-wide settings: compile cache, epoch tick, instance pool.
+    pub runtime: RuntimeConfig,
+    /// The plugins to run, one controller each.
+    #[serde(rename = "plugin")]
+    pub plugins: Vec<PluginConfig>,
+    /// Manifests (files or directories of `.yaml`/`.yml`/`.json`) applied at start.
+    pub manifests: Vec<PathBuf>,
+    /// Watch the `manifests` paths: a changed file is applied again, and the
+    /// objects of a removed file (or of a document removed from one) are deleted.
+    pub watch_manifests: bool,
+    /// A folder of plugin components (`*.wasm`), each loaded with default
+    /// settings as a controller of its own.
+    pub plugin_dir: Option<PathBuf>,
+    /// Watch `plugin-dir`: a new component is loaded, a changed one swapped
+    /// in, a removed one unloaded.
+    pub watch_plugins: bool,
+    /// The HTTP admin API.
+    pub api: ApiConfig,
+    /// The embedded desired-state store.
+    pub store: StoreConfig,
+    /// What the operator grants plugins whose manifests ask for
+    /// capabilities, by plugin name: `[grants.NAME]` with `dirs`, `env` and
+    /// `stdio`, as in a `[[plugin]]` table's `grants`.
+    pub grants: BTreeMap<String, Grants>,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            runtime: RuntimeConfig::default(),
+            plugins: Vec::new(),
+            manifests: Vec::new(),
+            watch_manifests: true,
+            plugin_dir: None,
+            watch_plugins: true,
+            api: ApiConfig::default(),
+            store: StoreConfig::default(),
+            grants: BTreeMap::new(),
+        }
+    }
+}
+
+/// Where the desired state lives.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields, rename_all = "kebab-case")]
+pub struct StoreConfig {
+    /// The store file (redb). Default: `$XDG_DATA_HOME/setpoint/store.redb`, or
+    /// `~/.local/share/setpoint/store.redb`.
+    pub path: Option<PathBuf>,
+    /// Keep the store in memory only: nothing survives a restart.
+    pub in_memory: bool,
+}
+
+impl StoreConfig {
+    /// The store file in effect, or `None` for an in-memory store.
+    pub fn path(&self) -> anyhow::Result<Option<PathBuf>> {
+        if self.in_memory {
+            return Ok(None);
+        }
+        if let Some(path) = &self.path {
+            return Ok(Some(path.clone()));
+        }
+        let base = std::env::var_os("XDG_DATA_HOME")
+            .map(PathBuf::from)
+            .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".local/share")))
+            .context(
+                "neither XDG_DATA_HOME nor HOME is set, so the store has no default place: \
+                 set [store] path",
+            )?;
+        Ok(Some(base.join("setpoint").join("store.redb")))
+    }
+}
+
+/// The HTTP admin API and `/metrics`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields, rename_all = "kebab-case")]
+pub struct ApiConfig {
+    /// Where to listen; port 0 picks a free port (the log says which).
+    pub listen: std::net::SocketAddr,
+    /// Serve the API at all.
+    pub enabled: bool,
+    /// A bearer token every request but `/healthz` and `/readyz` must carry
+    /// (`Authorization: Bearer <token>`). Required when `listen` is not a
+    /// loopback address.
+    pub token: Option<String>,
+    /// The largest request body accepted, in bytes; larger ones get 413.
+    pub max_body_bytes: usize,
+}
+
+impl ApiConfig {
+    /// Refuse an API reachable from other machines without a token.
+    pub fn check(&self) -> anyhow::Result<()> {
+        if self.token.as_deref() == Some("") {
+            bail!("api.token is empty: set a secret, or remove the key");
+        }
+        if self.enabled && !self.listen.ip().is_loopback() && self.token.is_none() {
+            bail!(
+                "api.listen is {}, which other machines can reach: set api.token (a bearer \
+                 token clients must send) or listen on 127.0.0.1",
+                self.listen
+            );
+        }
+        Ok(())
+    }
+}
+
+impl Default for ApiConfig {
+    fn default() -> Self {
+        Self {
+            listen: std::net::SocketAddr::from(([127, 0, 0, 1], 7171)),
+            enabled: true,
+            token: None,
+            max_body_bytes: 1024 * 1024,
+        }
+    }
+}
+
+impl Config {
+    /// Read and check a configuration file. Relative paths in it are taken
+    /// relative to the file's folder.
+    pub fn load(path: &Path) -> anyhow::Result<Self> {
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("cannot read configuration file {}", path.display()))?;
+        let mut config = Self::parse(&text)
+            .with_context(|| format!("configuration file {} is invalid", path.display()))?;
+        if let Some(base) = path.parent() {
+            config.resolve_relative_to(base);
+        }
+        Ok(config)
+    }
+
+    /// Parse and check configuration text.
+    pub fn parse(text: &str) -> anyhow::Result<Self> {
+        let config: Config = toml::from_str(text)?;
+        config.check()?;
+        Ok(config)
+    }
+
+    fn resolve_relative_to(&mut self, base: &Path) {
+        let fix = |p: &mut PathBuf| {
+            if p.is_relative() {
+                *p = base.join(&*p);
+            }
+        };
+        if let Some(dir) = &mut self.runtime.cache_dir {
+            fix(dir);
+        }
+        if let Some(path) = &mut self.store.path {
+            fix(path);
+        }
+        self.manifests.iter_mut().for_each(fix);
+        if let Some(dir) = &mut self.plugin_dir {
+            fix(dir);
+        }
+        for plugin in &mut self.plugins {
+            fix(&mut plugin.path);
+            plugin.grants.dirs.iter_mut().for_each(|d| fix(&mut d.host));
+        }
+        for grants in self.grants.values_mut() {
+            grants.dirs.iter_mut().for_each(|d| fix(&mut d.host));
+        }
+    }
+
+    /// Refuse settings that cannot work, saying which and why.
+    pub fn check(&self) -> anyhow::Result<()> {
+        self.api.check()?;
+        if self.api.max_body_bytes == 0 {
+            bail!("api.max-body-bytes must be at least 1");
+        }
+        if self.runtime.epoch_tick.is_zero() {
+            bail!("runtime.epoch-tick must be more than 0");
+        }
+        for (i, p) in self.plugins.iter().enumerate() {
+            p.check(
+                &format!("plugin #{} ({})", i + 1, p.path.display()),
+                &self.runtime,
+            )?;
+        }
+        for (name, grants) in &self.grants {
+            for d in &grants.dirs {
+                if !d.guest.starts_with('/') {
+                    bail!(
+                        "grants.{name}: guest path {:?} must be absolute, e.g. /data",
+                        d.guest
+                    );
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+
+    #[test]
+    fn empty_text_is_the_default_configuration() {
+        assert_eq!(Config::parse("").unwrap(), Config::default());
+    }
+
+    #[test]
+    fn durations_and_grants_parse() {
+        let c = Config::parse(
+            r#"
+            [[plugin]]
+            path = "files.wasm"
+            instances = "fresh"
+            limits = { max-reconcile-time = "250ms", memory-mib = 32 }
+            grants.dirs = [{ host = "out", guest = "/data" }]
+            "#,
+        )
+        .unwrap();
+        let p = &c.plugins[0];
+        assert_eq!(p.instances, InstanceMode::Fresh);
+        assert_eq!(p.limits.max_reconcile_time, Duration::from_millis(250));
+        assert_eq!(p.limits.memory_mib, 32);
+        assert_eq!(p.grants.dirs[0].guest, "/data");
+    }
+
+    #[test]
+    fn the_readme_configuration_reference_parses_and_means_what_it_says() {
+        let readme = include_str!("../../../README.md");
+        let section = readme
+            .split("## Configuration reference")
+            .nth(1)
+            .expect("the README has a configuration reference");
+        let toml = section
+            .split("```toml\n")
+            .nth(1)
+            .and_then(|t| t.split("```").next())
+            .expect("with a toml block");
+        let c = Config::parse(toml).unwrap();
+        assert!(c.watch_manifests);
+        assert!(!c.store.in_memory);
+        assert_eq!(c.api.max_body_bytes, 1024 * 1024);
+        assert_eq!(c.plugins[0].retry.max_retries, 10);
+    }
+
+    #[test]
+    fn the_store_defaults_to_the_data_folder_and_can_stay_in_memory() {
+        let c = Config::parse("[store]\nin-memory = true\n").unwrap();
+        assert_eq!(c.store.path().unwrap(), None);
+        let c = Config::parse("[store]\npath = \"/tmp/x.redb\"\n").unwrap();
+        assert_eq!(c.store.path().unwrap(), Some(PathBuf::from("/tmp/x.redb")));
+        let c = Config::parse(
+            "[[plugin]]\npath = \"a.wasm\"\nresync-interval = \"10m\"\nfull-reconcile-interval = \"1h\"\n",
+        )
+        .unwrap();
+        assert_eq!(c.plugins[0].resync_interval, Some(Duration::from_secs(600)));
+        assert_eq!(
+            c.plugins[0].full_reconcile_interval,
+            Some(Duration::from_secs(3600))
+        );
+    }
+
+    #[test]
+    fn unknown_keys_are_named() {
+        let err = Config::parse("[runtime]\nepoch-tik = \"1ms\"\n").unwrap_err();
+        assert!(format!("{err:#}").contains("epoch-tik"), "{err:#}");
+    }
+
+    #[test]
+    fn an_api_reachable_from_other_machines_needs_a_token() {
+        let err = Config::parse("[api]\nlisten = \"0.0.0.0:7171\"\n").unwrap_err();
+        assert!(err.to_string().contains("api.token"), "{err}");
+        Config::parse("[api]\nlisten = \"0.0.0.0:7171\"\ntoken = \"s3cret\"\n").unwrap();
+        Config::parse("[api]\nlisten = \"127.0.0.1:0\"\n").unwrap();
+    }
+
+    #[test]
+    fn impossible_settings_are_refused_with_the_reason() {
+        let err = Config::parse("[[plugin]]\npath = \"a.wasm\"\nworkers = 0\n").unwrap_err();
+        assert!(err.to_string().contains("workers"), "{err}");
+        let err = Config::parse("[[plugin]]\nworkers = 1\n").unwrap_err();
+        assert!(err.to_string().contains("path"), "{err}");
+    }
+}

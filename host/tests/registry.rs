@@ -1,0 +1,313 @@
+//! The plugin registry with the real example plugins: manifests (pins,
+//! capabilities, names), the refusals that leave a running version serving,
+//! and a plugin that fails to load keeping its declared kinds pending.
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use common::{plugin_path, runtime, wait_until};
+
+const LIMIT: Duration = Duration::from_secs(60);
+use serde_json::json;
+use setpoint::config::{PluginConfig, RuntimeConfig, resolver};
+use setpoint::controller::Manager;
+use setpoint::leader::AlwaysLeader;
+use setpoint::metrics::Metrics;
+use setpoint::object::{Object, ObjectKey};
+use setpoint::plugin::{Capabilities, DirGrant, DirRequest, Grants};
+use setpoint::registry::{PluginSpec, Registry, RegistrySettings};
+use setpoint::store::{Phase, Store, finalizer_of};
+
+struct Rig {
+    _cache: tempfile::TempDir,
+    store: Store,
+    registry: Registry,
+}
+
+fn new_rig(grants: BTreeMap<String, Grants>) -> Rig {
+    let cache = tempfile::tempdir().unwrap();
+    let store = Store::new();
+    let manager = Arc::new(Manager::new(
+        store.clone(),
+        Arc::new(AlwaysLeader::default()),
+        Arc::new(Metrics::new()),
+    ));
+    let registry = Registry::new(
+        runtime(&cache),
+        store.clone(),
+        manager,
+        RegistrySettings {
+            grants,
+            ..RegistrySettings::default()
+        },
+    )
+    .with_resolver(resolver(Vec::new(), RuntimeConfig::default()));
+    Rig {
+        _cache: cache,
+        store,
+        registry,
+    }
+}
+
+impl Rig {
+    fn greet(&self, name: &str, who: &str) -> ObjectKey {
+        let object = Object::new("Greeting", "", name, json!({ "who": who }));
+        self.store.apply(object).unwrap().object.key()
+    }
+
+    async fn greeted(&self, key: &ObjectKey, who: &str) {
+        let greeting = format!("Hello, {who}!");
+        wait_until("the greeting is reconciled", LIMIT, || {
+            self.store
+                .get(key)
+                .is_some_and(|o| o.status.is_some_and(|s| s["greeting"] == greeting.as_str()))
+        })
+        .await;
+    }
+
+    async fn shutdown(&self) {
+        self.registry.manager().shutdown().await;
+    }
+}
+
+fn fixture(name: &str) -> std::path::PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../tests/fixtures")
+        .join(name)
+}
+
+fn sha256_of(path: &Path) -> String {
+    setpoint::plugin::sha256_hex(&std::fs::read(path).unwrap())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_failed_check_refuses_the_swap_and_the_running_version_keeps_serving() {
+    let rig = new_rig(BTreeMap::new());
+    let hello = plugin_path("hello");
+    rig.registry.load(PluginSpec::new(&hello)).await.unwrap();
+    let serving = sha256_of(&hello);
+    let py = plugin_path("hello-py");
+    let mut trapping = PluginSpec::new(plugin_path("hostile"));
+    trapping
+        .settings
+        .grants
+        .env
+        .insert("HOSTILE_DESCRIBE".into(), "trap".into());
+    let cases = [
+        (
+            PluginSpec {
+                expect: setpoint::registry::Expect {
+                    sha256: Some("0".repeat(64)),
+                    ..Default::default()
+                },
+                ..PluginSpec::new(&py)
+            },
+            "but its manifest pins",
+        ),
+        (
+            PluginSpec::new(fixture("wrong-world.wat")),
+            "it is not a Setpoint plugin",
+        ),
+        (PluginSpec::new(fixture("future-version.wat")), "0.2.0"),
+        (trapping, "describe() trapped on purpose"),
+        (
+            PluginSpec {
+                capabilities: Some(Capabilities {
+                    env: vec!["REGION".into()],
+                    ..Capabilities::default()
+                }),
+                ..PluginSpec::new(&py)
+            },
+            "asks for environment variable REGION, which is not granted",
+        ),
+        (
+            PluginSpec {
+                expect: setpoint::registry::Expect {
+                    version: Some("9.9.9".into()),
+                    ..Default::default()
+                },
+                ..PluginSpec::new(&py)
+            },
+            "but its manifest says 9.9.9",
+        ),
+    ];
+    for (i, (spec, says)) in cases.into_iter().enumerate() {
+        let err = rig.registry.swap("hello", spec).await.unwrap_err();
+        assert!(err.to_string().contains(says), "case {i}: {err}");
+        let view = rig.registry.view("hello").unwrap();
+        assert_eq!(view.sha256.as_deref(), Some(serving.as_str()), "case {i}");
+        assert_eq!(view.history.last().unwrap().state, "failed", "case {i}");
+        let who = format!("case-{i}");
+        let key = rig.greet(&who, &who);
+        rig.greeted(&key, &who).await;
+    }
+    rig.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_manifest_gets_only_the_capabilities_it_asks_for_and_the_operator_grants() {
+    let data = tempfile::tempdir().unwrap();
+    let operator = Grants {
+        dirs: vec![DirGrant {
+            host: data.path().to_path_buf(),
+            guest: "/data".into(),
+            read_only: false,
+        }],
+        env: BTreeMap::from([("UNASKED".to_string(), "x".to_string())]),
+        stdio: false,
+    };
+    let asks = Capabilities {
+        dirs: vec![DirRequest {
+            guest: "/data".into(),
+            read_only: false,
+        }],
+        ..Capabilities::default()
+    };
+    // Not granted: refused, naming the directory; nothing runs.
+    let rig = new_rig(BTreeMap::new());
+    let spec = PluginSpec {
+        capabilities: Some(asks.clone()),
+        ..PluginSpec::new(plugin_path("files"))
+    };
+    let err = rig.registry.load(spec.clone()).await.unwrap_err();
+    assert!(
+        err.to_string()
+            .contains("asks for directory /data, which is not granted"),
+        "{err}"
+    );
+    assert!(err.to_string().contains("[grants.files]"), "{err}");
+    assert!(rig.registry.manager().controller("files").is_none());
+    rig.shutdown().await;
+
+    // Granted: it runs with the directory it asked for, and nothing else.
+    let granted = new_rig(BTreeMap::from([("files".to_string(), operator)]));
+    let view = granted.registry.load(spec).await.unwrap();
+    assert_eq!(view.state, "running");
+    let plugin = granted
+        .registry
+        .manager()
+        .controller("files")
+        .unwrap()
+        .plugin()
+        .unwrap();
+    assert_eq!(plugin.settings().grants.dirs.len(), 1);
+    assert!(plugin.settings().grants.env.is_empty());
+    let object = Object::new("File", "", "note", json!({ "content": "granted" }));
+    let key = granted.store.apply(object).unwrap().object.key();
+    wait_until("the file is written", LIMIT, || {
+        granted
+            .store
+            .status(&key)
+            .is_some_and(|s| s.phase == Phase::Done)
+    })
+    .await;
+    let written = std::fs::read_to_string(data.path().join("_default/note")).unwrap();
+    assert_eq!(written, "granted");
+    granted.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_plugin_that_fails_to_load_keeps_its_objects_pending_until_a_version_loads() {
+    let rig = new_rig(BTreeMap::new());
+    let dir = tempfile::tempdir().unwrap();
+    let broken = dir.path().join("greeter.wasm");
+    std::fs::write(&broken, b"\0asm\x0d\0\x01\0truncated").unwrap();
+    let manifest = "name = \"greeter\"\nkinds = [\"Greeting\"]\n";
+    std::fs::write(dir.path().join("greeter.toml"), manifest).unwrap();
+    let err = rig.registry.load_path(&broken).await.unwrap_err();
+    assert!(err.to_string().contains("not a valid component"), "{err}");
+    let view = rig.registry.view("greeter").unwrap();
+    assert_eq!(view.state, "failed");
+    assert_eq!(view.kinds, ["Greeting"]);
+    assert_eq!(rig.registry.kinds()["Greeting"], ["greeter"]);
+    // Its object is accepted, held by its finalizer, and waits.
+    let key = rig.greet("early", "early");
+    let object = rig.store.get(&key).unwrap();
+    assert!(
+        object
+            .metadata
+            .finalizers
+            .contains(&finalizer_of("greeter"))
+    );
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    assert_eq!(rig.store.status(&key).unwrap().phase, Phase::Pending);
+
+    // The real component under the same manifest: the name is the
+    // manifest's (so is its key-value store), and the waiting object is done.
+    std::fs::copy(plugin_path("hello"), &broken).unwrap();
+    let view = rig.registry.load_path(&broken).await.unwrap();
+    assert_eq!(view.name, "greeter");
+    rig.greeted(&key, "early").await;
+    let controller = rig.registry.manager().controller("greeter").unwrap();
+    assert_eq!(controller.plugin().unwrap().report().described_as, "hello");
+    rig.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_manifest_file_pins_its_component_and_may_not_grant_itself_anything() {
+    let rig = new_rig(BTreeMap::new());
+    let dir = tempfile::tempdir().unwrap();
+    let wasm = dir.path().join("hello.wasm");
+    std::fs::copy(plugin_path("hello"), &wasm).unwrap();
+    let toml = dir.path().join("hello.toml");
+    let write = |text: &str| std::fs::write(&toml, text).unwrap();
+
+    write("grants.env = { A = \"b\" }\n");
+    let err = rig.registry.load_path(&wasm).await.unwrap_err();
+    assert!(err.to_string().contains("cannot grant itself"), "{err}");
+
+    write("kinds = [\"Other\"]\n");
+    let err = rig.registry.load_path(&wasm).await.unwrap_err();
+    assert!(
+        err.to_string()
+            .contains("but its manifest says [\"Other\"]"),
+        "{err}"
+    );
+
+    write("sha256 = \"abc\"\n");
+    let err = rig.registry.load_path(&wasm).await.unwrap_err();
+    assert!(err.to_string().contains("64 hex digits"), "{err}");
+
+    write("wrokers = 3\n");
+    let err = rig.registry.load_path(&wasm).await.unwrap_err();
+    assert!(err.to_string().contains("wrokers"), "{err}");
+    assert!(rig.registry.manager().controllers().is_empty());
+
+    let sha = sha256_of(&wasm);
+    write(&format!(
+        "sha256 = \"{sha}\"\nkinds = [\"Greeting\"]\nworkers = 3\n[limits]\nmax-reconcile-time = \"2s\"\n"
+    ));
+    let view = rig.registry.load_path(&wasm).await.unwrap();
+    assert_eq!(view.workers, Some(3));
+    let plugin = rig
+        .registry
+        .manager()
+        .controller("hello")
+        .unwrap()
+        .plugin()
+        .unwrap();
+    assert_eq!(
+        plugin.settings().limits.max_reconcile_time,
+        Duration::from_secs(2)
+    );
+    let key = rig.greet("pinned", "pinned");
+    rig.greeted(&key, "pinned").await;
+    rig.shutdown().await;
+}
+
+#[test]
+fn a_config_table_is_an_inline_manifest() {
+    let table: PluginConfig = toml::from_str(
+        "path = \"x.wasm\"\nname = \"greeter\"\nkinds = [\"Greeting\"]\n[capabilities]\nenv = [\"A\"]\n",
+    )
+    .unwrap();
+    let spec = table.spec();
+    assert_eq!(spec.settings.name.as_deref(), Some("greeter"));
+    assert_eq!(spec.expect.kinds, Some(vec!["Greeting".to_string()]));
+    assert_eq!(spec.capabilities.unwrap().env, ["A"]);
+    assert_eq!(spec.granted, Some(Grants::default()));
+}
