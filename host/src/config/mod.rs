@@ -262,6 +262,8 @@ mod tests {
         assert!(!c.store.in_memory);
         assert_eq!(c.api.max_body_bytes, 1024 * 1024);
         assert_eq!(c.plugins[0].retry.max_retries, 10);
+        assert_eq!(c.grants["files"].dirs[0].guest, "/data");
+        assert_eq!(c.grants["files"].env["REGION"], "eu");
     }
 
     #[test]
