@@ -14,9 +14,10 @@ use crate::controller::{Controller, Settled};
 use crate::daemon::Daemon;
 use crate::leader::AlwaysLeader;
 use crate::metrics::Metrics;
+use crate::object::Action;
 use crate::object::{Object, parse_all};
 use crate::plugin::{CONTRACT_VERSION, PACKAGE, Runtime, SUPPORTED_VERSIONS, WORLD};
-use crate::store::{Action, Store};
+use crate::store::Store;
 
 /// The example objects `setpoint run` applies when it runs without `--config`.
 const EXAMPLE_OBJECTS: &str = include_str!("../../examples/objects.yaml");
@@ -697,20 +698,8 @@ impl ShutdownSignals {
 
 /// Every object in a manifest file, or in the `.yaml`/`.yml`/`.json` files of a folder.
 pub fn read_manifests(path: &Path) -> anyhow::Result<Vec<Object>> {
-    let mut files = Vec::new();
-    if path.is_dir() {
-        for entry in std::fs::read_dir(path)
-            .with_context(|| format!("cannot read folder {}", path.display()))?
-        {
-            let p = entry?.path();
-            if crate::source::manifests::is_manifest(&p) {
-                files.push(p);
-            }
-        }
-        files.sort();
-    } else {
-        files.push(path.to_path_buf());
-    }
+    let files = crate::source::manifests::manifest_files(path)
+        .with_context(|| format!("cannot read folder {}", path.display()))?;
     let mut objects = Vec::new();
     for file in files {
         let text = std::fs::read_to_string(&file)

@@ -327,6 +327,16 @@ pub fn parse_all(text: &str) -> Result<Vec<Object>, ObjectError> {
     Ok(objects)
 }
 
+/// Why a key is being reconciled. Mirrors the WIT `action`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Action {
+    Created,
+    Updated,
+    Deleted,
+    Resynced,
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

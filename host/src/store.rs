@@ -46,7 +46,7 @@ use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
 use serde::{Deserialize, Serialize};
 use tokio::sync::{broadcast, mpsc};
 
-use crate::object::{Object, ObjectKey, shorten};
+use crate::object::{Action, Object, ObjectKey, shorten};
 
 const OBJECTS: TableDefinition<&str, &[u8]> = TableDefinition::new("objects");
 const STATUS: TableDefinition<&str, &[u8]> = TableDefinition::new("status");
@@ -58,16 +58,6 @@ pub const FLUSH_EVERY: usize = 1000;
 
 /// The prefix of the finalizer each controller holds on the objects it reconciles.
 pub const FINALIZER_PREFIX: &str = "setpoint.dev/";
-
-/// Why a key is being reconciled. Mirrors the WIT `action`.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Action {
-    Created,
-    Updated,
-    Deleted,
-    Resynced,
-}
 
 /// One change to one object.
 #[derive(Clone, Debug, PartialEq, Eq)]

@@ -11,7 +11,8 @@ use serde::{Deserialize, Serialize};
 
 use super::{ApiError, AppState, Path, Query, QueryParams, check_kind, read_body, respond};
 use crate::object::{Object, ObjectKey, parse_all, quote, shorten};
-use crate::store::{Action, Applied, ReconcileStatus, WaitError};
+use crate::object::Action;
+use crate::store::{Applied, ReconcileStatus, WaitError};
 
 /// The longest `/v1/wait` holds a request.
 const MAX_WAIT: Duration = Duration::from_secs(600);

@@ -64,7 +64,8 @@ use crate::plugin::{CallError, Plugin, object_to_wit};
 use crate::queue::{
     Added, Backoff, DequeuePolicy, EventRef, Fnv1a, QueueError, Timers, WorkQueue, WorkerHasher,
 };
-use crate::store::{Action, Change, Store, finalizer_of, now_ms};
+use crate::object::Action;
+use crate::store::{Change, Store, finalizer_of, now_ms};
 
 /// What a controller reports about itself.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]

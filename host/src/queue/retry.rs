@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
-use crate::store::Action;
+use crate::object::Action;
 
 /// Delays between retries of one key.
 #[derive(Clone, Debug, PartialEq)]

@@ -61,18 +61,10 @@ impl Manifests {
     fn files(&self) -> (Vec<PathBuf>, Vec<(PathBuf, String)>) {
         let mut files = Vec::new();
         let mut errors = Vec::new();
-        for path in &self.paths {
-            if path.is_dir() {
-                match std::fs::read_dir(path) {
-                    Ok(entries) => files.extend(
-                        entries
-                            .filter_map(|e| e.ok().map(|e| e.path()))
-                            .filter(|p| is_manifest(p)),
-                    ),
-                    Err(e) => errors.push((path.clone(), format!("cannot read the folder: {e}"))),
-                }
-            } else if path.exists() {
-                files.push(path.clone());
+        for path in self.paths.iter().filter(|p| p.exists()) {
+            match manifest_files(path) {
+                Ok(found) => files.extend(found),
+                Err(e) => errors.push((path.clone(), format!("cannot read the folder: {e}"))),
             }
         }
         files.sort();
@@ -191,24 +183,10 @@ impl Manifests {
                 .map_err(|e| anyhow::anyhow!("cannot watch {}: {e}", dir.display()))?;
         }
         self.log(self.sync());
-        loop {
-            tokio::select! {
-                event = rx.recv() => if event.is_none() { return Ok(()) },
-                _ = shutdown.cancelled() => return Ok(()),
-            }
-            // Wait for the burst to end.
-            loop {
-                tokio::select! {
-                    more = tokio::time::timeout(DEBOUNCE, rx.recv()) => match more {
-                        Ok(Some(_)) => continue,
-                        Ok(None) => return Ok(()),
-                        Err(_) => break,
-                    },
-                    _ = shutdown.cancelled() => return Ok(()),
-                }
-            }
+        while super::next_burst(&mut rx, DEBOUNCE, &shutdown).await {
             self.log(self.sync());
         }
+        Ok(())
     }
 
     fn log(&self, report: SyncReport) {
@@ -226,6 +204,23 @@ impl Manifests {
 }
 
 /// A manifest file: `.yaml`, `.yml` or `.json`.
+/// The manifest files of `path`: a folder's `.yaml`/`.yml`/`.json` files,
+/// sorted, or the file itself.
+pub fn manifest_files(path: &Path) -> std::io::Result<Vec<PathBuf>> {
+    if !path.is_dir() {
+        return Ok(vec![path.to_path_buf()]);
+    }
+    let mut files = Vec::new();
+    for entry in std::fs::read_dir(path)? {
+        let p = entry?.path();
+        if is_manifest(&p) {
+            files.push(p);
+        }
+    }
+    files.sort();
+    Ok(files)
+}
+
 pub fn is_manifest(path: &Path) -> bool {
     matches!(
         path.extension().and_then(|e| e.to_str()),

@@ -114,23 +114,10 @@ impl PluginFolder {
         notify::Watcher::watch(&mut watcher, &self.dir, notify::RecursiveMode::NonRecursive)
             .map_err(|e| anyhow::anyhow!("cannot watch {}: {e}", self.dir.display()))?;
         self.sync().await;
-        loop {
-            tokio::select! {
-                event = rx.recv() => if event.is_none() { return Ok(()) },
-                _ = shutdown.cancelled() => return Ok(()),
-            }
-            loop {
-                tokio::select! {
-                    more = tokio::time::timeout(DEBOUNCE, rx.recv()) => match more {
-                        Ok(Some(_)) => continue,
-                        Ok(None) => return Ok(()),
-                        Err(_) => break,
-                    },
-                    _ = shutdown.cancelled() => return Ok(()),
-                }
-            }
+        while super::next_burst(&mut rx, DEBOUNCE, &shutdown).await {
             self.sync().await;
         }
+        Ok(())
     }
 }
 
