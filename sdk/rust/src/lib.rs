@@ -700,10 +700,10 @@ pub mod __private {
     pub fn validate<R: Reconciler>(plugin: &R, object: wit::Object) -> Result<(), String> {
         // A spec that is not JSON at all is refused here; `from_wit_object` would
         // make it `null`, and the message would be about the wrong thing.
-        if !object.spec.is_empty() {
-            if let Err(e) = serde_json::from_str::<serde_json::Value>(&object.spec) {
-                return Err(format!("spec: not JSON: {e}"));
-            }
+        if !object.spec.is_empty()
+            && let Err(e) = serde_json::from_str::<serde_json::Value>(&object.spec)
+        {
+            return Err(format!("spec: not JSON: {e}"));
         }
         validate_object(plugin, &from_wit_object(object))
     }
