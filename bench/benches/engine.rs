@@ -19,14 +19,11 @@ use std::time::{Duration, Instant};
 use criterion::{BenchmarkId, Criterion, Throughput};
 use futures::StreamExt;
 use setpoint::config::{PluginConfig, RuntimeConfig};
-use setpoint::controller::Manager;
-use setpoint::leader::AlwaysLeader;
-use setpoint::metrics::Metrics;
 use setpoint::object::Object;
 use setpoint::plugin::{Runtime, object_to_wit, wit};
 use setpoint::queue::{Timers, WorkQueue};
 use setpoint::store::{Phase, Store};
-use setpoint_bench::{Counting, allocated, median_of, percentile, plugin_path};
+use setpoint_bench::{Counting, HelloRig, allocated, median_of, percentile, plugin_path};
 
 #[global_allocator]
 static ALLOC: Counting = Counting;
@@ -334,31 +331,9 @@ fn end_to_end_report() {
                         Store::new()
                     };
                     let names: Vec<_> = greetings(&store, keys).iter().map(Object::key).collect();
-                    let settings = PluginConfig {
-                        workers,
-                        queue_size: keys,
-                        ..PluginConfig::default()
-                    };
-                    let engine = settings.engine();
-                    let plugin = runtime
-                        .load(&plugin_path("hello"), settings, store.clone())
-                        .await
-                        .unwrap();
-                    let manager = Manager::new(
-                        store.clone(),
-                        Arc::new(AlwaysLeader::default()),
-                        Arc::new(Metrics::new()),
-                    );
-                    // As the daemon does: written-behind changes are committed
-                    // by a flusher task, off the reconcile path.
-                    let stop = tokio_util::sync::CancellationToken::new();
-                    let flusher = tokio::spawn(
-                        store
-                            .clone()
-                            .flush_every(Duration::from_secs(1), stop.clone()),
-                    );
+                    let mut rig = HelloRig::new(&runtime, &store, workers, keys).await;
                     let start = Instant::now();
-                    manager.add(plugin, engine).unwrap();
+                    rig.start();
                     let mut remaining = names.as_slice();
                     while let Some(k) = remaining.first() {
                         match store.status(k).map(|s| s.phase) {
@@ -368,9 +343,7 @@ fn end_to_end_report() {
                         }
                     }
                     let took = start.elapsed();
-                    manager.shutdown().await;
-                    stop.cancel();
-                    flusher.await.unwrap();
+                    rig.stop().await;
                     took
                 })
             },

@@ -18,17 +18,13 @@
 //! `SETPOINT_BENCH_CAP` seconds (default 120) and reports the rate so far,
 //! marked "capped", so that a slow store cannot hang the benchmark.
 
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use setpoint::config::{PluginConfig, RuntimeConfig};
-use setpoint::controller::Manager;
-use setpoint::leader::AlwaysLeader;
-use setpoint::metrics::Metrics;
+use setpoint::config::RuntimeConfig;
 use setpoint::object::{Object, ObjectKey};
 use setpoint::plugin::Runtime;
 use setpoint::store::{Phase, Store};
-use setpoint_bench::plugin_path;
+use setpoint_bench::HelloRig;
 
 const WAITERS: [usize; 3] = [0, 1, 100];
 const RUNS: usize = 5;
@@ -89,32 +85,12 @@ fn run(rt: &tokio::runtime::Runtime, runtime: &Runtime, keys: usize, waiters: us
             .flat_map(|chunk| store.apply_all(chunk.to_vec()).unwrap())
             .map(|a| a.object.key())
             .collect();
-        let settings = PluginConfig {
-            workers: 2,
-            queue_size: keys,
-            ..PluginConfig::default()
-        };
-        let engine = settings.engine();
-        let plugin = runtime
-            .load(&plugin_path("hello"), settings, store.clone())
-            .await
-            .unwrap();
-        let manager = Manager::new(
-            store.clone(),
-            Arc::new(AlwaysLeader::default()),
-            Arc::new(Metrics::new()),
-        );
-        let stop = tokio_util::sync::CancellationToken::new();
-        let flusher = tokio::spawn(
-            store
-                .clone()
-                .flush_every(Duration::from_secs(1), stop.clone()),
-        );
+        let mut rig = HelloRig::new(runtime, &store, 2, keys).await;
         let open = open_waiters(&store, &names, waiters);
         // Let every waiter make its first check before the clock starts.
         tokio::time::sleep(Duration::from_millis(50)).await;
         let start = Instant::now();
-        manager.add(plugin, engine).unwrap();
+        rig.start();
         let mut done = 0;
         let mut capped = false;
         while done < names.len() {
@@ -134,9 +110,7 @@ fn run(rt: &tokio::runtime::Runtime, runtime: &Runtime, keys: usize, waiters: us
         for w in &open {
             w.abort();
         }
-        manager.shutdown().await;
-        stop.cancel();
-        flusher.await.unwrap();
+        rig.stop().await;
         Run { done, took, capped }
     })
 }

@@ -1,5 +1,6 @@
 //! Shared pieces of Setpoint's benchmarks: a counting allocator for memory
-//! figures, the example plugins' location, and percentiles.
+//! figures, the example plugins' location, percentiles, and the `hello`
+//! controller as the daemon runs it ([`HelloRig`]).
 
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::path::PathBuf;
@@ -78,4 +79,66 @@ pub fn median_of<T: Clone, K: PartialOrd>(
     let mut all: Vec<T> = (0..runs).map(|_| f()).collect();
     all.sort_by(|a, b| key(a).partial_cmp(&key(b)).expect("comparable"));
     all[all.len() / 2].clone()
+}
+
+/// The `hello` plugin's controller on a store, as the daemon runs it: a
+/// manager, and a flusher committing written-behind changes off the
+/// reconcile path. [`HelloRig::start`] starts the controller (so a benchmark
+/// can start its clock first); [`HelloRig::stop`] stops both.
+pub struct HelloRig {
+    pub manager: setpoint::controller::Manager,
+    controller: Option<(setpoint::plugin::Plugin, setpoint::controller::Engine)>,
+    stop: tokio_util::sync::CancellationToken,
+    flusher: tokio::task::JoinHandle<()>,
+}
+
+impl HelloRig {
+    /// Load `hello` with `workers` and room for `queue_size` keys.
+    pub async fn new(
+        runtime: &setpoint::plugin::Runtime,
+        store: &setpoint::store::Store,
+        workers: usize,
+        queue_size: usize,
+    ) -> Self {
+        let settings = setpoint::config::PluginConfig {
+            workers,
+            queue_size,
+            ..Default::default()
+        };
+        let engine = settings.engine();
+        let plugin = runtime
+            .load(&plugin_path("hello"), settings, store.clone())
+            .await
+            .unwrap();
+        let manager = setpoint::controller::Manager::new(
+            store.clone(),
+            std::sync::Arc::new(setpoint::leader::AlwaysLeader::default()),
+            std::sync::Arc::new(setpoint::metrics::Metrics::new()),
+        );
+        let stop = tokio_util::sync::CancellationToken::new();
+        let flusher = tokio::spawn(
+            store
+                .clone()
+                .flush_every(Duration::from_secs(1), stop.clone()),
+        );
+        Self {
+            manager,
+            controller: Some((plugin, engine)),
+            stop,
+            flusher,
+        }
+    }
+
+    /// Start the controller: it lists the store and reconciles.
+    pub fn start(&mut self) {
+        let (plugin, engine) = self.controller.take().expect("started once");
+        self.manager.add(plugin, engine).unwrap();
+    }
+
+    /// Stop the controller, then the flusher.
+    pub async fn stop(self) {
+        self.manager.shutdown().await;
+        self.stop.cancel();
+        self.flusher.await.unwrap();
+    }
 }
