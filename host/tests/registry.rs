@@ -149,6 +149,44 @@ async fn every_failed_check_refuses_the_swap_and_the_running_version_keeps_servi
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn swapping_back_to_a_kept_version_reuses_it_unless_its_settings_changed() {
+    let rig = new_rig(BTreeMap::new());
+    let hello = plugin_path("hello");
+    rig.registry.load(PluginSpec::new(&hello)).await.unwrap();
+    let active = || {
+        rig.registry
+            .manager()
+            .controller("hello")
+            .unwrap()
+            .plugin()
+            .unwrap()
+    };
+    let first = active();
+    rig.registry
+        .swap("hello", PluginSpec::new(plugin_path("hello-py")))
+        .await
+        .unwrap();
+    assert!(!active().is_same_load(&first));
+    rig.registry
+        .swap("hello", PluginSpec::new(&hello))
+        .await
+        .unwrap();
+    assert!(active().is_same_load(&first), "the kept load is reused");
+    // Other limits: a new load.
+    let mut tighter = PluginSpec::new(&hello);
+    tighter.settings.limits.max_reconcile_time = Duration::from_secs(1);
+    rig.registry.swap("hello", tighter).await.unwrap();
+    assert!(!active().is_same_load(&first));
+    assert_eq!(
+        active().settings().limits.max_reconcile_time,
+        Duration::from_secs(1)
+    );
+    let key = rig.greet("after", "after");
+    rig.greeted(&key, "after").await;
+    rig.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_manifest_gets_only_the_capabilities_it_asks_for_and_the_operator_grants() {
     let data = tempfile::tempdir().unwrap();
     let operator = Grants {

@@ -15,8 +15,8 @@ use super::cache::{CacheOutcome, CompileCache, sha256_hex};
 use super::compat;
 use super::imports::{HostContext, HostState};
 use super::instance::{self, CallError, Instance};
-use super::wit;
 use super::settings::{Grants, RuntimeConfig, Settings};
+use super::wit;
 use crate::store::Store;
 
 /// Why a file could not become a plugin. Each message is one paragraph that says
@@ -472,6 +472,12 @@ impl Plugin {
                 report: inner.report.clone(),
             }),
         }
+    }
+
+    /// True if `other` is this very load (a clone of it), not another load
+    /// of the same file.
+    pub fn is_same_load(&self, other: &Plugin) -> bool {
+        Arc::ptr_eq(&self.inner, &other.inner)
     }
 
     /// True if the component exports `pruner`.

@@ -42,7 +42,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use serde::Serialize;
 
 use crate::controller::{KnownKinds, Manager, ManagerError};
-use crate::plugin::{CacheOutcome, Grants, Plugin, Runtime};
+use crate::plugin::{CacheOutcome, Grants, Plugin, Runtime, Settings};
 use crate::store::{Store, now_ms};
 
 mod spec;
@@ -203,7 +203,7 @@ impl Registry {
             .map(str::to_string)
             .or_else(|| spec.settings.name.clone())
             .unwrap_or_else(|| name_of_path(&spec.path));
-        let loaded = self.load_checked(spec).await;
+        let loaded = self.load_checked(name, spec).await;
         let metrics = self.manager.metrics();
         let outcome = match &loaded {
             Ok(p) if p.report().cache == CacheOutcome::Hit => "cached",
@@ -245,24 +245,39 @@ impl Registry {
 
     /// Read, pin-check, load, and hold to the spec: the plugin with the grants
     /// it is to run with.
-    async fn load_checked(&self, spec: &PluginSpec) -> Result<Plugin, String> {
+    /// A version of the running `name` kept compiled, loaded from the same
+    /// file, bytes and settings: swapping back to it needs no compile,
+    /// deserialization or `describe()`, as a rollback.
+    async fn load_checked(&self, name: Option<&str>, spec: &PluginSpec) -> Result<Plugin, String> {
         let bytes = self
             .runtime
             .read(&spec.path)
             .await
             .map_err(|e| e.to_string())?;
-        spec.expect
-            .check_sha256(&spec.path, &crate::plugin::sha256_hex(&bytes))?;
+        let sha256 = crate::plugin::sha256_hex(&bytes);
+        spec.expect.check_sha256(&spec.path, &sha256)?;
         let mut settings = spec.settings.clone();
         if spec.capabilities.is_some() {
             // Nothing until the request is checked against the grants.
             settings.grants = Grants::default();
         }
-        let plugin = self
-            .runtime
-            .load_bytes(&spec.path, bytes, settings, self.store.clone())
-            .await
-            .map_err(|e| e.to_string())?;
+        let kept = name.and_then(|name| {
+            self.kept(
+                name,
+                &spec.path,
+                &sha256,
+                &settings,
+                spec.capabilities.is_some(),
+            )
+        });
+        let plugin = match kept {
+            Some(plugin) => plugin,
+            None => self
+                .runtime
+                .load_bytes(&spec.path, bytes, settings, self.store.clone())
+                .await
+                .map_err(|e| e.to_string())?,
+        };
         spec.expect.check(&plugin)?;
         let Some(asked) = &spec.capabilities else {
             return Ok(plugin);
@@ -271,6 +286,29 @@ impl Registry {
         let offered = self.settings.grants.get(name).or(spec.granted.as_ref());
         let grants = asked.granted_by(name, offered)?;
         Ok(plugin.with_grants(grants))
+    }
+
+    fn kept(
+        &self,
+        name: &str,
+        path: &Path,
+        sha256: &str,
+        settings: &Settings,
+        regrant: bool,
+    ) -> Option<Plugin> {
+        let entries = self.entries();
+        entries.get(name)?.versions.iter().rev().find_map(|v| {
+            let p = v.plugin.as_ref()?;
+            let mut loaded_with = p.settings().clone();
+            // Every version kept under `name` runs under that name.
+            loaded_with.name = settings.name.clone();
+            if regrant {
+                // Granted after loading, from the capabilities asked for.
+                loaded_with.grants = Grants::default();
+            }
+            let same = p.report().sha256 == sha256 && p.report().path == path;
+            (same && p.info().name == name && loaded_with == *settings).then(|| p.clone())
+        })
     }
 
     fn record(&self, name: &str, version: Version) {
