@@ -274,14 +274,22 @@ fn swaps_and_a_rollback_under_load_lose_no_key_double_no_run_and_route_new_work_
         "not done: {:?}",
         &not_done[..not_done.len().min(5)]
     );
-    let controller = get_json(&format!("{url}/v1/controllers"));
-    let controller = controller
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|c| c["name"] == "swaptest")
-        .unwrap()
-        .clone();
+    // A key's last call writes its status before it returns: wait until no
+    // call is left in flight before reading the controller's counters.
+    let controller = || {
+        get_json(&format!("{url}/v1/controllers"))
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|c| c["name"] == "swaptest")
+            .unwrap()
+            .clone()
+    };
+    eventually("the controller is idle", LIMIT, || {
+        let c = controller();
+        c["in-flight"] == 0 && c["queue-depth"] == 0 && c["pending-timers"] == 0
+    });
+    let controller = controller();
     assert_eq!(controller["swaps"], 9, "two warm-up swaps, six, a rollback");
     assert_eq!(controller["plugin-version"], V2);
     let reconciled_by = started.elapsed();
