@@ -99,16 +99,23 @@ impl Daemon {
         }
     }
 
-    /// Wait for a log line containing `needle`, and return it.
+    /// Wait for a log line containing `needle`, and return it. Each line is
+    /// looked at once (a daemon under load logs a line per reconcile).
     pub fn wait_for(&mut self, needle: &str) -> String {
+        if let Some(line) = self.log.iter().find(|l| l.contains(needle)) {
+            return line.clone();
+        }
         let deadline = Instant::now() + Duration::from_secs(60);
         loop {
-            if let Some(line) = self.log.iter().find(|l| l.contains(needle)) {
-                return line.clone();
-            }
             let left = deadline.saturating_duration_since(Instant::now());
             match self.lines.recv_timeout(left) {
-                Ok(line) => self.log.push(line),
+                Ok(line) => {
+                    let found = line.contains(needle);
+                    self.log.push(line);
+                    if found {
+                        return self.log.last().unwrap().clone();
+                    }
+                }
                 Err(_) => panic!("no {needle:?} in the log: {:#?}", self.log),
             }
         }

@@ -1,5 +1,5 @@
 //! A `setpoint run` child process for the report-style tasks (`api-latency`,
-//! `soak`): the debug binary on a temporary configuration, its log in a file,
+//! `soak`, `swap-bench`): the debug (or release) binary on a temporary configuration, its log in a file,
 //! and a plain blocking HTTP client for its API.
 
 use std::collections::BTreeMap;
@@ -13,13 +13,34 @@ use anyhow::{Context, bail};
 /// target/debug/setpoint, built first unless `build` is false, and the plugin
 /// components `plugins` (names without `.wasm`), built if any is missing.
 pub fn prepare(root: &Path, build: bool, plugins: &[&str]) -> anyhow::Result<(PathBuf, PathBuf)> {
+    prepare_profile(root, build, false, plugins)
+}
+
+/// [`prepare`], with target/release/setpoint (built with `--release`) when
+/// `release` is true.
+pub fn prepare_profile(
+    root: &Path,
+    build: bool,
+    release: bool,
+    plugins: &[&str],
+) -> anyhow::Result<(PathBuf, PathBuf)> {
+    let (profile, flag) = if release {
+        ("release", " --release")
+    } else {
+        ("debug", "")
+    };
     if build {
-        crate::run(Command::new(crate::cargo()).args(["build", "--quiet", "-p", "setpoint"]))?;
+        let mut cargo = Command::new(crate::cargo());
+        cargo.args(["build", "--quiet", "-p", "setpoint"]);
+        if release {
+            cargo.arg("--release");
+        }
+        crate::run(&mut cargo)?;
     }
-    let bin = root.join("target/debug/setpoint");
+    let bin = root.join("target").join(profile).join("setpoint");
     if !bin.exists() {
         bail!(
-            "{} is missing: run `cargo build -p setpoint` (or drop --no-build)",
+            "{} is missing: run `cargo build -p setpoint{flag}` (or drop --no-build)",
             bin.display()
         );
     }

@@ -8,6 +8,9 @@
 //!   (target/debug/setpoint with the `hostile` plugin; see BENCHMARKS.md).
 //! - `soak`: writers against a daemon for a while, then check that it settles
 //!   with every object done and no worker panic (see BENCHMARKS.md).
+//! - `swap-bench`: hot-swap latency (to the first reconcile on the new version)
+//!   and reconcile throughput during back-to-back swaps (target/release/setpoint
+//!   with the `swaptest` plugins; see BENCHMARKS.md).
 //!
 //! Each task installs what it is missing. For plugins that means a wasm32-wasip2
 //! toolchain: rustup's target where rustup can download it, otherwise Debian's
@@ -27,6 +30,7 @@ use clap::{Parser, Subcommand};
 mod api_latency;
 mod daemon;
 mod soak;
+mod swap_bench;
 
 #[derive(Parser)]
 #[command(name = "cargo xtask")]
@@ -86,6 +90,27 @@ enum Task {
         #[arg(long)]
         seed: Option<u64>,
         /// Use target/debug/setpoint as it is instead of building it first.
+        #[arg(long)]
+        no_build: bool,
+    },
+    /// Hot-swap latency and reconcile throughput during swaps (swaptest plugins).
+    SwapBench {
+        /// Latency samples per case (each case: Rust swap, swap to Python, rollback).
+        #[arg(long, default_value_t = 100)]
+        swaps: usize,
+        /// Objects reconciled in each throughput round.
+        #[arg(long, default_value_t = 20000)]
+        objects: usize,
+        /// Throughput rounds, each once without swaps and once per pause.
+        #[arg(long, default_value_t = 5)]
+        rounds: usize,
+        /// Pauses in ms between swaps for the rounds with swaps (0: back to back).
+        #[arg(long, value_delimiter = ',', default_value = "0,10,100")]
+        pauses: Vec<u64>,
+        /// Run target/debug/setpoint instead of target/release/setpoint.
+        #[arg(long)]
+        debug: bool,
+        /// Use the binary as it is instead of building it first.
         #[arg(long)]
         no_build: bool,
     },
@@ -216,6 +241,26 @@ fn main() -> anyhow::Result<()> {
                     objects,
                     writers,
                     seed,
+                    build: !no_build,
+                },
+            )?;
+        }
+        Task::SwapBench {
+            swaps,
+            objects,
+            rounds,
+            pauses,
+            debug,
+            no_build,
+        } => {
+            swap_bench::run(
+                &root,
+                swap_bench::Args {
+                    swaps,
+                    objects,
+                    rounds,
+                    pauses,
+                    debug,
                     build: !no_build,
                 },
             )?;
