@@ -394,3 +394,88 @@ fn run_serves_controller_status_and_metrics_that_promtool_accepts() {
     );
     assert!(daemon.interrupt().success());
 }
+
+/// Run `setpoint ARGS` in `dir`: (success, stdout, stderr).
+fn run_in(dir: &std::path::Path, args: &[&str]) -> (bool, String, String) {
+    let output = setpoint(&dir.join("cache"))
+        .current_dir(dir)
+        .args(args)
+        .output()
+        .unwrap();
+    let (out, err) = texts(&output);
+    (output.status.success(), out, err)
+}
+
+#[test]
+fn keygen_sign_and_verify_and_a_daemon_that_requires_signatures() {
+    let home = tempfile::tempdir().unwrap();
+    let dir = home.path();
+    let run = |args: &[&str]| run_in(dir, args);
+    assert!(run(&["plugin", "keygen", "--out", "alice"]).0);
+    assert!(run(&["plugin", "keygen", "--out", "mallory"]).0);
+    let (ok, _, err) = run(&["plugin", "keygen", "--out", "alice"]);
+    assert!(!ok && err.contains("alice.key exists"), "{err}");
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(dir.join("alice.key"))
+            .unwrap()
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o777, 0o600);
+    }
+    std::fs::copy(plugin("hello"), dir.join("hello.wasm")).unwrap();
+    std::fs::write(
+        dir.join("hello.toml"),
+        "name = \"hello\"\nversion = \"0.1.0\"\n",
+    )
+    .unwrap();
+    let (ok, out, err) = run(&["plugin", "sign", "hello.wasm", "--key", "alice.key"]);
+    assert!(ok, "{err}");
+    assert!(out.contains("name \"hello\", version \"0.1.0\""), "{out}");
+    let (ok, out, err) = run(&["plugin", "verify", "hello.wasm", "--key", "alice.pub"]);
+    assert!(ok, "{err}");
+    assert!(out.contains("signature verified, by alice.pub"), "{out}");
+    let (ok, _, err) = run(&["plugin", "verify", "hello.wasm", "--key", "mallory.pub"]);
+    assert!(!ok && err.contains("does not accept"), "{err}");
+    // The manifest's version is covered: changing it breaks the signature.
+    std::fs::write(
+        dir.join("hello.toml"),
+        "name = \"hello\"\nversion = \"0.1.1\"\n",
+    )
+    .unwrap();
+    let (ok, _, err) = run(&["plugin", "verify", "hello.wasm", "--key", "alice.pub"]);
+    assert!(!ok && err.contains("does not match"), "{err}");
+    std::fs::write(
+        dir.join("hello.toml"),
+        "name = \"hello\"\nversion = \"0.1.0\"\n",
+    )
+    .unwrap();
+
+    // A daemon that requires alice's signature: the signed hello runs, the
+    // unsigned files is refused and reported, naming the check.
+    std::fs::copy(plugin("files"), dir.join("files.wasm")).unwrap();
+    let config = dir.join("setpoint.toml");
+    std::fs::write(
+        &config,
+        "[store]\nin-memory = true\n[api]\nlisten = \"127.0.0.1:0\"\n\
+         [trust]\nkeys = { alice = \"alice.pub\" }\nrequire-signature = true\n\
+         [[plugin]]\npath = \"hello.wasm\"\nname = \"hello\"\nversion = \"0.1.0\"\n\
+         [[plugin]]\npath = \"files.wasm\"\n",
+    )
+    .unwrap();
+    let mut d = Daemon::start_in(dir, &["--config", config.to_str().unwrap()]);
+    let url = d.url();
+    let (ok, out, err) = run(&["--server", &url, "plugin", "ls"]);
+    assert!(ok, "{err}");
+    let line = |name: &str| {
+        out.lines()
+            .find(|l| l.starts_with(name))
+            .unwrap_or_else(|| panic!("no {name} in {out}"))
+            .to_string()
+    };
+    assert!(line("hello ").contains("running"), "{out}");
+    assert!(line("files ").contains("failed"), "{out}");
+    assert!(line("files ").contains("is not signed"), "{out}");
+    assert!(d.interrupt().success());
+}

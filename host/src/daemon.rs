@@ -77,6 +77,7 @@ impl Daemon {
                 manager.clone(),
                 RegistrySettings {
                     grants: config.grants.clone(),
+                    trust: config.trust.policy()?,
                     ..RegistrySettings::default()
                 },
             )

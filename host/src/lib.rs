@@ -36,3 +36,4 @@ pub mod registry;
 pub mod scaffold;
 pub mod source;
 pub mod store;
+pub mod trust;

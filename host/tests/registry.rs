@@ -21,6 +21,7 @@ use setpoint::object::{Object, ObjectKey};
 use setpoint::plugin::{Capabilities, DirGrant, DirRequest, Grants};
 use setpoint::registry::{PluginSpec, Registry, RegistrySettings};
 use setpoint::store::{Phase, Store, finalizer_of};
+use setpoint::trust::{Policy, Rule, SecretKey, Signed, signature_path};
 
 struct Rig {
     _cache: tempfile::TempDir,
@@ -29,6 +30,10 @@ struct Rig {
 }
 
 fn new_rig(grants: BTreeMap<String, Grants>) -> Rig {
+    new_rig_with(grants, Policy::default())
+}
+
+fn new_rig_with(grants: BTreeMap<String, Grants>, trust: Policy) -> Rig {
     let cache = tempfile::tempdir().unwrap();
     let store = Store::new();
     let manager = Arc::new(Manager::new(
@@ -42,6 +47,7 @@ fn new_rig(grants: BTreeMap<String, Grants>) -> Rig {
         manager,
         RegistrySettings {
             grants,
+            trust,
             ..RegistrySettings::default()
         },
     )
@@ -145,6 +151,60 @@ async fn every_failed_check_refuses_the_swap_and_the_running_version_keeps_servi
         let key = rig.greet(&who, &who);
         rig.greeted(&key, &who).await;
     }
+    rig.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_swap_to_other_kinds_holds_the_added_ones_and_keeps_the_dropped_ones_finalizer() {
+    let rig = new_rig(BTreeMap::new());
+    rig.registry
+        .load(PluginSpec::new(plugin_path("hello")))
+        .await
+        .unwrap();
+    let greeting = rig.greet("before", "before");
+    rig.greeted(&greeting, "before").await;
+    // An object of a kind only the next version reconciles, stored first.
+    let noop = Object::new("Noop", "", "n", json!({}));
+    let noop = rig.store.apply(noop).unwrap().object.key();
+
+    // `bench` reconciles Noop and Work, not Greeting, under the name hello.
+    let view = rig
+        .registry
+        .swap("hello", PluginSpec::new(plugin_path("bench")))
+        .await
+        .unwrap();
+    let mut kinds = view.kinds.clone();
+    kinds.sort();
+    assert_eq!(kinds, ["Noop", "Work"]);
+    wait_until("the object of the added kind is reconciled", LIMIT, || {
+        rig.store
+            .status(&noop)
+            .is_some_and(|s| s.phase == Phase::Done)
+    })
+    .await;
+    let held = Object::new("Work", "", "w", json!({ "services": [] }));
+    let held = rig.store.apply(held).unwrap().object;
+    assert!(held.metadata.finalizers.contains(&finalizer_of("hello")));
+    assert!(!rig.registry.kinds().contains_key("Greeting"));
+
+    // The dropped kind's object keeps the finalizer: its delete waits.
+    rig.store.delete(&greeting, None).unwrap();
+    let deleting = rig.store.get(&greeting).expect("held");
+    assert!(
+        deleting
+            .metadata
+            .finalizers
+            .contains(&finalizer_of("hello"))
+    );
+    // Swapping back takes Greeting up again and finishes the delete.
+    rig.registry
+        .swap("hello", PluginSpec::new(plugin_path("hello")))
+        .await
+        .unwrap();
+    wait_until("the delete completes", LIMIT, || {
+        rig.store.get(&greeting).is_none()
+    })
+    .await;
     rig.shutdown().await;
 }
 
@@ -348,4 +408,92 @@ fn a_config_table_is_an_inline_manifest() {
     assert_eq!(spec.expect.kinds, Some(vec!["Greeting".to_string()]));
     assert_eq!(spec.capabilities.unwrap().env, ["A"]);
     assert_eq!(spec.granted, Some(Grants::default()));
+}
+
+/// `file` signed by `key` (no manifest: empty name and version).
+fn sign(file: &Path, key: &SecretKey) {
+    let signed = Signed {
+        sha256: sha256_of(file),
+        name: String::new(),
+        version: String::new(),
+    };
+    std::fs::write(signature_path(file), key.sign(&signed) + "\n").unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn signatures_are_checked_before_load_and_swap() {
+    let publisher = SecretKey::generate().unwrap();
+    let stranger = SecretKey::generate().unwrap();
+    let trust = Policy {
+        keys: [("publisher".to_string(), publisher.public())].into(),
+        rule: Rule {
+            require_signature: true,
+            ..Rule::default()
+        },
+        plugins: BTreeMap::new(),
+    };
+    let rig = new_rig_with(BTreeMap::new(), trust);
+    let dir = tempfile::tempdir().unwrap();
+    let copy = |name: &str| {
+        let to = dir.path().join(format!("{name}.wasm"));
+        std::fs::copy(plugin_path(name), &to).unwrap();
+        to
+    };
+
+    // Signed by the trusted key: loads.
+    let hello = copy("hello");
+    sign(&hello, &publisher);
+    rig.registry.load(PluginSpec::new(&hello)).await.unwrap();
+    let serving = sha256_of(&hello);
+
+    // One flipped byte in a signed component: refused, naming the key.
+    let py = copy("hello-py");
+    sign(&py, &publisher);
+    let mut bytes = std::fs::read(&py).unwrap();
+    let last = bytes.len() - 1;
+    bytes[last] ^= 1;
+    std::fs::write(&py, &bytes).unwrap();
+    let err = rig
+        .registry
+        .swap("hello", PluginSpec::new(&py))
+        .await
+        .unwrap_err();
+    assert!(err.to_string().contains("does not match"), "{err}");
+    assert!(err.to_string().contains("publisher"), "{err}");
+
+    // Signed by a key the policy does not trust: refused, naming the key id.
+    let js = copy("hello-js");
+    sign(&js, &stranger);
+    let err = rig
+        .registry
+        .swap("hello", PluginSpec::new(&js))
+        .await
+        .unwrap_err();
+    assert!(err.to_string().contains("does not accept"), "{err}");
+    assert!(err.to_string().contains(&stranger.public().id()), "{err}");
+
+    // Unsigned: refused, and the old version keeps serving.
+    std::fs::remove_file(signature_path(&js)).unwrap();
+    let err = rig
+        .registry
+        .swap("hello", PluginSpec::new(&js))
+        .await
+        .unwrap_err();
+    assert!(err.to_string().contains("is not signed"), "{err}");
+    assert!(
+        err.to_string().contains(&publisher.public().id()),
+        "the keys tried are named: {err}"
+    );
+    let view = rig.registry.view("hello").unwrap();
+    assert_eq!(view.sha256.as_deref(), Some(serving.as_str()));
+    let key = rig.greet("still", "still");
+    rig.greeted(&key, "still").await;
+
+    // Once signed by the trusted key, the swap goes through.
+    sign(&js, &publisher);
+    rig.registry
+        .swap("hello", PluginSpec::new(&js))
+        .await
+        .unwrap();
+    rig.shutdown().await;
 }

@@ -47,6 +47,84 @@ pub struct Config {
     /// capabilities, by plugin name: `[grants.NAME]` with `dirs`, `env` and
     /// `stdio`, as in a `[[plugin]]` table's `grants`.
     pub grants: BTreeMap<String, Grants>,
+    /// Whose signatures plugins need before they load (see [`TrustConfig`]).
+    /// Absent: no signature is required (the `sha256` pins still hold).
+    pub trust: TrustConfig,
+}
+
+/// The trust policy: trusted public keys, and which plugins need signatures
+/// by which of them (modelled on Kubewarden's verification config).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields, rename_all = "kebab-case")]
+pub struct TrustConfig {
+    /// Trusted keys by name: a public key's text (`setpoint-public-key
+    /// ed25519 ...`) or the file holding it (`setpoint plugin keygen` writes
+    /// `NAME.pub`).
+    pub keys: BTreeMap<String, String>,
+    /// Every plugin needs `minimum-matches` valid signatures by `any-of`.
+    pub require_signature: bool,
+    /// The keys (by name) that count; empty: every trusted key.
+    pub any_of: Vec<String>,
+    pub minimum_matches: usize,
+    /// Rules for some plugins by name, replacing the global one for them.
+    pub plugins: BTreeMap<String, crate::trust::Rule>,
+}
+
+impl Default for TrustConfig {
+    fn default() -> Self {
+        Self {
+            keys: BTreeMap::new(),
+            require_signature: false,
+            any_of: Vec::new(),
+            minimum_matches: 1,
+            plugins: BTreeMap::new(),
+        }
+    }
+}
+
+impl TrustConfig {
+    /// The policy, with every key read and parsed; `Err` names the key.
+    pub fn policy(&self) -> anyhow::Result<crate::trust::Policy> {
+        let mut keys = BTreeMap::new();
+        for (name, value) in &self.keys {
+            let text = if value.trim_start().starts_with("setpoint-public-key") {
+                value.clone()
+            } else {
+                std::fs::read_to_string(value)
+                    .with_context(|| format!("trust.keys.{name}: cannot read key file {value}"))?
+            };
+            let key = crate::trust::PublicKey::parse(&text)
+                .map_err(|e| anyhow::anyhow!("trust.keys.{name}: {e}"))?;
+            keys.insert(name.clone(), key);
+        }
+        Ok(crate::trust::Policy {
+            keys,
+            rule: crate::trust::Rule {
+                require_signature: self.require_signature,
+                any_of: self.any_of.clone(),
+                minimum_matches: self.minimum_matches,
+            },
+            plugins: self.plugins.clone(),
+        })
+    }
+
+    fn check(&self) -> anyhow::Result<()> {
+        let rules = std::iter::once(("trust".to_string(), &self.any_of, self.minimum_matches))
+            .chain(
+                self.plugins
+                    .iter()
+                    .map(|(n, r)| (format!("trust.plugins.{n}"), &r.any_of, r.minimum_matches)),
+            );
+        for (at, any_of, minimum) in rules {
+            if let Some(unknown) = any_of.iter().find(|k| !self.keys.contains_key(*k)) {
+                bail!("{at}.any-of names key {unknown:?}, which is not in trust.keys");
+            }
+            if minimum == 0 {
+                bail!("{at}.minimum-matches must be at least 1");
+            }
+        }
+        Ok(())
+    }
 }
 
 impl Default for Config {
@@ -61,6 +139,7 @@ impl Default for Config {
             api: ApiConfig::default(),
             store: StoreConfig::default(),
             grants: BTreeMap::new(),
+            trust: TrustConfig::default(),
         }
     }
 }
@@ -184,6 +263,13 @@ impl Config {
         for grants in self.grants.values_mut() {
             grants.dirs.iter_mut().for_each(|d| fix(&mut d.host));
         }
+        for key in self.trust.keys.values_mut() {
+            if !key.trim_start().starts_with("setpoint-public-key") {
+                let mut path = PathBuf::from(&*key);
+                fix(&mut path);
+                *key = path.display().to_string();
+            }
+        }
     }
 
     /// Refuse settings that cannot work, saying which and why.
@@ -195,6 +281,7 @@ impl Config {
         if self.runtime.epoch_tick.is_zero() {
             bail!("runtime.epoch-tick must be more than 0");
         }
+        self.trust.check()?;
         for (i, p) in self.plugins.iter().enumerate() {
             p.check(
                 &format!("plugin #{} ({})", i + 1, p.path.display()),

@@ -266,6 +266,7 @@ impl PluginConfig {
             settings: self.settings(),
             engine: self.engine(),
             expect: Expect {
+                name: self.name.clone(),
                 sha256: self.sha256.clone(),
                 version: self.version.clone(),
                 kinds: self.kinds.clone(),

@@ -44,6 +44,7 @@ use serde::Serialize;
 use crate::controller::{KnownKinds, Manager, ManagerError};
 use crate::plugin::{CacheOutcome, Grants, Plugin, Runtime, Settings};
 use crate::store::{Store, now_ms};
+use crate::trust::{Policy, Signed, signature_path};
 
 mod spec;
 
@@ -60,6 +61,8 @@ pub struct RegistrySettings {
     /// What the operator grants each plugin, by name: what a manifest's
     /// capabilities are checked against.
     pub grants: GrantTable,
+    /// Whose signatures a component needs before it loads.
+    pub trust: Policy,
 }
 
 impl Default for RegistrySettings {
@@ -67,6 +70,7 @@ impl Default for RegistrySettings {
         Self {
             keep: 3,
             grants: GrantTable::new(),
+            trust: Policy::default(),
         }
     }
 }
@@ -256,6 +260,21 @@ impl Registry {
             .map_err(|e| e.to_string())?;
         let sha256 = crate::plugin::sha256_hex(&bytes);
         spec.expect.check_sha256(&spec.path, &sha256)?;
+        let signed = Signed {
+            sha256: sha256.clone(),
+            name: spec.expect.name.clone().unwrap_or_default(),
+            version: spec.expect.version.clone().unwrap_or_default(),
+        };
+        let signatures = tokio::fs::read_to_string(signature_path(&spec.path))
+            .await
+            .ok();
+        let under = name
+            .map(str::to_string)
+            .or_else(|| spec.settings.name.clone())
+            .unwrap_or_else(|| name_of_path(&spec.path));
+        self.settings
+            .trust
+            .check(&under, &signed, signatures.as_deref())?;
         let mut settings = spec.settings.clone();
         if spec.capabilities.is_some() {
             // Nothing until the request is checked against the grants.

@@ -49,6 +49,9 @@ impl PluginSpec {
 /// Pins a manifest puts on the component it names.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Expect {
+    /// The manifest's name: what a signature covers, with `sha256` and
+    /// `version` (the name the plugin runs under is [`Settings::name`]).
+    pub name: Option<String>,
     /// The component's sha256, in hex.
     pub sha256: Option<String>,
     /// The version its `describe()` must give.

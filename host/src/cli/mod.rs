@@ -1,5 +1,7 @@
 //! The `setpoint` command line.
 
+mod sign;
+
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
@@ -20,7 +22,7 @@ use crate::plugin::{CONTRACT_VERSION, PACKAGE, Runtime, SUPPORTED_VERSIONS, WORL
 use crate::store::Store;
 
 /// The example objects `setpoint run` applies when it runs without `--config`.
-const EXAMPLE_OBJECTS: &str = include_str!("../../examples/objects.yaml");
+const EXAMPLE_OBJECTS: &str = include_str!("../../../examples/objects.yaml");
 
 /// Setpoint: a host for control loops written as WebAssembly components.
 #[derive(Debug, Parser)]
@@ -191,6 +193,36 @@ pub enum PluginCommand {
     },
     /// A plugin's versions: loaded, failed, active.
     History { name: String },
+    /// Make a signing key pair: PREFIX.key (secret, mode 0600) and PREFIX.pub.
+    Keygen {
+        #[arg(long, default_value = "setpoint")]
+        out: PathBuf,
+    },
+    /// Sign a component into FILE.sig: its sha256 with its manifest's name and
+    /// version (NAME.toml beside it), as the daemon's trust policy checks it.
+    Sign {
+        file: PathBuf,
+        /// The secret key (from `setpoint plugin keygen`).
+        #[arg(long)]
+        key: PathBuf,
+        /// The name to sign instead of the manifest's (e.g. a `[[plugin]]` table's).
+        #[arg(long)]
+        name: Option<String>,
+        /// The version to sign instead of the manifest's.
+        #[arg(long = "plugin-version")]
+        version: Option<String>,
+    },
+    /// Check FILE.sig against public keys: succeeds if one of them signed it.
+    Verify {
+        file: PathBuf,
+        /// A public key file; repeat for several.
+        #[arg(long = "key", required = true)]
+        keys: Vec<PathBuf>,
+        #[arg(long)]
+        name: Option<String>,
+        #[arg(long = "plugin-version")]
+        version: Option<String>,
+    },
 }
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
@@ -228,6 +260,27 @@ impl Cli {
             Command::Plugin {
                 command: PluginCommand::Inspect { file, json },
             } => inspect(&file, json).await,
+            Command::Plugin {
+                command: PluginCommand::Keygen { out },
+            } => sign::keygen(&out),
+            Command::Plugin {
+                command:
+                    PluginCommand::Sign {
+                        file,
+                        key,
+                        name,
+                        version,
+                    },
+            } => sign::sign(&file, &key, name, version),
+            Command::Plugin {
+                command:
+                    PluginCommand::Verify {
+                        file,
+                        keys,
+                        name,
+                        version,
+                    },
+            } => sign::verify(&file, &keys, name, version),
             Command::Plugin { command } => {
                 let client = Client::new(&self.server, self.token);
                 tokio::task::spawn_blocking(move || plugin_command(&client, command)).await?
@@ -334,7 +387,10 @@ fn plugin_command(client: &Client, command: PluginCommand) -> anyhow::Result<()>
         |value: serde_json::Value| Some(("application/json", value.to_string().into_bytes()));
     let absolute = |path: &Path| std::path::absolute(path).unwrap_or_else(|_| path.to_path_buf());
     let view = match command {
-        PluginCommand::Inspect { .. } => unreachable!("inspect runs locally"),
+        PluginCommand::Inspect { .. }
+        | PluginCommand::Keygen { .. }
+        | PluginCommand::Sign { .. }
+        | PluginCommand::Verify { .. } => unreachable!("these run locally"),
         PluginCommand::Ls => {
             let all = client.call("GET", "/v1/plugins", None)?.json()?;
             println!(
