@@ -28,6 +28,9 @@
 //! - A version whose manifest ([`PluginSpec`]) pins a sha256, a version or
 //!   kinds it does not have, or asks for a capability the operator did not
 //!   grant ([`RegistrySettings::grants`]), is refused, naming what differs.
+//! - A version the trust policy ([`RegistrySettings::trust`]) does not accept
+//!   (unsigned, changed after signing, or signed by keys it does not take) is
+//!   refused before it is compiled, naming the check and the keys tried.
 //! - The kinds a plugin that failed to load declares in its manifest stay
 //!   known ([`Registry::kinds`]): their objects are accepted and wait,
 //!   pending, held by its finalizer, until a version loads.
