@@ -187,11 +187,13 @@ fn a_full_reconciliation_prunes_a_stray_and_keeps_what_is_wanted() {
 fn kill_9_under_load_loses_no_acknowledged_object_and_finishes_pending_work_after_restart() {
     let home = tempfile::tempdir().unwrap();
     let (mut d, url) = daemon(home.path(), "", "");
-    // Slow objects on one worker: most are still pending when the process dies.
+    // Slow objects on one worker (6 s of work): most are still pending when
+    // the process dies, however slowly the writer below gets its 20 writes
+    // in (with 25 ms each, a busy CI machine once finished them all first).
     let slow: String = (0..40)
         .map(|i| {
             format!(
-                "kind: Hostile\nmetadata: {{name: s{i}}}\nspec: {{mode: slow, delay-ms: 25}}\n---\n"
+                "kind: Hostile\nmetadata: {{name: s{i}}}\nspec: {{mode: slow, delay-ms: 150}}\n---\n"
             )
         })
         .collect();
