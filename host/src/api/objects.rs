@@ -10,8 +10,7 @@ use axum::response::Response;
 use serde::{Deserialize, Serialize};
 
 use super::{ApiError, AppState, Path, Query, QueryParams, check_kind, read_body, respond};
-use crate::object::{Object, ObjectKey, parse_all, quote, shorten};
-use crate::object::Action;
+use crate::object::{Action, Object, ObjectKey, parse_all, quote, shorten};
 use crate::store::{Applied, ReconcileStatus, WaitError};
 
 /// The longest `/v1/wait` holds a request.

@@ -16,8 +16,7 @@ use crate::controller::{Controller, Settled};
 use crate::daemon::Daemon;
 use crate::leader::AlwaysLeader;
 use crate::metrics::Metrics;
-use crate::object::Action;
-use crate::object::{Object, parse_all};
+use crate::object::{Action, Object, parse_all};
 use crate::plugin::{CONTRACT_VERSION, PACKAGE, Runtime, SUPPORTED_VERSIONS, WORLD};
 use crate::store::Store;
 

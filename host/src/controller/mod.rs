@@ -58,13 +58,12 @@ use supervise::{panic_message, supervised};
 
 use crate::leader::{LeaderElector, until_leading};
 use crate::metrics::{ControllerMetrics, Metrics, ReconcileResult};
-use crate::object::{Object, ObjectKey};
+use crate::object::{Action, Object, ObjectKey};
 use crate::plugin::wit::{self, ReconcileError};
 use crate::plugin::{CallError, Plugin, object_to_wit};
 use crate::queue::{
     Added, Backoff, DequeuePolicy, EventRef, Fnv1a, QueueError, Timers, WorkQueue, WorkerHasher,
 };
-use crate::object::Action;
 use crate::store::{Change, Store, finalizer_of, now_ms};
 
 /// What a controller reports about itself.

@@ -171,6 +171,18 @@ async fn controllers_and_their_plugin_calls_run_on_the_runtime_they_are_given() 
 /// Every call a test reconciler saw: (version, key, attempt, state).
 type Calls = Arc<Mutex<Vec<(&'static str, String, u32, Vec<(String, String)>)>>>;
 
+/// Version `version` of plugin `swap` (kind Thing): logs each call to `calls`
+/// and succeeds.
+fn logging_done(version: &'static str, calls: &Calls) -> Arc<dyn Reconciler> {
+    let log = calls.clone();
+    FnReconciler::versioned("swap", version, &["Thing"], move |r: wit::Request| {
+        log.lock()
+            .unwrap()
+            .push((version, r.key.clone(), r.attempt, r.state.clone()));
+        async move { done() }
+    })
+}
+
 #[tokio::test(start_paused = true)]
 async fn a_swap_keeps_state_failure_count_and_a_pending_retry_for_the_new_version() {
     let rig = rig();
@@ -190,13 +202,7 @@ async fn a_swap_keeps_state_failure_count_and_a_pending_retry_for_the_new_versio
             }))
         }
     });
-    let log = calls.clone();
-    let v2 = FnReconciler::versioned("swap", "2", &["Thing"], move |r: wit::Request| {
-        log.lock()
-            .unwrap()
-            .push(("2", r.key.clone(), r.attempt, r.state.clone()));
-        async move { done() }
-    });
+    let v2 = logging_done("2", &calls);
     let controller = rig.manager.add_reconciler(v1, engine(2)).unwrap();
     let key = rig.apply("Thing", "r");
     tokio::time::sleep(Duration::from_secs(1)).await;
@@ -242,13 +248,7 @@ async fn a_reconcile_in_flight_finishes_on_the_old_version_and_later_work_runs_o
             done()
         }
     });
-    let log = calls.clone();
-    let v2 = FnReconciler::versioned("swap", "2", &["Thing"], move |r: wit::Request| {
-        log.lock()
-            .unwrap()
-            .push(("2", r.key.clone(), r.attempt, r.state.clone()));
-        async move { done() }
-    });
+    let v2 = logging_done("2", &calls);
     let controller = rig.manager.add_reconciler(v1, engine(1)).unwrap();
     let key = rig.apply("Thing", "a");
     tokio::time::sleep(Duration::from_millis(10)).await;

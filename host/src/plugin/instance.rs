@@ -16,9 +16,9 @@ use super::compat;
 use super::imports::HostState;
 use super::limits::{DeadlineExceeded, Limiter};
 use super::runtime::{Plugin, PluginInner};
+use super::settings::InstanceMode;
 use super::stderr::StderrTail;
 use super::wit;
-use super::settings::InstanceMode;
 
 /// Why a call into a plugin failed (as opposed to the plugin reporting an error).
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
