@@ -22,7 +22,7 @@ use cloudevents::AttributesReader;
 use cloudevents::event::Data;
 
 use super::objects::parse_objects;
-use super::{ApiError, AppState, check_kind, read_body, respond};
+use super::{ApiError, AppState, check_kinds, read_body, respond};
 use crate::object::{Object, ObjectKey};
 use crate::queue::QueueError;
 
@@ -51,7 +51,7 @@ pub async fn ingest(
     let (key, result) = match ty.as_str() {
         APPLY => {
             let object = data_object(content_type.as_deref(), data)?;
-            check_kind(&state, &object.kind)?;
+            check_kinds(&state, [object.kind.as_str()])?;
             state.manager.admit(std::slice::from_ref(&object)).await?;
             let applied = state.store.apply(object)?;
             let result = if applied.action.is_some() {
@@ -79,7 +79,7 @@ pub async fn ingest(
                 ))
             })?;
             let key = subject_key(&subject)?;
-            check_kind(&state, &key.kind)?;
+            check_kinds(&state, [key.kind.as_str()])?;
             if state.store.get(&key).is_none() {
                 return Err(ApiError::new(
                     StatusCode::NOT_FOUND,

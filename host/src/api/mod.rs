@@ -478,17 +478,25 @@ fn names(manager: &Manager) -> String {
 }
 
 /// Refuse a kind no plugin stands for (none reconciles it, and none that
-/// failed to load declares it): it would stay pending for ever.
-pub fn check_kind(state: &AppState, kind: &str) -> Result<(), ApiError> {
-    let kinds = match &state.registry {
+/// failed to load declares it): it would stay pending for ever. The known
+/// kinds are read once for all of `kinds`.
+pub fn check_kinds<'a>(
+    state: &AppState,
+    kinds: impl IntoIterator<Item = &'a str>,
+) -> Result<(), ApiError> {
+    let known = match &state.registry {
         Some(registry) => registry.kinds(),
         None => KnownKinds::kinds(state.manager.as_ref()),
     };
-    if kinds.contains_key(kind) {
-        return Ok(());
+    match kinds.into_iter().find(|k| !known.contains_key(*k)) {
+        None => Ok(()),
+        Some(kind) => Err(unknown_kind(&known, kind)),
     }
+}
+
+fn unknown_kind(kinds: &std::collections::BTreeMap<String, Vec<String>>, kind: &str) -> ApiError {
     let known: Vec<&str> = kinds.keys().map(String::as_str).collect();
-    Err(ApiError::new(
+    ApiError::new(
         StatusCode::UNPROCESSABLE_ENTITY,
         format!(
             "no plugin reconciles kind {}, so nothing would act on it; this host's \
@@ -500,7 +508,7 @@ pub fn check_kind(state: &AppState, kind: &str) -> Result<(), ApiError> {
                 known.join(", ")
             }
         ),
-    ))
+    )
 }
 
 /// Bind `addr` and serve until `shutdown`. Returns the bound address (useful with

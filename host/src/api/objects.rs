@@ -9,7 +9,7 @@ use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::Response;
 use serde::{Deserialize, Serialize};
 
-use super::{ApiError, AppState, Path, Query, QueryParams, check_kind, read_body, respond};
+use super::{ApiError, AppState, Path, Query, QueryParams, check_kinds, read_body, respond};
 use crate::object::{Action, Object, ObjectKey, parse_all, quote, shorten};
 use crate::store::{Applied, ReconcileStatus, WaitError};
 
@@ -179,9 +179,7 @@ async fn body_objects(
 ) -> Result<Vec<Object>, ApiError> {
     let bytes = read_body(body, state.max_body).await?;
     let objects = parse_objects(headers, &bytes)?;
-    for o in &objects {
-        check_kind(state, &o.kind)?;
-    }
+    check_kinds(state, objects.iter().map(|o| o.kind.as_str()))?;
     state.manager.admit(&objects).await?;
     Ok(objects)
 }
