@@ -70,6 +70,7 @@ impl Daemon {
                 .run_controllers_on(plugin_threads.handle()),
         );
         let runtime = Runtime::new(&config.runtime)?;
+        metrics.register_http_denied(runtime.http_denied().clone());
         let registry = Arc::new(
             Registry::new(
                 runtime,

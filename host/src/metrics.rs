@@ -432,6 +432,19 @@ impl Metrics {
     }
 
     /// Every metric in the OpenMetrics text format.
+    /// Export the plugin runtime's count of refused outgoing HTTP requests
+    /// as `setpoint_plugin_http_denied_total{plugin}`.
+    pub fn register_http_denied(&self, denied: crate::plugin::http::DeniedCounter) {
+        self.registry
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .register(
+                "setpoint_plugin_http_denied",
+                "Outgoing HTTP requests refused because their host is not granted",
+                denied,
+            );
+    }
+
     pub fn encode(&self) -> String {
         let mut out = String::new();
         let registry = self.registry.lock().unwrap_or_else(|e| e.into_inner());

@@ -18,7 +18,7 @@ use setpoint::controller::Manager;
 use setpoint::leader::AlwaysLeader;
 use setpoint::metrics::Metrics;
 use setpoint::object::{Object, ObjectKey};
-use setpoint::plugin::{Capabilities, DirGrant, DirRequest, Grants};
+use setpoint::plugin::{Capabilities, DirGrant, DirRequest, Grants, HttpCapability, HttpGrant};
 use setpoint::registry::{PluginSpec, Registry, RegistrySettings};
 use setpoint::store::{Phase, Store, finalizer_of};
 use setpoint::trust::{Policy, Rule, SecretKey, Signed, signature_path};
@@ -247,6 +247,77 @@ async fn swapping_back_to_a_kept_version_reuses_it_unless_its_settings_changed()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_plugin_importing_wasi_http_loads_only_with_an_http_grant() {
+    // No manifest, no grant: refused at load, naming the import.
+    let rig = new_rig(BTreeMap::new());
+    let err = rig
+        .registry
+        .load(PluginSpec::new(plugin_path("records")))
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("imports wasi:http/outgoing-handler"), "{err}");
+    assert!(err.contains("[grants.records]"), "{err}");
+    assert!(rig.registry.manager().controller("records").is_none());
+    // Asked for in the manifest, but the operator grants another host.
+    let spec = PluginSpec {
+        capabilities: Some(Capabilities {
+            http: Some(HttpCapability {
+                hosts: vec!["http://127.0.0.1:8080".into()],
+            }),
+            ..Capabilities::default()
+        }),
+        ..PluginSpec::new(plugin_path("records"))
+    };
+    rig.shutdown().await;
+    let elsewhere = Grants {
+        http: Some(HttpGrant {
+            hosts: vec!["api.example.com".into()],
+            ..HttpGrant::default()
+        }),
+        ..Grants::default()
+    };
+    let rig = new_rig(BTreeMap::from([("records".to_string(), elsewhere)]));
+    let err = rig
+        .registry
+        .load(spec.clone())
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("outgoing HTTP to http://127.0.0.1:8080, which is not granted"),
+        "{err}"
+    );
+    rig.shutdown().await;
+    // Granted (by a wider pattern): it runs with exactly the hosts it asked for.
+    let wider = Grants {
+        http: Some(HttpGrant {
+            hosts: vec!["127.0.0.1".into()],
+            ..HttpGrant::default()
+        }),
+        ..Grants::default()
+    };
+    let rig = new_rig(BTreeMap::from([("records".to_string(), wider)]));
+    let view = rig.registry.load(spec).await.unwrap();
+    assert_eq!(view.state, "running");
+    let plugin = rig
+        .registry
+        .manager()
+        .controller("records")
+        .unwrap()
+        .plugin()
+        .unwrap();
+    let http = plugin.settings().grants.http.clone().unwrap();
+    assert_eq!(http.hosts, ["http://127.0.0.1:8080"]);
+    // Plugins that do not import it load as before, with no grant.
+    rig.registry
+        .load(PluginSpec::new(plugin_path("hello")))
+        .await
+        .unwrap();
+    rig.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_manifest_gets_only_the_capabilities_it_asks_for_and_the_operator_grants() {
     let data = tempfile::tempdir().unwrap();
     let operator = Grants {
@@ -257,6 +328,7 @@ async fn a_manifest_gets_only_the_capabilities_it_asks_for_and_the_operator_gran
         }],
         env: BTreeMap::from([("UNASKED".to_string(), "x".to_string())]),
         stdio: false,
+        http: None,
     };
     let asks = Capabilities {
         dirs: vec![DirRequest {

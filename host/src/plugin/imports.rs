@@ -9,6 +9,9 @@ use std::sync::Arc;
 
 use wasmtime::component::ResourceTable;
 use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
+use wasmtime_wasi_http::{WasiHttpCtx, WasiHttpCtxView, WasiHttpView};
+
+use super::http::HttpHooks;
 
 use super::limits::Limiter;
 use super::wit::setpoint::reconciler::{clock, kv, log, objects, types};
@@ -26,6 +29,9 @@ pub struct HostContext {
 /// The data in every plugin `Store`.
 pub struct HostState {
     pub(super) wasi: WasiCtx,
+    pub(super) http: WasiHttpCtx,
+    /// What outgoing HTTP requests may reach.
+    pub(super) http_hooks: HttpHooks,
     pub(super) table: ResourceTable,
     pub(super) limiter: Limiter,
     pub(super) host: Arc<HostContext>,
@@ -44,6 +50,16 @@ impl WasiView for HostState {
         WasiCtxView {
             ctx: &mut self.wasi,
             table: &mut self.table,
+        }
+    }
+}
+
+impl WasiHttpView for HostState {
+    fn http(&mut self) -> WasiHttpCtxView<'_> {
+        WasiHttpCtxView {
+            ctx: &mut self.http,
+            table: &mut self.table,
+            hooks: &mut self.http_hooks,
         }
     }
 }

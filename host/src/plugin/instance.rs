@@ -13,6 +13,7 @@ use wasmtime::component::ResourceTable;
 use wasmtime_wasi::{FsPerms, WasiCtxBuilder};
 
 use super::compat;
+use super::http::HttpHooks;
 use super::imports::HostState;
 use super::limits::{DeadlineExceeded, Limiter};
 use super::runtime::{Plugin, PluginInner};
@@ -191,6 +192,12 @@ impl Live {
         wasi.stderr(stderr.clone());
         let state = HostState {
             wasi: wasi.build(),
+            http: wasmtime_wasi_http::WasiHttpCtx::new(),
+            http_hooks: HttpHooks {
+                policy: plugin.http.clone(),
+                plugin: plugin.host.plugin.as_str().into(),
+                denied: plugin.runtime.http_denied().clone(),
+            },
             table: ResourceTable::new(),
             limiter: Limiter::new(&settings.limits),
             host: plugin.host.clone(),

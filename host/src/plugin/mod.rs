@@ -15,6 +15,7 @@
 
 mod cache;
 mod compat;
+pub mod http;
 mod imports;
 mod instance;
 mod limits;
@@ -28,7 +29,8 @@ pub use imports::object_to_wit;
 pub use instance::{CallError, Instance};
 pub use runtime::{LoadError, LoadReport, Plugin, Runtime};
 pub use settings::{
-    Capabilities, DirGrant, DirRequest, Grants, InstanceMode, Limits, RuntimeConfig, Settings,
+    Capabilities, DirGrant, DirRequest, Grants, HttpCapability, HttpGrant, InstanceMode, Limits,
+    RuntimeConfig, Settings,
 };
 
 /// The WIT contract as Rust types, generated from `wit/` at build time.

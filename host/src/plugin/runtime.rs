@@ -13,6 +13,7 @@ use wasmtime::{Engine, InstanceAllocationStrategy, PoolingAllocationConfig};
 
 use super::cache::{CacheOutcome, CompileCache, sha256_hex};
 use super::compat;
+use super::http::{DeniedCounter, HttpPolicy, imports_outgoing_http};
 use super::imports::{HostContext, HostState};
 use super::instance::{self, CallError, Instance};
 use super::settings::{Grants, RuntimeConfig, Settings};
@@ -68,6 +69,8 @@ pub enum LoadError {
     Describe { path: PathBuf, reason: String },
     #[error("plugin {path}: {reason}")]
     Setup { path: PathBuf, reason: String },
+    #[error("{path}: {reason}")]
+    NotGranted { path: PathBuf, reason: String },
 }
 
 /// What one load did: which component, and whether it was compiled.
@@ -93,6 +96,7 @@ struct RuntimeInner {
     linker: Linker<HostState>,
     cache: CompileCache,
     epoch_tick: Duration,
+    http_denied: DeniedCounter,
     _ticker: EpochTicker,
 }
 
@@ -151,6 +155,9 @@ impl Runtime {
             .context("cannot configure the wasmtime engine")?;
         let mut linker = Linker::new(&engine);
         wasmtime_wasi::p2::add_to_linker_async(&mut linker)?;
+        // Linked for every plugin; only a granted one may import it, and its
+        // requests pass the allow-list (see `plugin::http`).
+        wasmtime_wasi_http::p2::add_only_http_to_linker_async(&mut linker)?;
         wit::PluginWithAdmission::add_to_linker::<_, HasSelf<_>>(&mut linker, |s| s)?;
         let cache = CompileCache::new(&engine, config.cache_dir());
         let ticker = EpochTicker::start(engine.clone(), config.epoch_tick);
@@ -160,6 +167,7 @@ impl Runtime {
                 linker,
                 cache,
                 epoch_tick: config.epoch_tick,
+                http_denied: DeniedCounter::default(),
                 _ticker: ticker,
             }),
         })
@@ -174,13 +182,20 @@ impl Runtime {
         &self.inner.cache
     }
 
+    /// Outgoing HTTP requests refused by the allow-list, by plugin: the
+    /// daemon exports it as `setpoint_plugin_http_denied_total`.
+    pub fn http_denied(&self) -> &DeniedCounter {
+        &self.inner.http_denied
+    }
+
     /// Epoch ticks a call of `limit` gets (at least one).
     pub(super) fn ticks_for(&self, limit: Duration) -> u64 {
         let tick = self.inner.epoch_tick.as_nanos().max(1);
         (limit.as_nanos().div_ceil(tick) as u64).max(1)
     }
 
-    /// Load a component file as a plugin backed by `store`.
+    /// Load a component file as a plugin backed by `store`, refusing it if
+    /// it imports a capability its settings do not grant.
     pub async fn load(
         &self,
         path: &Path,
@@ -188,7 +203,14 @@ impl Runtime {
         store: Store,
     ) -> Result<Plugin, LoadError> {
         let bytes = self.read(path).await?;
-        self.load_bytes(path, bytes, settings.into(), store).await
+        let plugin = self.load_bytes(path, bytes, settings.into(), store).await?;
+        plugin
+            .check_granted()
+            .map_err(|reason| LoadError::NotGranted {
+                path: path.to_path_buf(),
+                reason,
+            })?;
+        Ok(plugin)
     }
 
     /// A component file's bytes, or why it cannot be read.
@@ -201,7 +223,9 @@ impl Runtime {
             })
     }
 
-    /// Load a component from memory; `path` names it in messages.
+    /// Load a component from memory; `path` names it in messages. Its
+    /// imports are not held to its grants yet: the caller grants and checks
+    /// ([`Plugin::with_grants`], [`Plugin::check_granted`]).
     pub async fn load_bytes(
         &self,
         path: &Path,
@@ -260,6 +284,11 @@ impl Runtime {
                     root_cause(&e)
                 ),
             })?;
+        let imports_http = imports_outgoing_http(&component, &self.inner.engine);
+        let http = http_policy(&settings).map_err(|reason| LoadError::Setup {
+            path: path.clone(),
+            reason,
+        })?;
         let pruner = wit::PrunerIndices::new(&pre).ok();
         let admission = wit::AdmissionIndices::new(&pre).ok();
         let report = LoadReport {
@@ -275,6 +304,8 @@ impl Runtime {
             reconciler,
             pruner,
             admission,
+            imports_http,
+            http,
             settings,
             info: wit::Info {
                 name: String::new(),
@@ -329,6 +360,16 @@ impl Runtime {
             inner: Arc::new(plugin),
         })
     }
+}
+
+/// The HTTP policy `settings` grant, if any.
+fn http_policy(settings: &Settings) -> Result<Option<Arc<HttpPolicy>>, String> {
+    let Some(grant) = &settings.grants.http else {
+        return Ok(None);
+    };
+    let policy = HttpPolicy::new(grant, settings.limits.max_reconcile_time)
+        .map_err(|e| format!("its HTTP grant is invalid: {e}"))?;
+    Ok(Some(Arc::new(policy)))
 }
 
 /// Refuse files that are not components before handing them to the compiler, so
@@ -430,6 +471,10 @@ pub(super) struct PluginInner {
     pub(super) reconciler: wit::ReconcilerIndices,
     pub(super) pruner: Option<wit::PrunerIndices>,
     pub(super) admission: Option<wit::AdmissionIndices>,
+    /// The component imports `wasi:http/outgoing-handler`.
+    pub(super) imports_http: bool,
+    /// Where its HTTP requests may go; `None`: nowhere.
+    pub(super) http: Option<Arc<HttpPolicy>>,
     pub(super) settings: Settings,
     pub(super) info: wit::Info,
     pub(super) host: Arc<HostContext>,
@@ -454,24 +499,46 @@ impl Plugin {
 
     /// This plugin with other grants (e.g. those its manifest asked for, once
     /// the operator's configuration is checked), sharing the compiled code.
-    pub fn with_grants(&self, grants: Grants) -> Plugin {
+    /// `Err` if the component imports a capability `grants` leave out.
+    pub fn with_grants(&self, grants: Grants) -> Result<Plugin, String> {
         let inner = &self.inner;
-        Plugin {
+        let settings = Settings {
+            grants,
+            ..inner.settings.clone()
+        };
+        let plugin = Plugin {
             inner: Arc::new(PluginInner {
                 runtime: inner.runtime.clone(),
                 pre: inner.pre.clone(),
                 reconciler: inner.reconciler.clone(),
                 pruner: inner.pruner.clone(),
                 admission: inner.admission.clone(),
-                settings: Settings {
-                    grants,
-                    ..inner.settings.clone()
-                },
+                imports_http: inner.imports_http,
+                http: http_policy(&settings)?,
+                settings,
                 info: inner.info.clone(),
                 host: inner.host.clone(),
                 report: inner.report.clone(),
             }),
+        };
+        plugin.check_granted()?;
+        Ok(plugin)
+    }
+
+    /// `Err` naming the capability if the component imports one its grants
+    /// leave out (today: `wasi:http/outgoing-handler` without an HTTP grant).
+    pub fn check_granted(&self) -> Result<(), String> {
+        let inner = &self.inner;
+        if inner.imports_http && inner.settings.grants.http.is_none() {
+            let name = &inner.info.name;
+            return Err(format!(
+                "plugin {name} imports wasi:http/outgoing-handler (outgoing HTTP), which is not \
+                 granted: list the hosts it calls in its manifest's [capabilities.http] \
+                 (hosts = [...]) and grant them in the daemon's configuration under \
+                 [grants.{name}] (http = {{ hosts = [...] }})"
+            ));
         }
+        Ok(())
     }
 
     /// True if `other` is this very load (a clone of it), not another load

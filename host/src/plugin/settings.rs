@@ -15,6 +15,8 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
+use super::http::HostPattern;
+
 /// One plugin's runtime settings.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Settings {
@@ -158,6 +160,35 @@ pub struct Grants {
     pub env: BTreeMap<String, String>,
     /// Let the plugin's stdout and stderr through to the host's.
     pub stdio: bool,
+    /// Outgoing HTTP (`wasi:http/outgoing-handler`) to these hosts only.
+    pub http: Option<HttpGrant>,
+}
+
+/// Outgoing HTTP granted to a plugin: where it may send requests, and the
+/// limits on each.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields, rename_all = "kebab-case")]
+pub struct HttpGrant {
+    /// Host patterns: `host`, `host:port`, `https://host[:port]` or
+    /// `*.domain`. A request to anything else fails in the plugin.
+    pub hosts: Vec<String>,
+    /// The longest a request may take to connect, to get its response head,
+    /// and between two pieces of its body; never more than the plugin's
+    /// `max-reconcile-time`.
+    #[serde(with = "humantime_serde")]
+    pub timeout: Duration,
+    /// The largest response body a request may read.
+    pub max_response_bytes: u64,
+}
+
+impl Default for HttpGrant {
+    fn default() -> Self {
+        Self {
+            hosts: Vec::new(),
+            timeout: Duration::from_secs(10),
+            max_response_bytes: 1 << 20,
+        }
+    }
 }
 
 /// One preopened directory.
@@ -183,9 +214,17 @@ pub struct Capabilities {
     pub env: Vec<String>,
     /// Its stdout and stderr through to the host's.
     pub stdio: bool,
-    /// Outgoing HTTP. This host grants none yet: a plugin that asks for it is
-    /// refused.
-    pub http: Option<toml::Value>,
+    /// Outgoing HTTP, to the hosts it names.
+    pub http: Option<HttpCapability>,
+}
+
+/// The outgoing HTTP a plugin asks for.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields, rename_all = "kebab-case")]
+pub struct HttpCapability {
+    /// Host patterns, as in [`HttpGrant::hosts`]; each must be covered by a
+    /// pattern the operator grants.
+    pub hosts: Vec<String>,
 }
 
 /// One directory a plugin asks for.
@@ -248,14 +287,50 @@ impl Capabilities {
             }
             grants.stdio = true;
         }
-        if self.http.is_some() {
-            return Err(format!(
-                "plugin {plugin} asks for outgoing HTTP, which this host cannot grant yet: \
-                 remove [capabilities.http] from its manifest"
-            ));
+        if let Some(want) = &self.http {
+            grants.http = Some(http_granted(plugin, want, granted.http.as_ref())?);
         }
         Ok(grants)
     }
+}
+
+/// The HTTP grant for what a plugin asked: the hosts it asked for, each
+/// covered by a pattern the operator granted, with the operator's limits.
+fn http_granted(
+    plugin: &str,
+    want: &HttpCapability,
+    granted: Option<&HttpGrant>,
+) -> Result<HttpGrant, String> {
+    let manifest = |e: String| format!("plugin {plugin}'s [capabilities.http]: {e}");
+    let operator = |e: String| format!("[grants.{plugin}.http]: {e}");
+    let Some(granted) = granted else {
+        return Err(format!(
+            "plugin {plugin} asks for outgoing HTTP to {}, which is not granted: grant it in \
+             the daemon's configuration under [grants.{plugin}] (http = {{ hosts = [...] }}), \
+             or remove [capabilities.http] from the plugin's manifest",
+            want.hosts.join(", ")
+        ));
+    };
+    let allowed = granted
+        .hosts
+        .iter()
+        .map(|h| HostPattern::parse(h).map_err(operator))
+        .collect::<Result<Vec<_>, _>>()?;
+    for host in &want.hosts {
+        let asked = HostPattern::parse(host).map_err(manifest)?;
+        if !allowed.iter().any(|a| a.covers(&asked)) {
+            return Err(format!(
+                "plugin {plugin} asks for outgoing HTTP to {host}, which is not granted: the \
+                 daemon's [grants.{plugin}] allows http hosts [{}]; add `{host}` there, or \
+                 remove it from the plugin's manifest",
+                granted.hosts.join(", ")
+            ));
+        }
+    }
+    Ok(HttpGrant {
+        hosts: want.hosts.clone(),
+        ..granted.clone()
+    })
 }
 
 #[cfg(test)]
@@ -281,6 +356,11 @@ mod tests {
                 ("TOKEN".to_string(), "s3cret".to_string()),
             ]),
             stdio: false,
+            http: Some(HttpGrant {
+                hosts: vec!["*.example.com".into(), "http://127.0.0.1:8080".into()],
+                timeout: Duration::from_secs(3),
+                max_response_bytes: 4096,
+            }),
         }
     }
 
@@ -299,9 +379,52 @@ mod tests {
         assert!(grants.dirs[0].read_only, "asked read-only, so read-only");
         assert_eq!(grants.env.len(), 1, "TOKEN was not asked for");
         assert!(!grants.stdio);
+        assert!(grants.http.is_none(), "HTTP was not asked for");
         assert_eq!(
             Capabilities::default().granted_by("files", None).unwrap(),
             Grants::default()
+        );
+    }
+
+    #[test]
+    fn http_is_granted_for_the_hosts_asked_with_the_operators_limits() {
+        let asked = Capabilities {
+            http: Some(HttpCapability {
+                hosts: vec![
+                    "https://api.example.com".into(),
+                    "http://127.0.0.1:8080".into(),
+                ],
+            }),
+            ..Capabilities::default()
+        };
+        let http = asked
+            .granted_by("hook", Some(&operator()))
+            .unwrap()
+            .http
+            .unwrap();
+        assert_eq!(
+            http.hosts,
+            ["https://api.example.com", "http://127.0.0.1:8080"]
+        );
+        assert_eq!(http.timeout, Duration::from_secs(3));
+        assert_eq!(http.max_response_bytes, 4096);
+        // Without any HTTP grant, the request names how to grant it.
+        let err = asked.granted_by("hook", None).unwrap_err();
+        assert!(
+            err.contains("[grants.hook]") && err.contains("http = {"),
+            "{err}"
+        );
+        // A bad pattern in the manifest is named as the manifest's.
+        let bad = Capabilities {
+            http: Some(HttpCapability {
+                hosts: vec!["ftp://x".into()],
+            }),
+            ..Capabilities::default()
+        };
+        let err = bad.granted_by("hook", Some(&operator())).unwrap_err();
+        assert!(
+            err.contains("[capabilities.http]") && err.contains("ftp://x"),
+            "{err}"
         );
     }
 
@@ -344,10 +467,21 @@ mod tests {
             ),
             (
                 Capabilities {
-                    http: Some(toml::Value::Table(Default::default())),
+                    http: Some(HttpCapability {
+                        hosts: vec!["api.example.org".into()],
+                    }),
                     ..Capabilities::default()
                 },
-                "outgoing HTTP",
+                "outgoing HTTP to api.example.org",
+            ),
+            (
+                Capabilities {
+                    http: Some(HttpCapability {
+                        hosts: vec!["127.0.0.1".into()],
+                    }),
+                    ..Capabilities::default()
+                },
+                "outgoing HTTP to 127.0.0.1",
             ),
         ];
         for (asked, named) in cases {

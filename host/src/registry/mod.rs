@@ -302,12 +302,13 @@ impl Registry {
         };
         spec.expect.check(&plugin)?;
         let Some(asked) = &spec.capabilities else {
+            plugin.check_granted()?;
             return Ok(plugin);
         };
         let name = &plugin.info().name;
         let offered = self.settings.grants.get(name).or(spec.granted.as_ref());
         let grants = asked.granted_by(name, offered)?;
-        Ok(plugin.with_grants(grants))
+        plugin.with_grants(grants)
     }
 
     fn kept(

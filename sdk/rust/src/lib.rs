@@ -64,6 +64,7 @@ use std::time::Duration;
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
+pub mod http;
 pub mod testing;
 
 #[doc(hidden)]
@@ -313,6 +314,13 @@ pub trait Host {
     /// Say that this reconcile found the world out of line with the desired
     /// state (and fixed it); full reconciliations count these as out of sync.
     fn report_drift(&self, detail: &str);
+    /// Send an HTTP request and read the whole response, where the operator
+    /// granted it (see [`http`]; the plugin is exported with
+    /// `export!(Type, http)`). Without it: [`http::HttpError::Unavailable`].
+    fn http(&self, request: &http::Request) -> Result<http::Response, http::HttpError> {
+        let _ = request;
+        Err(http::HttpError::Unavailable)
+    }
 }
 
 /// A reconciler. One value is made with `Default` when the component starts and
@@ -499,9 +507,14 @@ pub fn encode_status<St: Serialize>(status: &Option<St>) -> Result<Option<String
 
 /// Export a [`Reconciler`] type as this component's implementation. Call once, at
 /// the crate root.
+///
+/// `export!(Type, http)` also gives it outgoing HTTP through [`Host::http`]
+/// (see [`http`]): the component then imports `wasi:http/outgoing-handler`,
+/// and loads only where the operator grants HTTP. Plain `export!(Type)`
+/// leaves the import out.
 #[macro_export]
 macro_rules! export {
-    ($ty:ty) => {
+    (@with $ty:ty, $transport:ty) => {
         #[doc(hidden)]
         pub struct __SetpointExport;
 
@@ -523,7 +536,7 @@ macro_rules! export {
                 $crate::bindings::setpoint::reconciler::types::Outcome,
                 $crate::bindings::setpoint::reconciler::types::Failure,
             > {
-                $crate::__private::reconcile(__setpoint_plugin(), request)
+                $crate::__private::reconcile::<_, $transport>(__setpoint_plugin(), request)
             }
         }
 
@@ -532,7 +545,7 @@ macro_rules! export {
                 desired_keys: ::std::vec::Vec<::std::string::String>,
             ) -> ::core::result::Result<(), $crate::bindings::setpoint::reconciler::types::ReconcileError>
             {
-                $crate::__private::prune(__setpoint_plugin(), desired_keys)
+                $crate::__private::prune::<_, $transport>(__setpoint_plugin(), desired_keys)
             }
         }
 
@@ -551,6 +564,12 @@ macro_rules! export {
         #[cfg(target_arch = "wasm32")]
         $crate::bindings::__export_plugin!(__SetpointExport with_types_in $crate::bindings);
     };
+    ($ty:ty, http) => {
+        $crate::export!(@with $ty, $crate::__private::WasiHttp);
+    };
+    ($ty:ty) => {
+        $crate::export!(@with $ty, $crate::__private::NoHttp);
+    };
 }
 
 /// The glue between the WIT bindings and [`Reconciler`]; used by [`export!`].
@@ -559,10 +578,42 @@ pub mod __private {
     use super::*;
     use crate::bindings::setpoint::reconciler::{clock, kv, log, objects};
 
-    /// The real host: the component's imports.
-    pub struct WasmHost;
+    /// How a component sends HTTP requests: a type, so a component exported
+    /// without HTTP never calls (and so never imports) the client.
+    pub trait Transport {
+        fn send(
+            request: &crate::http::Request,
+        ) -> Result<crate::http::Response, crate::http::HttpError>;
+    }
 
-    impl Host for WasmHost {
+    /// No outgoing HTTP: `export!(Type)`.
+    pub struct NoHttp;
+
+    impl Transport for NoHttp {
+        fn send(_: &crate::http::Request) -> Result<crate::http::Response, crate::http::HttpError> {
+            Err(crate::http::HttpError::Unavailable)
+        }
+    }
+
+    /// `wasi:http/outgoing-handler`: `export!(Type, http)`.
+    pub struct WasiHttp;
+
+    impl Transport for WasiHttp {
+        fn send(
+            request: &crate::http::Request,
+        ) -> Result<crate::http::Response, crate::http::HttpError> {
+            crate::http::send(request)
+        }
+    }
+
+    /// The real host: the component's imports.
+    pub struct WasmHost<T>(std::marker::PhantomData<T>);
+
+    impl<T> WasmHost<T> {
+        const NEW: Self = WasmHost(std::marker::PhantomData);
+    }
+
+    impl<T: Transport> Host for WasmHost<T> {
         fn log(&self, level: Level, message: &str, fields: &[(&str, &str)]) {
             let level = match level {
                 Level::Trace => log::Level::Trace,
@@ -626,6 +677,13 @@ pub mod __private {
         fn report_drift(&self, detail: &str) {
             objects::report_drift(detail)
         }
+
+        fn http(
+            &self,
+            request: &crate::http::Request,
+        ) -> Result<crate::http::Response, crate::http::HttpError> {
+            T::send(request)
+        }
     }
 
     pub fn from_wit_object(o: wit::Object) -> Object {
@@ -664,7 +722,7 @@ pub mod __private {
         }
     }
 
-    pub fn reconcile<R: Reconciler>(
+    pub fn reconcile<R: Reconciler, T: Transport>(
         plugin: &R,
         request: wit::Request,
     ) -> Result<wit::Outcome, wit::Failure> {
@@ -676,7 +734,7 @@ pub mod __private {
         };
         let result = call_reconcile(
             plugin,
-            &WasmHost,
+            &WasmHost::<T>::NEW,
             request.key,
             action,
             from_wit_object(request.object),
@@ -708,12 +766,12 @@ pub mod __private {
         validate_object(plugin, &from_wit_object(object))
     }
 
-    pub fn prune<R: Reconciler>(
+    pub fn prune<R: Reconciler, T: Transport>(
         plugin: &R,
         desired_keys: Vec<String>,
     ) -> Result<(), wit::ReconcileError> {
         plugin
-            .prune(&WasmHost, &desired_keys)
+            .prune(&WasmHost::<T>::NEW, &desired_keys)
             .map_err(|e| to_wit_error(e.kind, e.message))
     }
 }

@@ -31,9 +31,13 @@
 use std::cell::{Cell, RefCell};
 use std::collections::BTreeMap;
 
+use crate::http::{HttpError, Request as HttpRequest, Response as HttpResponse};
 use crate::{
     Action, Error, Host, Level, Object, Outcome, Reconciler, State, call_reconcile, validate_object,
 };
+
+/// How a [`FakeHost`] answers HTTP requests.
+type HttpHandler = Box<dyn Fn(&HttpRequest) -> Result<HttpResponse, HttpError>>;
 
 /// An in-memory host: objects, key-value data, logs and a settable clock.
 #[derive(Default)]
@@ -44,11 +48,27 @@ pub struct FakeHost {
     states: RefCell<BTreeMap<String, (u32, State)>>,
     now: Cell<u64>,
     drift: RefCell<Vec<String>>,
+    http: RefCell<Option<HttpHandler>>,
+    sent: RefCell<Vec<HttpRequest>>,
 }
 
 impl FakeHost {
     pub fn new() -> Self {
         Self::default()
+    }
+
+    /// Answer the plugin's HTTP requests with `handler` (without one, every
+    /// request fails with [`HttpError::Unavailable`]).
+    pub fn on_http(
+        &self,
+        handler: impl Fn(&HttpRequest) -> Result<HttpResponse, HttpError> + 'static,
+    ) {
+        *self.http.borrow_mut() = Some(Box::new(handler));
+    }
+
+    /// Every HTTP request the plugin sent, in order.
+    pub fn sent(&self) -> Vec<HttpRequest> {
+        self.sent.borrow().clone()
     }
 
     /// Store an object (replacing one with the same key).
@@ -140,6 +160,14 @@ impl FakeHost {
 }
 
 impl Host for FakeHost {
+    fn http(&self, request: &HttpRequest) -> Result<HttpResponse, HttpError> {
+        self.sent.borrow_mut().push(request.clone());
+        match &*self.http.borrow() {
+            Some(handler) => handler(request),
+            None => Err(HttpError::Unavailable),
+        }
+    }
+
     fn log(&self, level: Level, message: &str, fields: &[(&str, &str)]) {
         let mut line = message.to_string();
         for (k, v) in fields {
