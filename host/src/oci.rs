@@ -15,6 +15,8 @@
 //! `SETPOINT_REGISTRY_PLAIN_HTTP` (comma-separated `HOST:PORT`) are spoken to
 //! over plain HTTP, every other one over HTTPS. Access is anonymous, or basic
 //! auth with `SETPOINT_REGISTRY_USERNAME` and `SETPOINT_REGISTRY_PASSWORD`.
+//! A registry that accepts no connection in 10 s, or sends nothing for 60 s,
+//! fails the push or pull.
 //!
 //! Guarantees:
 //! - A pulled component's bytes hash to the layer digest its manifest names,
@@ -32,6 +34,7 @@
 use std::collections::BTreeMap;
 use std::fmt;
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use oci_client::client::{ClientConfig, ClientProtocol, ImageLayer};
 use oci_client::errors::{OciDistributionError, OciErrorCode};
@@ -194,6 +197,10 @@ impl OciRef {
         };
         Client::new(ClientConfig {
             protocol,
+            // A registry that does not answer fails the load instead of
+            // holding it forever.
+            connect_timeout: Some(Duration::from_secs(10)),
+            read_timeout: Some(Duration::from_secs(60)),
             ..ClientConfig::default()
         })
     }

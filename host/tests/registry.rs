@@ -745,6 +745,38 @@ async fn signatures_travel_with_the_artifact_and_the_trust_policy_applies() {
     );
     let data = client.pull(&image, &auth).await.unwrap();
     assert_eq!(data.layers[0].data, std::fs::read(&signed).unwrap());
+
+    // Why an annotation and not a second layer: oci-wasm refuses an artifact
+    // with one more layer, so wkg could not pull a signed plugin.
+    let (config, layer) = oci_wasm::WasmConfig::from_component(&signed, None)
+        .await
+        .unwrap();
+    let signature = oci_client::client::ImageLayer::new(
+        std::fs::read(signature_path(&signed)).unwrap(),
+        "application/vnd.setpoint.signature.v1".into(),
+        None,
+    );
+    let layers = [layer, signature];
+    let config = oci_wasm::ToConfig::to_config(&config).unwrap();
+    let mut manifest = oci_client::manifest::OciImageManifest::build(&layers, &config, None);
+    manifest.media_type = Some(oci_wasm::WASM_MANIFEST_MEDIA_TYPE.into());
+    let two: oci_client::Reference = format!("{}/plugins/hello:two-layers", registry.host)
+        .parse()
+        .unwrap();
+    let plain: &oci_client::Client = client.as_ref();
+    plain
+        .push(&two, &layers, config, &auth, Some(manifest))
+        .await
+        .unwrap();
+    let Err(err) = client.pull(&two, &auth).await else {
+        panic!("oci-wasm pulled a two-layer artifact");
+    };
+    assert!(err.to_string().contains("signature"), "{err}");
+    let err = client
+        .pull_manifest_and_config(&two, &auth)
+        .await
+        .unwrap_err();
+    assert!(err.to_string().contains("exactly one layer"), "{err}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
