@@ -683,6 +683,22 @@ async fn a_reference_that_does_not_resolve_is_refused_saying_why() {
             assert!(err.contains(&want), "{reference}: {err}");
         }
     }
+    // A manifest's sha256 pin holds for a pulled component as for a file.
+    let pinned_elsewhere = PluginSpec {
+        expect: setpoint::registry::Expect {
+            sha256: Some("0".repeat(64)),
+            ..Default::default()
+        },
+        ..PluginSpec::new(v1.to_string())
+    };
+    let err = rig.registry.load(pinned_elsewhere).await.unwrap_err();
+    assert!(
+        err.to_string().contains(&format!(
+            "{v1} has sha256 {}",
+            sha256_of(&plugin_path("hello"))
+        )),
+        "{err}"
+    );
     assert!(rig.registry.view("hello").unwrap().error.is_some());
 }
 

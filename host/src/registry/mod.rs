@@ -281,7 +281,8 @@ impl Registry {
         let path = &self.fetch(&spec.path).await?;
         let bytes = self.runtime.read(path).await.map_err(|e| e.to_string())?;
         let sha256 = crate::plugin::sha256_hex(&bytes);
-        spec.expect.check_sha256(path, &sha256)?;
+        // Named as the spec names it: the file, or the `oci://` reference.
+        spec.expect.check_sha256(&spec.path, &sha256)?;
         let signed = Signed {
             sha256: sha256.clone(),
             name: spec.expect.name.clone().unwrap_or_default(),
