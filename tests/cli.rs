@@ -564,6 +564,7 @@ fn push_and_pull_through_a_real_registry_and_a_daemon_that_loads_oci_references(
     let (ok, out, err) = run(&["--server", &url, "plugin", "swap", "hello", &pinned]);
     assert!(ok, "{err}");
     assert!(out.contains("hello running"), "{out}");
+    assert!(out.contains(&format!("from {pinned}")), "{out}");
     let body = ureq::get(format!("{url}/v1/plugins/hello"))
         .call()
         .unwrap()

@@ -519,6 +519,9 @@ fn plugin_command(client: &Client, command: PluginCommand) -> anyhow::Result<()>
                 .join(","))
             .unwrap_or_default(),
     );
+    if let Some(source) = view["source"].as_str() {
+        println!("from {source}");
+    }
     Ok(())
 }
 
