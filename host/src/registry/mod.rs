@@ -272,8 +272,9 @@ impl Registry {
         }
     }
 
-    /// Read, pin-check, load, and hold to the spec: the plugin with the grants
-    /// it is to run with.
+    /// Fetch (pull an `oci://` reference into the cache), read, pin-check,
+    /// trust-check, load, and hold to the spec: the plugin with the grants it
+    /// is to run with.
     /// A version of the running `name` kept compiled, loaded from the same
     /// file, bytes and settings: swapping back to it needs no compile,
     /// deserialization or `describe()`, as a rollback.
