@@ -479,3 +479,99 @@ fn keygen_sign_and_verify_and_a_daemon_that_requires_signatures() {
     assert!(line("files ").contains("is not signed"), "{out}");
     assert!(d.interrupt().success());
 }
+
+#[test]
+fn push_and_pull_through_a_real_registry_and_a_daemon_that_loads_oci_references() {
+    let registry = support::oci::TestRegistry::start();
+    let home = tempfile::tempdir().unwrap();
+    let dir = home.path();
+    let run = |args: &[&str]| run_in(dir, args);
+    let field = |out: &str, name: &str| {
+        out.lines()
+            .find_map(|l| l.strip_prefix(name))
+            .unwrap_or_else(|| panic!("no {name} in {out}"))
+            .to_string()
+    };
+    assert!(run(&["plugin", "keygen", "--out", "alice"]).0);
+    std::fs::copy(plugin("hello"), dir.join("hello.wasm")).unwrap();
+    assert!(run(&["plugin", "sign", "hello.wasm", "--key", "alice.key"]).0);
+
+    let tag = registry.reference("plugins/hello:0.1.0");
+    let (ok, out, err) = run(&["plugin", "push", "hello.wasm", &tag]);
+    assert!(ok, "{err}");
+    assert!(out.contains("with its signatures"), "{out}");
+    let digest = field(&out, "digest: ");
+    let pinned = field(&out, "pinned: ");
+    assert_eq!(
+        pinned,
+        registry.reference(&format!("plugins/hello@{digest}"))
+    );
+
+    let (ok, out, err) = run(&["plugin", "pull", &tag, "--out", "pulled.wasm"]);
+    assert!(ok, "{err}");
+    assert!(out.contains("downloaded, signed"), "{out}");
+    assert_eq!(field(&out, "pinned: "), pinned);
+    assert_eq!(
+        std::fs::read(dir.join("pulled.wasm")).unwrap(),
+        std::fs::read(dir.join("hello.wasm")).unwrap()
+    );
+    assert_eq!(
+        std::fs::read_to_string(dir.join("pulled.wasm.sig")).unwrap(),
+        std::fs::read_to_string(dir.join("hello.wasm.sig")).unwrap()
+    );
+    let (ok, out, err) = run(&["plugin", "pull", &pinned]);
+    assert!(ok, "{err}");
+    assert!(out.contains("from the cache"), "{out}");
+    let hex = digest.strip_prefix("sha256:").unwrap();
+    assert!(
+        field(&out, "file: ").ends_with(&format!("setpoint/oci/sha256/{hex}.wasm")),
+        "{out}"
+    );
+    let (ok, _, err) = run(&["plugin", "pull", "oci://host-only"]);
+    assert!(!ok && err.contains("is not an OCI reference"), "{err}");
+    let (ok, _, err) = run(&["plugin", "pull", &registry.reference("plugins/hello:nope")]);
+    assert!(
+        !ok && err.contains("has no such repository, tag or digest"),
+        "{err}"
+    );
+
+    // A daemon that requires alice's signature loads hello from the registry
+    // by its tag, refuses an unsigned one loaded over the API, and swaps to a
+    // pinned reference.
+    let files = registry.reference("plugins/files:0.1.0");
+    assert!(run(&["plugin", "push", plugin("files").to_str().unwrap(), &files]).0);
+    let config = dir.join("setpoint.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[store]\nin-memory = true\n[api]\nlisten = \"127.0.0.1:0\"\n\
+             [trust]\nkeys = {{ alice = \"alice.pub\" }}\nrequire-signature = true\n\
+             [[plugin]]\npath = \"{tag}\"\n"
+        ),
+    )
+    .unwrap();
+    let mut d = Daemon::start_in(dir, &["--config", config.to_str().unwrap()]);
+    let url = d.url();
+    let (ok, out, err) = run(&["--server", &url, "plugin", "ls"]);
+    assert!(ok, "{err}");
+    assert!(
+        out.lines()
+            .any(|l| l.starts_with("hello ") && l.contains("running")),
+        "{out}"
+    );
+    let (ok, _, err) = run(&["--server", &url, "plugin", "load", &files]);
+    assert!(!ok && err.contains("is not signed"), "{err}");
+    let (ok, out, err) = run(&["--server", &url, "plugin", "swap", "hello", &pinned]);
+    assert!(ok, "{err}");
+    assert!(out.contains("hello running"), "{out}");
+    assert!(out.contains(&format!("from {pinned}")), "{out}");
+    let body = ureq::get(format!("{url}/v1/plugins/hello"))
+        .call()
+        .unwrap()
+        .body_mut()
+        .read_to_string()
+        .unwrap();
+    let view: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(view["source"], pinned.as_str(), "{view}");
+    assert!(d.interrupt().success());
+}

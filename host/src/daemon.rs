@@ -79,6 +79,7 @@ impl Daemon {
                 RegistrySettings {
                     grants: config.grants.clone(),
                     trust: config.trust.policy()?,
+                    oci_cache: config.runtime.oci_cache_dir(),
                     ..RegistrySettings::default()
                 },
             )

@@ -12,6 +12,9 @@
 //! - [`plugin`]: the wasmtime engine, compile cache, instances, limits and host imports.
 //! - [`registry`]: plugin versions (loaded, failed, active, history); load,
 //!   swap, rollback and unload at runtime.
+//! - [`trust`]: signing keys, detached signatures and the trust policy.
+//! - [`oci`]: `oci://` references; plugins pushed to and pulled from OCI
+//!   registries, cached by digest.
 //! - [`config`]: the daemon's configuration, every setting defaulted.
 //! - [`api`]: the HTTP admin API (objects, status, watch, CloudEvents) and `/metrics`.
 //! - [`source`]: event sources: watched manifest folders.
@@ -30,6 +33,7 @@ pub mod daemon;
 pub mod leader;
 pub mod metrics;
 pub mod object;
+pub mod oci;
 pub mod plugin;
 pub mod queue;
 pub mod registry;

@@ -48,6 +48,7 @@ fn new_rig_with(grants: BTreeMap<String, Grants>, trust: Policy) -> Rig {
         RegistrySettings {
             grants,
             trust,
+            oci_cache: cache.path().join("oci"),
             ..RegistrySettings::default()
         },
     )
@@ -492,19 +493,23 @@ fn sign(file: &Path, key: &SecretKey) {
     std::fs::write(signature_path(file), key.sign(&signed) + "\n").unwrap();
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn signatures_are_checked_before_load_and_swap() {
-    let publisher = SecretKey::generate().unwrap();
-    let stranger = SecretKey::generate().unwrap();
-    let trust = Policy {
+/// A policy that requires every plugin to be signed by `publisher`.
+fn requiring(publisher: &SecretKey) -> Policy {
+    Policy {
         keys: [("publisher".to_string(), publisher.public())].into(),
         rule: Rule {
             require_signature: true,
             ..Rule::default()
         },
         plugins: BTreeMap::new(),
-    };
-    let rig = new_rig_with(BTreeMap::new(), trust);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn signatures_are_checked_before_load_and_swap() {
+    let publisher = SecretKey::generate().unwrap();
+    let stranger = SecretKey::generate().unwrap();
+    let rig = new_rig_with(BTreeMap::new(), requiring(&publisher));
     let dir = tempfile::tempdir().unwrap();
     let copy = |name: &str| {
         let to = dir.path().join(format!("{name}.wasm"));
@@ -567,5 +572,326 @@ async fn signatures_are_checked_before_load_and_swap() {
         .swap("hello", PluginSpec::new(&js))
         .await
         .unwrap();
+    rig.shutdown().await;
+}
+
+// Plugins from an OCI registry: a real one (Debian's docker-registry), started
+// per test on a loopback port.
+
+use common::oci::TestRegistry;
+use setpoint::oci::{Cache, OciRef};
+
+/// `oci-wasm`'s client (the one `wkg` uses), over plain HTTP.
+fn oci_wasm_client() -> oci_wasm::WasmClient {
+    oci_wasm::WasmClient::new(oci_client::Client::new(oci_client::client::ClientConfig {
+        protocol: oci_client::client::ClientProtocol::Http,
+        ..Default::default()
+    }))
+}
+
+/// Push `file` (and `FILE.sig`, if any) to `reference`: the pinned reference.
+async fn push(file: &Path, reference: &str) -> OciRef {
+    let to = OciRef::parse(reference).unwrap();
+    setpoint::oci::push(file, &to)
+        .await
+        .unwrap_or_else(|e| panic!("push {}: {e}", file.display()))
+        .pinned
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pushed_component_pulls_by_tag_and_by_digest_byte_for_byte() {
+    let registry = TestRegistry::start();
+    let hello = plugin_path("hello");
+    let tag = registry.reference("plugins/hello:v1");
+    let pushed = setpoint::oci::push(&hello, &OciRef::parse(&tag).unwrap())
+        .await
+        .unwrap();
+    assert!(!pushed.signed);
+    assert_eq!(
+        pushed.pinned.to_string(),
+        registry.reference(&format!("plugins/hello@{}", pushed.digest))
+    );
+    let original = std::fs::read(&hello).unwrap();
+
+    let dir = tempfile::tempdir().unwrap();
+    let by_tag = Cache::new(dir.path().join("a"))
+        .pull(&OciRef::parse(&tag).unwrap())
+        .await
+        .unwrap();
+    assert_eq!(by_tag.digest, pushed.digest);
+    assert_eq!(by_tag.pinned, pushed.pinned);
+    assert!(!by_tag.cached && !by_tag.signed);
+    assert_eq!(std::fs::read(&by_tag.path).unwrap(), original);
+    let hex = pushed.digest.strip_prefix("sha256:").unwrap();
+    assert!(by_tag.path.ends_with(format!("sha256/{hex}.wasm")));
+
+    let cache = Cache::new(dir.path().join("b"));
+    let by_digest = cache.pull(&pushed.pinned).await.unwrap();
+    assert!(!by_digest.cached);
+    assert_eq!(std::fs::read(&by_digest.path).unwrap(), original);
+
+    // A digest reference that is cached needs no network: the registry is gone.
+    drop(registry);
+    let again = cache.pull(&pushed.pinned).await.unwrap();
+    assert!(again.cached);
+    assert_eq!(again.path, by_digest.path);
+    // A damaged cached copy is not used: it is pulled again (and here the
+    // registry cannot be reached, which the error says).
+    std::fs::write(&by_digest.path, b"tampered").unwrap();
+    let err = cache.pull(&pushed.pinned).await.unwrap_err();
+    assert!(err.contains("cannot be reached"), "{err}");
+    // A tag always asks the registry what it names now.
+    let err = cache.pull(&OciRef::parse(&tag).unwrap()).await.unwrap_err();
+    assert!(err.contains("cannot be reached"), "{err}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_plugin_loads_from_a_registry_reconciles_and_records_the_pinned_reference() {
+    let registry = TestRegistry::start();
+    let pinned = push(
+        &plugin_path("hello"),
+        &registry.reference("plugins/hello:v1"),
+    )
+    .await;
+    let rig = new_rig(BTreeMap::new());
+    let view = rig
+        .registry
+        .load(PluginSpec::new(registry.reference("plugins/hello:v1")))
+        .await
+        .unwrap();
+    assert_eq!(view.name, "hello");
+    assert_eq!(view.source.as_deref(), Some(pinned.to_string().as_str()));
+    assert_eq!(
+        view.history[0].source.as_deref(),
+        Some(pinned.to_string().as_str())
+    );
+    assert_eq!(
+        view.sha256.as_deref(),
+        Some(sha256_of(&plugin_path("hello")).as_str())
+    );
+    let key = rig.greet("oci", "registry");
+    rig.greeted(&key, "registry").await;
+
+    // The tag moves to another build: a swap to the tag takes the new one,
+    // and the view says which digest each version came from.
+    let moved = push(
+        &plugin_path("hello-py"),
+        &registry.reference("plugins/hello:v1"),
+    )
+    .await;
+    assert_ne!(moved, pinned);
+    let view = rig
+        .registry
+        .swap(
+            "hello",
+            PluginSpec::new(registry.reference("plugins/hello:v1")),
+        )
+        .await
+        .unwrap();
+    assert_eq!(view.source.as_deref(), Some(moved.to_string().as_str()));
+    // The first build, by its pinned reference, still loads: the same bytes.
+    let view = rig
+        .registry
+        .swap("hello", PluginSpec::new(pinned.to_string()))
+        .await
+        .unwrap();
+    assert_eq!(view.source.as_deref(), Some(pinned.to_string().as_str()));
+    rig.greeted(&rig.greet("again", "again"), "again").await;
+    rig.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reference_that_does_not_resolve_is_refused_saying_why() {
+    let registry = TestRegistry::start();
+    let v1 = push(
+        &plugin_path("hello"),
+        &registry.reference("plugins/hello:v1"),
+    )
+    .await;
+    let v2 = push(
+        &plugin_path("hello-py"),
+        &registry.reference("plugins/hello:v2"),
+    )
+    .await;
+    let rig = new_rig(BTreeMap::new());
+    let v2_digest = v2.digest.clone().unwrap();
+    let absent = format!("sha256:{}", "0".repeat(64));
+    let cases = [
+        // The tag names v1, the pin says v2: both digests are named.
+        (
+            registry.reference(&format!("plugins/hello:v1@{v2_digest}")),
+            vec![
+                "is pinned to".to_string(),
+                v2_digest.clone(),
+                v1.digest.clone().unwrap(),
+            ],
+        ),
+        (
+            registry.reference(&format!("plugins/hello@{absent}")),
+            vec!["has no such repository, tag or digest".to_string()],
+        ),
+        (
+            registry.reference("plugins/hello:v9"),
+            vec!["has no such repository, tag or digest".to_string()],
+        ),
+        (
+            // Nothing listens on port 9 of loopback.
+            "oci://127.0.0.1:9/plugins/hello:v1".to_string(),
+            vec!["cannot be reached".to_string()],
+        ),
+        (
+            registry.reference("plugins/Hello:v1"),
+            vec!["lower-case".to_string()],
+        ),
+    ];
+    for (reference, expected) in cases {
+        let err = rig
+            .registry
+            .load(PluginSpec::new(&reference))
+            .await
+            .unwrap_err()
+            .to_string();
+        for want in expected {
+            assert!(err.contains(&want), "{reference}: {err}");
+        }
+    }
+    // A manifest's sha256 pin holds for a pulled component as for a file.
+    let pinned_elsewhere = PluginSpec {
+        expect: setpoint::registry::Expect {
+            sha256: Some("0".repeat(64)),
+            ..Default::default()
+        },
+        ..PluginSpec::new(v1.to_string())
+    };
+    let err = rig.registry.load(pinned_elsewhere).await.unwrap_err();
+    assert!(
+        err.to_string().contains(&format!(
+            "{v1} has sha256 {}",
+            sha256_of(&plugin_path("hello"))
+        )),
+        "{err}"
+    );
+    assert!(rig.registry.view("hello").unwrap().error.is_some());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn signatures_travel_with_the_artifact_and_the_trust_policy_applies() {
+    let registry = TestRegistry::start();
+    let publisher = SecretKey::generate().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let signed = dir.path().join("hello.wasm");
+    std::fs::copy(plugin_path("hello"), &signed).unwrap();
+    sign(&signed, &publisher);
+    let signed_ref = push(&signed, &registry.reference("plugins/hello:signed")).await;
+    let unsigned_ref = push(
+        &plugin_path("hello-py"),
+        &registry.reference("plugins/hello:unsigned"),
+    )
+    .await;
+
+    let rig = new_rig_with(BTreeMap::new(), requiring(&publisher));
+    let view = rig
+        .registry
+        .load(PluginSpec::new(registry.reference("plugins/hello:signed")))
+        .await
+        .unwrap();
+    assert_eq!(
+        view.source.as_deref(),
+        Some(signed_ref.to_string().as_str())
+    );
+    // The signature is beside the cached file, exactly as pushed.
+    let cached = view.path.unwrap();
+    assert_eq!(
+        std::fs::read_to_string(signature_path(Path::new(&cached))).unwrap(),
+        std::fs::read_to_string(signature_path(&signed)).unwrap()
+    );
+    let err = rig
+        .registry
+        .swap("hello", PluginSpec::new(unsigned_ref.to_string()))
+        .await
+        .unwrap_err();
+    assert!(err.to_string().contains("is not signed"), "{err}");
+    rig.greeted(&rig.greet("signed", "signed"), "signed").await;
+    rig.shutdown().await;
+
+    // Other tools read the artifact: oci-wasm's own pull (what wkg uses)
+    // takes it, signature and all, and gets the component's bytes.
+    let client = oci_wasm_client();
+    let image: oci_client::Reference = format!("{}/plugins/hello:signed", registry.host)
+        .parse()
+        .unwrap();
+    let auth = oci_client::secrets::RegistryAuth::Anonymous;
+    let (manifest, config, digest) = client
+        .pull_manifest_and_config(&image, &auth)
+        .await
+        .unwrap();
+    assert_eq!(Some(digest), signed_ref.digest);
+    assert_eq!(config.os, "wasip2");
+    assert!(
+        manifest.annotations.unwrap()[setpoint::oci::SIGNATURE_ANNOTATION]
+            .contains(&publisher.public().id())
+    );
+    let data = client.pull(&image, &auth).await.unwrap();
+    assert_eq!(data.layers[0].data, std::fs::read(&signed).unwrap());
+
+    // Why an annotation and not a second layer: oci-wasm refuses an artifact
+    // with one more layer, so wkg could not pull a signed plugin.
+    let (config, layer) = oci_wasm::WasmConfig::from_component(&signed, None)
+        .await
+        .unwrap();
+    let signature = oci_client::client::ImageLayer::new(
+        std::fs::read(signature_path(&signed)).unwrap(),
+        "application/vnd.setpoint.signature.v1".into(),
+        None,
+    );
+    let layers = [layer, signature];
+    let config = oci_wasm::ToConfig::to_config(&config).unwrap();
+    let mut manifest = oci_client::manifest::OciImageManifest::build(&layers, &config, None);
+    manifest.media_type = Some(oci_wasm::WASM_MANIFEST_MEDIA_TYPE.into());
+    let two: oci_client::Reference = format!("{}/plugins/hello:two-layers", registry.host)
+        .parse()
+        .unwrap();
+    let plain: &oci_client::Client = client.as_ref();
+    plain
+        .push(&two, &layers, config, &auth, Some(manifest))
+        .await
+        .unwrap();
+    let Err(err) = client.pull(&two, &auth).await else {
+        panic!("oci-wasm pulled a two-layer artifact");
+    };
+    assert!(err.to_string().contains("signature"), "{err}");
+    let err = client
+        .pull_manifest_and_config(&two, &auth)
+        .await
+        .unwrap_err();
+    assert!(err.to_string().contains("exactly one layer"), "{err}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_component_pushed_by_oci_wasm_loads_from_its_reference() {
+    let registry = TestRegistry::start();
+    let client = oci_wasm_client();
+    let image: oci_client::Reference = format!("{}/other/hello:1.0.0", registry.host)
+        .parse()
+        .unwrap();
+    let (config, layer) = oci_wasm::WasmConfig::from_component(plugin_path("hello"), None)
+        .await
+        .unwrap();
+    client
+        .push(
+            &image,
+            &oci_client::secrets::RegistryAuth::Anonymous,
+            layer,
+            config,
+            None,
+        )
+        .await
+        .unwrap();
+    let rig = new_rig(BTreeMap::new());
+    rig.registry
+        .load(PluginSpec::new(registry.reference("other/hello:1.0.0")))
+        .await
+        .unwrap();
+    rig.greeted(&rig.greet("wkg", "wkg"), "wkg").await;
     rig.shutdown().await;
 }

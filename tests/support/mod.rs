@@ -3,6 +3,9 @@
 
 #![allow(dead_code)]
 
+#[path = "../../host/tests/common/oci.rs"]
+pub mod oci;
+
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};

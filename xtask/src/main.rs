@@ -143,6 +143,12 @@ fn main() -> anyhow::Result<()> {
                 eprintln!("xtask: installing Debian's prometheus package for promtool");
                 apt_install(&["prometheus"])?;
             }
+            // The OCI tests push to and pull from a real registry: Debian's
+            // docker-registry (distribution 2.8), which they start themselves.
+            if !Path::new("/usr/bin/docker-registry").exists() {
+                eprintln!("xtask: installing Debian's docker-registry package for the OCI tests");
+                apt_install(&["docker-registry"])?;
+            }
             // The Python and JavaScript SDKs' own unit tests.
             run(Command::new(python3())
                 .args(["-m", "unittest", "-v"])

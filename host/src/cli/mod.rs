@@ -1,5 +1,6 @@
 //! The `setpoint` command line.
 
+mod oci;
 mod sign;
 
 use std::path::{Path, PathBuf};
@@ -171,7 +172,8 @@ pub enum PluginCommand {
     Ls,
     /// Load a new plugin into the running daemon (a new controller).
     Load {
-        /// The component, as the daemon's file system sees it.
+        /// The component, as the daemon's file system sees it, or an
+        /// `oci://HOST/REPO:TAG` (or `@sha256:DIGEST`) reference the daemon pulls.
         path: PathBuf,
     },
     /// Stop a plugin's controller after its work in flight. Its finalizer stays
@@ -180,7 +182,8 @@ pub enum PluginCommand {
     /// Swap a running plugin for another version, keeping every key's state.
     Swap {
         name: String,
-        /// The new component, as the daemon's file system sees it.
+        /// The new component, as the daemon's file system sees it, or an
+        /// `oci://` reference the daemon pulls.
         path: PathBuf,
     },
     /// Go back to a kept earlier version, without recompiling.
@@ -210,6 +213,22 @@ pub enum PluginCommand {
         /// The version to sign instead of the manifest's.
         #[arg(long = "plugin-version")]
         version: Option<String>,
+    },
+    /// Push a component (with FILE.sig, if it is signed) to an OCI registry;
+    /// prints the manifest digest and the reference pinned to it.
+    Push {
+        file: PathBuf,
+        /// Where to: oci://HOST[:PORT]/REPO:TAG.
+        reference: String,
+    },
+    /// Pull a component (and its signatures) from an OCI registry into the
+    /// local cache, by digest; prints where it is.
+    Pull {
+        /// oci://HOST[:PORT]/REPO[:TAG][@sha256:DIGEST].
+        reference: String,
+        /// Also copy it here (and its signatures to OUT.sig).
+        #[arg(long)]
+        out: Option<PathBuf>,
     },
     /// Check FILE.sig against public keys: succeeds if one of them signed it.
     Verify {
@@ -280,6 +299,12 @@ impl Cli {
                         version,
                     },
             } => sign::verify(&file, &keys, name, version),
+            Command::Plugin {
+                command: PluginCommand::Push { file, reference },
+            } => oci::push(&file, &reference).await,
+            Command::Plugin {
+                command: PluginCommand::Pull { reference, out },
+            } => oci::pull(&reference, out.as_deref()).await,
             Command::Plugin { command } => {
                 let client = Client::new(&self.server, self.token);
                 tokio::task::spawn_blocking(move || plugin_command(&client, command)).await?
@@ -384,12 +409,20 @@ async fn run(
 fn plugin_command(client: &Client, command: PluginCommand) -> anyhow::Result<()> {
     let json =
         |value: serde_json::Value| Some(("application/json", value.to_string().into_bytes()));
-    let absolute = |path: &Path| std::path::absolute(path).unwrap_or_else(|_| path.to_path_buf());
+    // A file as the daemon sees it; an `oci://` reference as it is.
+    let absolute = |path: &Path| {
+        if crate::oci::is_reference(path) {
+            return path.to_path_buf();
+        }
+        std::path::absolute(path).unwrap_or_else(|_| path.to_path_buf())
+    };
     let view = match command {
         PluginCommand::Inspect { .. }
         | PluginCommand::Keygen { .. }
         | PluginCommand::Sign { .. }
-        | PluginCommand::Verify { .. } => unreachable!("these run locally"),
+        | PluginCommand::Verify { .. }
+        | PluginCommand::Push { .. }
+        | PluginCommand::Pull { .. } => unreachable!("these run locally"),
         PluginCommand::Ls => {
             let all = client.call("GET", "/v1/plugins", None)?.json()?;
             println!(
@@ -486,6 +519,9 @@ fn plugin_command(client: &Client, command: PluginCommand) -> anyhow::Result<()>
                 .join(","))
             .unwrap_or_default(),
     );
+    if let Some(source) = view["source"].as_str() {
+        println!("from {source}");
+    }
     Ok(())
 }
 

@@ -249,6 +249,9 @@ impl Config {
         if let Some(dir) = &mut self.runtime.cache_dir {
             fix(dir);
         }
+        if let Some(dir) = &mut self.runtime.oci_cache_dir {
+            fix(dir);
+        }
         if let Some(path) = &mut self.store.path {
             fix(path);
         }
@@ -257,7 +260,9 @@ impl Config {
             fix(dir);
         }
         for plugin in &mut self.plugins {
-            fix(&mut plugin.path);
+            if !crate::oci::is_reference(&plugin.path) {
+                fix(&mut plugin.path);
+            }
             plugin.grants.dirs.iter_mut().for_each(|d| fix(&mut d.host));
         }
         for grants in self.grants.values_mut() {
@@ -368,6 +373,18 @@ mod tests {
             c.plugins[0].full_reconcile_interval,
             Some(Duration::from_secs(3600))
         );
+    }
+
+    #[test]
+    fn a_plugin_path_may_be_an_oci_reference_kept_as_it_is() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("setpoint.toml");
+        let reference = "oci://127.0.0.1:5000/plugins/hello:v1";
+        std::fs::write(&file, format!("[[plugin]]\npath = \"{reference}\"\n")).unwrap();
+        let c = Config::load(&file).unwrap();
+        assert_eq!(c.plugins[0].path, PathBuf::from(reference));
+        let err = Config::parse("[[plugin]]\npath = \"oci://host/Bad\"\n").unwrap_err();
+        assert!(format!("{err:#}").contains("lower-case"), "{err:#}");
     }
 
     #[test]

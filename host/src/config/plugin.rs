@@ -27,8 +27,9 @@ use crate::registry::{Expect, PluginSpec};
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields, rename_all = "kebab-case")]
 pub struct PluginConfig {
-    /// The component file. In a manifest file (`NAME.toml`), default: the
-    /// `NAME.wasm` beside it.
+    /// The component file, or an `oci://HOST/REPO:TAG` or
+    /// `oci://HOST/REPO@sha256:DIGEST` reference to pull it from a registry.
+    /// In a manifest file (`NAME.toml`), default: the `NAME.wasm` beside it.
     pub path: PathBuf,
     /// The controller's name (and its key-value store's). Default: what the
     /// plugin's `describe()` says.
@@ -164,6 +165,10 @@ impl PluginConfig {
         if p.path.as_os_str().is_empty() {
             bail!("{at}: `path` is required: the component file to load");
         }
+        if crate::oci::is_reference(&p.path) {
+            let text = p.path.to_string_lossy();
+            crate::oci::OciRef::parse(&text).map_err(|e| anyhow::anyhow!("{at}: `path`: {e}"))?;
+        }
         if p.workers == 0 {
             bail!("{at}: `workers` must be at least 1");
         }
@@ -294,6 +299,8 @@ impl PluginConfig {
         let base = file.parent().unwrap_or(Path::new("."));
         manifest.path = if manifest.path.as_os_str().is_empty() {
             file.with_extension("wasm")
+        } else if crate::oci::is_reference(&manifest.path) {
+            manifest.path
         } else {
             base.join(&manifest.path)
         };
@@ -330,6 +337,10 @@ pub fn resolver(plugins: Vec<PluginConfig>, runtime: RuntimeConfig) -> crate::re
     Arc::new(move |path: &Path| {
         if let Some(table) = plugins.iter().find(|p| same_file(&p.path, path)) {
             return Ok(Some(table.spec()));
+        }
+        if crate::oci::is_reference(path) {
+            // No manifest file beside a registry's component.
+            return Ok(None);
         }
         let manifest = if path.extension().is_some_and(|e| e == "toml") {
             path.to_path_buf()

@@ -54,6 +54,10 @@ pub struct RuntimeConfig {
     pub cache_dir: Option<PathBuf>,
     /// Cache compiled components on disk.
     pub cache: bool,
+    /// Where components pulled from OCI registries are kept, by digest
+    /// (whatever `cache` says: a pulled component must be on disk to load).
+    /// Default: `$XDG_CACHE_HOME/setpoint/oci` or `~/.cache/setpoint/oci`.
+    pub oci_cache_dir: Option<PathBuf>,
     /// How often the engine's epoch advances: the granularity of time limits.
     #[serde(with = "humantime_serde")]
     pub epoch_tick: Duration,
@@ -76,6 +80,7 @@ impl Default for RuntimeConfig {
         Self {
             cache_dir: None,
             cache: true,
+            oci_cache_dir: None,
             epoch_tick: Duration::from_millis(10),
             pooling: true,
             max_instances: 256,
@@ -103,11 +108,28 @@ impl RuntimeConfig {
         if let Some(dir) = &self.cache_dir {
             return Some(dir.clone());
         }
-        let base = std::env::var_os("XDG_CACHE_HOME")
-            .map(PathBuf::from)
-            .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache")))?;
-        Some(base.join("setpoint").join("components"))
+        Some(cache_base()?.join("components"))
     }
+
+    /// Where pulled components are kept (see [`RuntimeConfig::oci_cache_dir`]);
+    /// without XDG_CACHE_HOME or HOME, a folder in the system's temporary one.
+    pub fn oci_cache_dir(&self) -> PathBuf {
+        if let Some(dir) = &self.oci_cache_dir {
+            return dir.clone();
+        }
+        cache_base().map_or_else(
+            || std::env::temp_dir().join("setpoint-oci"),
+            |b| b.join("oci"),
+        )
+    }
+}
+
+/// `$XDG_CACHE_HOME/setpoint`, or `~/.cache/setpoint`.
+fn cache_base() -> Option<PathBuf> {
+    let base = std::env::var_os("XDG_CACHE_HOME")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache")))?;
+    Some(base.join("setpoint"))
 }
 
 /// How a worker gets the instance it calls.

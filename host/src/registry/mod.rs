@@ -37,6 +37,12 @@
 //! - A swap may change the kinds: finalizers are registered for added kinds
 //!   before the switch and their objects queued; dropped kinds are treated as
 //!   an unload of those kinds (their finalizer stays, see above).
+//! - A spec whose path is an `oci://` reference is pulled into the cache
+//!   [`RegistrySettings::oci_cache`] first (or found there, see
+//!   [`crate::oci`]); from then on it is checked and loaded exactly as a local
+//!   file, its signatures being the ones that came with it. The version
+//!   records the reference pinned to the manifest digest (`source`), so a tag
+//!   that moves later does not change what it was.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -45,6 +51,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use serde::Serialize;
 
 use crate::controller::{KnownKinds, Manager, ManagerError};
+use crate::oci::OciRef;
 use crate::plugin::{CacheOutcome, Grants, Plugin, Runtime, Settings};
 use crate::store::{Store, now_ms};
 use crate::trust::{Policy, Signed, signature_path};
@@ -66,6 +73,8 @@ pub struct RegistrySettings {
     pub grants: GrantTable,
     /// Whose signatures a component needs before it loads.
     pub trust: Policy,
+    /// Where components pulled from OCI registries are cached.
+    pub oci_cache: PathBuf,
 }
 
 impl Default for RegistrySettings {
@@ -74,6 +83,7 @@ impl Default for RegistrySettings {
             keep: 3,
             grants: GrantTable::new(),
             trust: Policy::default(),
+            oci_cache: crate::plugin::RuntimeConfig::default().oci_cache_dir(),
         }
     }
 }
@@ -105,6 +115,9 @@ pub struct VersionView {
     pub version: String,
     pub sha256: String,
     pub path: PathBuf,
+    /// Where it came from, if from a registry: the reference pinned to the
+    /// manifest digest, `oci://HOST/REPO@sha256:...`.
+    pub source: Option<String>,
     /// `loaded` (kept compiled), `failed`, or `forgotten` (loaded once, no
     /// longer kept).
     pub state: &'static str,
@@ -127,6 +140,8 @@ pub struct PluginView {
     pub sha256: Option<String>,
     pub kinds: Vec<String>,
     pub path: Option<String>,
+    /// The active version's pinned `oci://` reference, if from a registry.
+    pub source: Option<String>,
     pub cache: Option<CacheOutcome>,
     pub load_ms: Option<u64>,
     pub prune: bool,
@@ -158,10 +173,16 @@ pub struct Registry {
     settings: RegistrySettings,
     resolve: Resolver,
     entries: Mutex<BTreeMap<String, Entry>>,
+    /// Pulled component files, with the pinned reference each came from.
+    pulled: Mutex<BTreeMap<PathBuf, String>>,
 }
 
-/// The name a plugin file goes by before (or without) its `describe()`.
+/// The name a plugin file (or `oci://` reference: its repository's last
+/// part) goes by before (or without) its `describe()`.
 pub fn name_of_path(path: &Path) -> String {
+    if let Some(reference) = path.to_str().and_then(|p| OciRef::parse(p).ok()) {
+        return reference.name().to_string();
+    }
     path.file_stem().map_or_else(
         || path.display().to_string(),
         |s| s.to_string_lossy().into(),
@@ -182,6 +203,7 @@ impl Registry {
             settings,
             resolve: Arc::new(|_| Ok(None)),
             entries: Mutex::default(),
+            pulled: Mutex::default(),
         }
     }
 
@@ -250,27 +272,24 @@ impl Registry {
         }
     }
 
-    /// Read, pin-check, load, and hold to the spec: the plugin with the grants
-    /// it is to run with.
+    /// Fetch (pull an `oci://` reference into the cache), read, pin-check,
+    /// trust-check, load, and hold to the spec: the plugin with the grants it
+    /// is to run with.
     /// A version of the running `name` kept compiled, loaded from the same
     /// file, bytes and settings: swapping back to it needs no compile,
     /// deserialization or `describe()`, as a rollback.
     async fn load_checked(&self, name: Option<&str>, spec: &PluginSpec) -> Result<Plugin, String> {
-        let bytes = self
-            .runtime
-            .read(&spec.path)
-            .await
-            .map_err(|e| e.to_string())?;
+        let path = &self.fetch(&spec.path).await?;
+        let bytes = self.runtime.read(path).await.map_err(|e| e.to_string())?;
         let sha256 = crate::plugin::sha256_hex(&bytes);
+        // Named as the spec names it: the file, or the `oci://` reference.
         spec.expect.check_sha256(&spec.path, &sha256)?;
         let signed = Signed {
             sha256: sha256.clone(),
             name: spec.expect.name.clone().unwrap_or_default(),
             version: spec.expect.version.clone().unwrap_or_default(),
         };
-        let signatures = tokio::fs::read_to_string(signature_path(&spec.path))
-            .await
-            .ok();
+        let signatures = tokio::fs::read_to_string(signature_path(path)).await.ok();
         let under = name
             .map(str::to_string)
             .or_else(|| spec.settings.name.clone())
@@ -284,19 +303,13 @@ impl Registry {
             settings.grants = Grants::default();
         }
         let kept = name.and_then(|name| {
-            self.kept(
-                name,
-                &spec.path,
-                &sha256,
-                &settings,
-                spec.capabilities.is_some(),
-            )
+            self.kept(name, path, &sha256, &settings, spec.capabilities.is_some())
         });
         let plugin = match kept {
             Some(plugin) => plugin,
             None => self
                 .runtime
-                .load_bytes(&spec.path, bytes, settings, self.store.clone())
+                .load_bytes(path, bytes, settings, self.store.clone())
                 .await
                 .map_err(|e| e.to_string())?,
         };
@@ -309,6 +322,36 @@ impl Registry {
         let offered = self.settings.grants.get(name).or(spec.granted.as_ref());
         let grants = asked.granted_by(name, offered)?;
         plugin.with_grants(grants)
+    }
+
+    /// The file to load for `path`: itself, or for an `oci://` reference the
+    /// component pulled into the cache (or found there).
+    async fn fetch(&self, path: &Path) -> Result<PathBuf, String> {
+        if !crate::oci::is_reference(path) {
+            return Ok(path.to_path_buf());
+        }
+        let reference = OciRef::parse(&path.to_string_lossy())?;
+        let pulled = crate::oci::Cache::new(&self.settings.oci_cache)
+            .pull(&reference)
+            .await?;
+        tracing::info!(
+            %reference,
+            pinned = %pulled.pinned,
+            cached = pulled.cached,
+            signed = pulled.signed,
+            "pulled"
+        );
+        self.pulled
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(pulled.path.clone(), pulled.pinned.to_string());
+        Ok(pulled.path)
+    }
+
+    /// The pinned reference a loaded file was pulled from, if it was.
+    fn source(&self, plugin: &Plugin) -> Option<String> {
+        let pulled = self.pulled.lock().unwrap_or_else(|e| e.into_inner());
+        pulled.get(&plugin.report().path).cloned()
     }
 
     fn kept(
@@ -411,7 +454,7 @@ impl Registry {
     pub fn start(&self, plugin: Plugin, spec: &PluginSpec) -> Result<PluginView, RegistryError> {
         let name = plugin.info().name.clone();
         self.manager.add(plugin.clone(), spec.engine.clone())?;
-        self.record(&name, loaded(&plugin, true));
+        self.record(&name, self.loaded(&plugin));
         // A file that failed under its file name before is this plugin now.
         let stem = name_of_path(&spec.path);
         if stem != name {
@@ -505,7 +548,7 @@ impl Registry {
         }
         self.manager.swap(name, plugin.clone())?;
         self.manager.metrics().swapped(name, result);
-        self.record(name, loaded(plugin, true));
+        self.record(name, self.loaded(plugin));
         if let Some(entry) = self.entries().get_mut(name) {
             entry.declared = plugin.info().kinds.clone();
         }
@@ -601,6 +644,7 @@ impl Registry {
             sha256: p.map(|p| p.report().sha256.clone()),
             kinds: p.map_or_else(|| entry.declared.clone(), |p| p.info().kinds.clone()),
             path: p.map(|p| p.report().path.display().to_string()),
+            source: p.and_then(|p| self.source(p)),
             cache: p.map(|p| p.report().cache),
             load_ms: p.map(|p| p.report().took.as_millis() as u64),
             prune: p.is_some_and(|p| p.can_prune()),
@@ -639,20 +683,24 @@ impl Registry {
     }
 }
 
-fn loaded(plugin: &Plugin, active: bool) -> Version {
-    let now = now_ms();
-    Version {
-        view: VersionView {
-            version: plugin.info().version.clone(),
-            sha256: plugin.report().sha256.clone(),
-            path: plugin.report().path.clone(),
-            state: "loaded",
-            error: None,
-            loaded_at: now,
-            activated_at: active.then_some(now),
-            active,
-        },
-        plugin: Some(plugin.clone()),
+impl Registry {
+    /// The active version `plugin`, just loaded.
+    fn loaded(&self, plugin: &Plugin) -> Version {
+        let now = now_ms();
+        Version {
+            view: VersionView {
+                version: plugin.info().version.clone(),
+                sha256: plugin.report().sha256.clone(),
+                path: plugin.report().path.clone(),
+                source: self.source(plugin),
+                state: "loaded",
+                error: None,
+                loaded_at: now,
+                activated_at: Some(now),
+                active: true,
+            },
+            plugin: Some(plugin.clone()),
+        }
     }
 }
 
@@ -662,6 +710,7 @@ fn failed(path: &Path, error: &str) -> Version {
             version: String::new(),
             sha256: String::new(),
             path: path.to_path_buf(),
+            source: None,
             state: "failed",
             error: Some(error.to_string()),
             loaded_at: now_ms(),

@@ -2,6 +2,8 @@
 
 #![allow(dead_code)]
 
+pub mod oci;
+
 use std::path::PathBuf;
 use std::time::Duration;
 
