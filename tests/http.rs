@@ -147,8 +147,9 @@ impl Drop for Server {
     }
 }
 
-/// A daemon running `records`, granted HTTP to `granted` only.
-fn daemon(home: &Path, granted: &str) -> (Daemon, String) {
+/// A daemon running the plugin `name` (`records` or `records-py`), granted
+/// HTTP to `granted` only.
+fn daemon(home: &Path, name: &str, granted: &str) -> (Daemon, String) {
     let config = format!(
         r#"
 [store]
@@ -162,11 +163,11 @@ max-backoff = "200ms"
 [plugin.capabilities.http]
 hosts = ["{granted}"]
 
-[grants.records]
+[grants.{name}]
 http = {{ hosts = ["{granted}"], timeout = "1s" }}
 "#,
         store = home.join("store.redb").display(),
-        records = plugin("records").display(),
+        records = plugin(name).display(),
     );
     let path = home.join("setpoint.toml");
     std::fs::write(&path, config).unwrap();
@@ -208,45 +209,51 @@ fn metric(url: &str, prefix: &str) -> f64 {
         .map_or(0.0, |v| v.parse().unwrap())
 }
 
-#[test]
-fn records_reach_the_granted_host_only_with_retries_and_timeouts() {
-    let home = tempfile::tempdir().unwrap();
-    let api = Server::start(2);
-    let other = Server::start(0);
-    let (mut d, url) = daemon(home.path(), &api.url());
-
-    // Allowed: the document is created, and the status says so.
-    apply(&url, "a", &format!("{}/records", api.url()), "{v: 1}");
+/// Record `a` pushed to `api`: done, and the document is there.
+fn the_granted_host_is_reached(url: &str, api: &Server) {
+    apply(url, "a", &format!("{}/records", api.url()), "{v: 1}");
     eventually("record a is created", LIMIT, || {
-        status(&url, "a")["phase"] == "done"
+        status(url, "a")["phase"] == "done"
     });
     assert_eq!(api.doc("/records/_/a"), Some(serde_json::json!({"v": 1})));
-    let object = http("GET", &format!("{url}/v1/objects/Record/a"), &[], None).json();
-    assert_eq!(object["status"]["remote"], "created", "{object}");
+}
 
-    // Another host: denied inside the plugin, counted, never reached.
+/// Record `elsewhere` pushed to `other`, which is not granted: it fails for
+/// good inside the plugin, is counted, and never reaches `other`.
+fn another_host_is_denied(url: &str, other: &Server, plugin: &str) {
     apply(
-        &url,
+        url,
         "elsewhere",
         &format!("{}/records", other.url()),
         "{v: 1}",
     );
     eventually("the request to another host fails", LIMIT, || {
-        status(&url, "elsewhere")["phase"] == "error"
+        status(url, "elsewhere")["phase"] == "error"
     });
-    let failed = status(&url, "elsewhere");
+    let failed = status(url, "elsewhere");
     let error = failed["lastError"].as_str().unwrap();
     assert!(error.contains("denied"), "{error}");
     assert!(error.contains(&other.url()), "{error}");
     assert_eq!(failed["terminal"], true, "denied is fatal: {failed}");
     assert!(other.seen().is_empty(), "{:?}", other.seen());
-    assert!(
-        metric(
-            &url,
-            "setpoint_plugin_http_denied_total{plugin=\"records\"}"
-        ) >= 1.0,
-        "the denial is counted"
-    );
+    let denied = format!("setpoint_plugin_http_denied_total{{plugin=\"{plugin}\"}}");
+    assert!(metric(url, &denied) >= 1.0, "the denial is counted");
+}
+
+#[test]
+fn records_reach_the_granted_host_only_with_retries_and_timeouts() {
+    let home = tempfile::tempdir().unwrap();
+    let api = Server::start(2);
+    let other = Server::start(0);
+    let (mut d, url) = daemon(home.path(), "records", &api.url());
+
+    // Allowed: the document is created, and the status says so.
+    the_granted_host_is_reached(&url, &api);
+    let object = http("GET", &format!("{url}/v1/objects/Record/a"), &[], None).json();
+    assert_eq!(object["status"]["remote"], "created", "{object}");
+
+    // Another host: denied inside the plugin, counted, never reached.
+    another_host_is_denied(&url, &other, "records");
 
     // 5xx: retried with back-off until the API answers (two 503s first).
     let retries = "workqueue_retries_total{controller=\"records\"}";
@@ -297,6 +304,17 @@ fn records_reach_the_granted_host_only_with_retries_and_timeouts() {
     eventually("record a's document is deleted", LIMIT, || {
         api.doc("/records/_/a").is_none()
     });
+    d.interrupt();
+}
+
+#[test]
+fn a_python_plugin_reaches_the_granted_host_only() {
+    let home = tempfile::tempdir().unwrap();
+    let api = Server::start(0);
+    let other = Server::start(0);
+    let (mut d, url) = daemon(home.path(), "records-py", &api.url());
+    the_granted_host_is_reached(&url, &api);
+    another_host_is_denied(&url, &other, "records-py");
     d.interrupt();
 }
 

@@ -155,5 +155,28 @@ class DecodeTest(unittest.TestCase):
                 self.assertEqual(str(err.exception), message)
 
 
+class HttpTest(unittest.TestCase):
+    def test_urls_split_and_bad_ones_are_fatal(self):
+        from setpoint_sdk.http import InvalidUrl, Request
+        self.assertEqual(Request.get("http://127.0.0.1:8080/r/a?x=1").parts(),
+                         ("http", "127.0.0.1:8080", "/r/a?x=1"))
+        self.assertEqual(Request.get("https://api.example.com").parts(),
+                         ("https", "api.example.com", "/"))
+        for bad in ("ftp://x/y", "api.example.com/x", "http:///x"):
+            with self.assertRaises(InvalidUrl):
+                Request.get(bad).parts()
+
+    def test_a_fake_host_answers_http_and_without_a_handler_it_is_unavailable(self):
+        from setpoint_sdk.http import Request, Response, Unavailable
+        host = FakeHost()
+        with self.assertRaises(Unavailable):
+            host.http(Request.get("http://api/x"))
+        host.on_http(lambda r: Response(201, body=r.body))
+        answer = host.http(Request.put("http://api/x").json({"v": 1}))
+        self.assertEqual(answer.json(), {"v": 1})
+        self.assertEqual([r.method for r in host.sent], ["GET", "PUT"])
+        self.assertIsInstance(Unavailable(), Fatal)
+
+
 if __name__ == "__main__":
     unittest.main()

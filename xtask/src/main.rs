@@ -423,10 +423,16 @@ fn build_python_plugins(root: &Path, out: &Path) -> anyhow::Result<usize> {
             continue;
         }
         eprintln!("xtask: building {} with componentize-py", wasm.display());
+        // A plugin that sends HTTP names the plugin-with-http world in a
+        // `wit-world` file: the SDK's http-wit, with wasi:http.
+        let (wit, world) = match std::fs::read_to_string(dir.join("wit-world")) {
+            Ok(world) => (root.join("sdk/python/http-wit"), world.trim().to_string()),
+            Err(_) => (root.join("wit"), "plugin-with-admission".to_string()),
+        };
         run(Command::new(&tool)
             .arg("-d")
-            .arg(root.join("wit"))
-            .args(["-w", "plugin-with-admission", "componentize", "app", "-p"])
+            .arg(wit)
+            .args(["-w", &world, "componentize", "app", "-p"])
             .arg(dir)
             .arg("-p")
             .arg(root.join("sdk/python"))

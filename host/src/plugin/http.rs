@@ -331,6 +331,19 @@ mod tests {
     }
 
     #[test]
+    fn a_tls_client_config_can_be_built_once_the_provider_is_chosen() {
+        // rustls is built with two providers here (ring for wasmtime-wasi-http,
+        // aws-lc-rs for the OCI client's reqwest); without a process default,
+        // wasmtime-wasi-http's `ClientConfig::builder()` panics on the first
+        // https request.
+        install_crypto_provider();
+        let roots = rustls::RootCertStore::empty();
+        let _config = rustls::ClientConfig::builder()
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+    }
+
+    #[test]
     fn the_policy_checks_scheme_host_and_default_port() {
         let grant = HttpGrant {
             hosts: vec!["http://127.0.0.1:8080".into(), "api.example.com".into()],

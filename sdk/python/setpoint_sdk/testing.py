@@ -24,8 +24,15 @@ class FakeHost:
         self.drift: List[str] = []
         self.clock = now_ms
         self._states: Dict[str, Tuple[int, Dict[str, str]]] = {}
+        self._http = None
+        self.sent: List[Any] = []
 
     # What a test does.
+
+    def on_http(self, handler) -> None:
+        """Answer the plugin's ``host.http(request)`` with ``handler(request)``
+        (a ``setpoint_sdk.http.Response``, or raise one of its errors)."""
+        self._http = handler
 
     def put(self, obj: Object) -> Object:
         self.objects[obj.key] = obj
@@ -92,3 +99,10 @@ class FakeHost:
 
     def report_drift(self, detail: str) -> None:
         self.drift.append(detail)
+
+    def http(self, request):
+        self.sent.append(request)
+        if self._http is None:
+            from .http import Unavailable
+            raise Unavailable()
+        return self._http(request)

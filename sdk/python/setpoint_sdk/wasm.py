@@ -8,8 +8,21 @@ from typing import Any, Dict, List, Optional
 
 from componentize_py_types import Err
 from wit_world import exports
-from wit_world.imports import clock, kv, log, objects, types
+from wit_world.imports import clock, kv, log, objects
 
+try:
+    from wit_world.imports import types
+except ImportError:  # the plugin-with-http world, where wasi:http has a `types` too
+    from wit_world.imports import setpoint_reconciler_types as types
+
+# Imported now, while the component is built: a component has no files to
+# import from later.
+try:
+    from .wasi_http import send as _send_http
+except ImportError:  # built without wasi:http
+    _send_http = None
+
+from .http import Unavailable
 from . import (
     Action, Error, Fatal, Level, Object, Plugin, Retry, RetryAfter, call_reconcile,
     call_validate, encode_status, pairs,
@@ -69,6 +82,11 @@ class WasmHost:
 
     def report_drift(self, detail: str) -> None:
         objects.report_drift(detail)
+
+    def http(self, request):
+        if _send_http is None:
+            raise Unavailable()
+        return _send_http(request)
 
 
 def _reconcile_error(e: Error):
