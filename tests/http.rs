@@ -15,9 +15,10 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use axum::Router;
-use axum::body::Bytes;
+use axum::body::{Body, Bytes};
 use axum::extract::{Path as UrlPath, State};
 use axum::http::{Method, StatusCode};
+use axum::response::{IntoResponse, Response};
 use axum::routing::any;
 
 mod support;
@@ -25,6 +26,9 @@ mod support;
 use support::{Daemon, eventually, http, plugin};
 
 const LIMIT: Duration = Duration::from_secs(60);
+
+/// The size of a `/big/` answer: twice the grant's `max-response-bytes`.
+const BIG: usize = 128 * 1024;
 
 /// What the fake API has seen and holds.
 #[derive(Default)]
@@ -40,27 +44,37 @@ struct Api {
 type Shared = Arc<Mutex<Api>>;
 
 /// `/records/...` keeps documents; `/flaky/...` answers 503 until
-/// `flaky_left` runs out; `/slow/...` answers after 30 s.
+/// `flaky_left` runs out; `/slow/...` answers after 30 s; `/big/...` and
+/// `/chunked/...` answer `BIG` bytes, more than the grant's
+/// `max-response-bytes`, with a content-length and without one.
 async fn serve(
     State(api): State<Shared>,
     method: Method,
     UrlPath(path): UrlPath<String>,
     body: Bytes,
-) -> (StatusCode, Vec<u8>) {
+) -> Response {
     let path = format!("/{path}");
     {
         let mut api = api.lock().unwrap();
         api.seen.push(format!("{method} {path}"));
         if path.starts_with("/flaky/") && api.flaky_left > 0 {
             api.flaky_left -= 1;
-            return (StatusCode::SERVICE_UNAVAILABLE, Vec::new());
+            return StatusCode::SERVICE_UNAVAILABLE.into_response();
         }
     }
     if path.starts_with("/slow/") {
         tokio::time::sleep(Duration::from_secs(30)).await;
     }
+    if path.starts_with("/big/") {
+        return (StatusCode::OK, vec![b' '; BIG]).into_response();
+    }
+    if path.starts_with("/chunked/") {
+        // No content-length: the limit is found while reading.
+        let chunks = (0..BIG / 8192).map(|_| Ok::<_, std::io::Error>(vec![b' '; 8192]));
+        return Body::from_stream(futures::stream::iter(chunks)).into_response();
+    }
     let mut api = api.lock().unwrap();
-    match method {
+    let answer = match method {
         Method::GET => match api.docs.get(&path) {
             Some(doc) => (StatusCode::OK, doc.clone()),
             None => (StatusCode::NOT_FOUND, Vec::new()),
@@ -74,7 +88,8 @@ async fn serve(
             None => (StatusCode::NOT_FOUND, Vec::new()),
         },
         _ => (StatusCode::METHOD_NOT_ALLOWED, Vec::new()),
-    }
+    };
+    answer.into_response()
 }
 
 /// A fake API on a free loopback port, stopped when dropped.
@@ -164,7 +179,7 @@ max-backoff = "200ms"
 hosts = ["{granted}"]
 
 [grants.{name}]
-http = {{ hosts = ["{granted}"], timeout = "1s" }}
+http = {{ hosts = ["{granted}"], timeout = "1s", max-response-bytes = 65536 }}
 "#,
         store = home.join("store.redb").display(),
         records = plugin(name).display(),
@@ -297,6 +312,20 @@ fn records_reach_the_granted_host_only_with_retries_and_timeouts() {
         timed_out["terminal"], false,
         "a timeout is retried: {timed_out}"
     );
+
+    // A body past the grant's max-response-bytes fails, declared or not.
+    for (name, path) in [("big", "big"), ("chunked", "chunked")] {
+        apply(&url, name, &format!("{}/{path}", api.url()), "{v: 4}");
+        eventually("the big answer is refused", LIMIT, || {
+            status(&url, name)["phase"] == "error"
+        });
+        let too_big = status(&url, name);
+        let error = too_big["lastError"].as_str().unwrap();
+        assert!(
+            error.contains("larger than the host allows"),
+            "{name}: {error}"
+        );
+    }
 
     // Deleting the object deletes the document.
     let deleted = http("DELETE", &format!("{url}/v1/objects/Record/a"), &[], None);

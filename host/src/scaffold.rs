@@ -21,6 +21,7 @@ pub enum Lang {
 const WIT: &str = include_str!("../../wit/reconciler.wit");
 const RUST_SDK_LIB: &str = include_str!("../../sdk/rust/src/lib.rs");
 const RUST_SDK_TESTING: &str = include_str!("../../sdk/rust/src/testing.rs");
+const RUST_SDK_HTTP: &str = include_str!("../../sdk/rust/src/http.rs");
 const PY_SDK: &[(&str, &str)] = &[
     (
         "setpoint_sdk/__init__.py",
@@ -33,6 +34,14 @@ const PY_SDK: &[(&str, &str)] = &[
     (
         "setpoint_sdk/testing.py",
         include_str!("../../sdk/python/setpoint_sdk/testing.py"),
+    ),
+    (
+        "setpoint_sdk/http.py",
+        include_str!("../../sdk/python/setpoint_sdk/http.py"),
+    ),
+    (
+        "setpoint_sdk/wasi_http.py",
+        include_str!("../../sdk/python/setpoint_sdk/wasi_http.py"),
     ),
 ];
 const JS_SDK: &[(&str, &str)] = &[
@@ -88,6 +97,7 @@ pub fn create(parent: &Path, name: &str, lang: Lang) -> anyhow::Result<PathBuf> 
                 "setpoint-sdk/src/testing.rs".into(),
                 RUST_SDK_TESTING.into(),
             ));
+            files.push(("setpoint-sdk/src/http.rs".into(), RUST_SDK_HTTP.into()));
             files.push(("README.md".into(), fill(RUST_README)));
             files.push((".gitignore".into(), "target/\n".into()));
         }
@@ -198,6 +208,9 @@ wit-bindgen = "0.61"
 serde = { version = "1", features = ["derive"] }
 serde_json = "1"
 serde_path_to_error = "0.1"
+
+[target.'cfg(target_arch = "wasm32")'.dependencies]
+wasip2 = { version = "1", default-features = false }
 "#;
 
 const RUST_LIB: &str = r#"//! `{{name}}`: reconciles `{{kind}}` objects by writing a greeting into their status.

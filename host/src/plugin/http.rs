@@ -246,6 +246,18 @@ impl WasiHttpHooks for HttpHooks {
                 .await
                 .map_err(|_| HttpError::ConnectionReadTimeout)??;
             let limit = policy.max_response_bytes;
+            // A declared length over the limit fails the response itself, so
+            // the plugin gets `HTTP-response-body-size` as an error code; a
+            // body without one fails when it grows past the limit (as text:
+            // wasmtime-wasi-http 48 hands body errors to the guest as an
+            // `io-error` without a code).
+            let declared = response
+                .headers()
+                .get(http::header::CONTENT_LENGTH)
+                .and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
+            if declared.is_some_and(|n| n > limit) {
+                return Err(HttpError::HttpResponseBodySize(declared));
+            }
             let response = response.map(|body| limited(body, limit));
             Ok((
                 response,

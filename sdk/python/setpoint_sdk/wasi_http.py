@@ -26,6 +26,17 @@ def _error(request: Request, code) -> Exception:
     return HttpError(f"the request failed: {type(code).__name__.removeprefix('ErrorCode_')}")
 
 
+def _body_error(error) -> Exception:
+    """A body read that failed without an error code (wasmtime 48's host
+    passes these as text), classified by its text."""
+    text = error.to_debug_string()
+    if "body size exceeds limit" in text:
+        return TooLarge()
+    if "timeout" in text or "timed out" in text:
+        return Timeout()
+    return HttpError(f"the request failed: {text}")
+
+
 def send(request: Request) -> Response:
     scheme, authority, path = request.parts()
     headers = t.Fields.from_list([(k, v.encode()) for k, v in request.headers])
@@ -64,6 +75,6 @@ def send(request: Request) -> Response:
                 if isinstance(e.value, streams.StreamError_Closed):
                     break
                 code = t.http_error_code(e.value.value)
-                raise (_error(request, code) if code else HttpError(str(e.value))) from None
+                raise (_error(request, code) if code else _body_error(e.value.value)) from None
     t.IncomingBody.finish(incoming)
     return Response(status=status, headers=found, body=b"".join(chunks))

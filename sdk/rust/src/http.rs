@@ -268,7 +268,7 @@ pub(crate) fn send(request: &Request) -> Result<Response, HttpError> {
                 Err(StreamError::LastOperationFailed(e)) => {
                     return Err(match wasip2::http::types::http_error_code(&e) {
                         Some(code) => failed(code),
-                        None => HttpError::Failed(e.to_debug_string()),
+                        None => body_error(e.to_debug_string()),
                     });
                 }
             }
@@ -280,6 +280,19 @@ pub(crate) fn send(request: &Request) -> Result<Response, HttpError> {
         headers,
         body: bytes,
     })
+}
+
+/// A body read that failed without an error code (wasmtime 48's host passes
+/// these as text), classified by its text.
+#[cfg_attr(not(target_arch = "wasm32"), allow(dead_code))]
+fn body_error(text: String) -> HttpError {
+    if text.contains("body size exceeds limit") {
+        HttpError::TooLarge
+    } else if text.contains("timeout") || text.contains("timed out") {
+        HttpError::Timeout
+    } else {
+        HttpError::Failed(text)
+    }
 }
 
 /// Natively there is no WASI HTTP client (tests use `FakeHost::on_http`).
@@ -309,6 +322,22 @@ mod tests {
                 Err(HttpError::InvalidUrl(bad.into()))
             );
         }
+    }
+
+    #[test]
+    fn a_body_error_without_a_code_is_classified_by_its_text() {
+        assert_eq!(
+            body_error("HTTP response body size exceeds limit: 65536 bytes".into()),
+            HttpError::TooLarge
+        );
+        assert_eq!(
+            body_error("connection read timeout".into()),
+            HttpError::Timeout
+        );
+        assert_eq!(
+            body_error("reset".into()),
+            HttpError::Failed("reset".into())
+        );
     }
 
     #[test]
