@@ -4,7 +4,8 @@
 //! It is embedded and durable: every write goes to a [redb] database (a single
 //! file, ACID, crash-safe copy-on-write B-trees) before it is visible, and reads
 //! are served from an in-memory copy loaded at open. [`Store::new`] gives the same
-//! store over redb's in-memory backend, for tests and one-off commands.
+//! store over the [`Memory`] backend (nothing written anywhere), for tests and
+//! one-off commands.
 //!
 //! Guarantees:
 //! - Writes of desired state (apply, create, update, delete, finalize) are
@@ -35,36 +36,38 @@
 //!   it deduplicates). `/v1/watch` listeners get a bounded broadcast and are told
 //!   when they fall behind.
 //!
+//!
+//! Layout: this module keeps the [`Store`] facade and the object rules;
+//! [`feed`] the change feeds, `wait` what [`Store::wait`] needs, [`backend`]
+//! the seam to where the data lives, with [`Redb`] (durable) and [`Memory`].
+//!
 //! [redb]: https://docs.rs/redb
+
+mod backend;
+mod feed;
+mod redb;
+mod wait;
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::Path;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
 use serde::{Deserialize, Serialize};
-use tokio::sync::{broadcast, mpsc};
+use tokio::sync::broadcast;
 
+pub use self::backend::{Backend, Commit, KvRow, Loaded, Memory};
+use self::feed::Watcher;
+pub use self::feed::{Change, WatchEvent};
+pub use self::redb::Redb;
+use self::wait::Unsettled;
 use crate::object::{Action, Object, ObjectKey, shorten};
-
-const OBJECTS: TableDefinition<&str, &[u8]> = TableDefinition::new("objects");
-const STATUS: TableDefinition<&str, &[u8]> = TableDefinition::new("status");
-const KV: TableDefinition<(&str, &str), &[u8]> = TableDefinition::new("kv");
-const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
 
 /// Written-behind changes (status, kv) held in memory before a commit, at most.
 pub const FLUSH_EVERY: usize = 1000;
 
 /// The prefix of the finalizer each controller holds on the objects it reconciles.
 pub const FINALIZER_PREFIX: &str = "setpoint.dev/";
-
-/// One change to one object.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Change {
-    pub key: ObjectKey,
-    pub action: Action,
-}
 
 /// Where an object stands with its controller.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -95,33 +98,6 @@ pub struct ReconcileStatus {
     /// error that will be retried, and for every other phase.
     #[serde(default)]
     pub terminal: bool,
-}
-
-/// One event of the `/v1/watch` feed.
-#[derive(Clone, Debug, PartialEq, Serialize)]
-#[serde(tag = "type", rename_all = "lowercase")]
-pub enum WatchEvent {
-    /// An object was created or changed (including being marked deleting).
-    Applied { action: Action, object: Object },
-    /// An object was removed for good.
-    Removed { key: String },
-    /// An object's reconcile status changed.
-    Status {
-        key: String,
-        status: ReconcileStatus,
-    },
-}
-
-impl WatchEvent {
-    /// The kind of the object the event is about.
-    pub fn kind(&self) -> &str {
-        match self {
-            WatchEvent::Applied { object, .. } => &object.kind,
-            WatchEvent::Removed { key } | WatchEvent::Status { key, .. } => {
-                key.split_once(':').map_or("", |(k, _)| k)
-            }
-        }
-    }
 }
 
 /// Why [`Store::wait`] returned before everything it waited for was reconciled.
@@ -163,28 +139,6 @@ pub enum StoreError {
     Storage(String),
 }
 
-impl From<redb::Error> for StoreError {
-    fn from(e: redb::Error) -> Self {
-        StoreError::Storage(e.to_string())
-    }
-}
-
-macro_rules! storage_errors {
-    ($($t:ty),*) => {$(
-        impl From<$t> for StoreError {
-            fn from(e: $t) -> Self {
-                StoreError::Storage(e.to_string())
-            }
-        }
-    )*};
-}
-storage_errors!(
-    redb::TransactionError,
-    redb::TableError,
-    redb::StorageError,
-    redb::CommitError
-);
-
 /// What one applied object became.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Applied {
@@ -201,7 +155,7 @@ pub struct Store {
 }
 
 struct Shared {
-    db: Database,
+    backend: Box<dyn Backend>,
     inner: Mutex<Inner>,
     /// Held from reading a commit's contents until it is committed.
     commit_order: Mutex<()>,
@@ -231,246 +185,33 @@ struct Inner {
 }
 
 impl Inner {
+    /// The stored object at `key`, if `resource_version` (0 or `None`: any)
+    /// is the one stored.
+    fn current(
+        &self,
+        key: &ObjectKey,
+        resource_version: Option<u64>,
+    ) -> Result<Object, StoreError> {
+        let object = self
+            .objects
+            .get(key)
+            .cloned()
+            .ok_or_else(|| StoreError::NotFound(key.clone()))?;
+        if let Some(given) = resource_version.filter(|v| *v != 0)
+            && given != object.metadata.resource_version
+        {
+            return Err(StoreError::Conflict {
+                key: key.clone(),
+                given,
+                stored: object.metadata.resource_version,
+            });
+        }
+        Ok(object)
+    }
+
     fn dirty(&self) -> usize {
         self.dirty_objects.len() + self.dirty_status.len() + self.dirty_kv.len()
     }
-}
-
-/// Where one key stands for [`Store::wait`].
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Settled {
-    /// Done at its current generation, or gone.
-    Reconciled,
-    /// Not reconciled yet; it will be (a change, a retry) or may still be.
-    Waiting,
-    /// Not reconciled, and its last reconcile failed for good
-    /// ([`ReconcileStatus::terminal`]): nothing will retry it.
-    Failed,
-}
-
-/// What [`Store::wait`] selects: one key, or every key of some kinds (all
-/// kinds if empty; sorted, no duplicates).
-#[derive(Clone, Debug, PartialEq, Eq)]
-enum Selection {
-    Key(ObjectKey),
-    Kinds(Vec<String>),
-}
-
-impl Selection {
-    fn new(key: Option<&ObjectKey>, kinds: &[String]) -> Self {
-        match key {
-            Some(key) => Selection::Key(key.clone()),
-            None => {
-                let mut kinds = kinds.to_vec();
-                kinds.sort();
-                kinds.dedup();
-                Selection::Kinds(kinds)
-            }
-        }
-    }
-
-    fn has_kind(&self, kind: &str) -> bool {
-        match self {
-            Selection::Key(key) => key.kind == kind,
-            Selection::Kinds(kinds) => kinds.is_empty() || kinds.iter().any(|k| k == kind),
-        }
-    }
-}
-
-/// One open [`Store::wait`].
-struct Waiter {
-    id: u64,
-    selection: Selection,
-    wake: Arc<tokio::sync::Notify>,
-}
-
-/// The keys that are not reconciled, kept by every change to an object or its
-/// status (see [`Inner::refresh`]), so that an open [`Store::wait`] costs
-/// nothing per change: waiters are woken only when what they wait for may have
-/// happened (their key settled, a kind has nothing left to reconcile, or a key
-/// failed for good), and then check a few counters. The list of what is not
-/// reconciled is built only when a wait gives up.
-#[derive(Default)]
-struct Unsettled {
-    /// Keys not reconciled, by kind; a kind with none is not in the map.
-    waiting: HashMap<String, HashSet<ObjectKey>>,
-    /// The keys of `waiting` that failed for good, by kind; likewise.
-    failed: HashMap<String, HashSet<ObjectKey>>,
-    waiting_total: usize,
-    failed_total: usize,
-    /// Open waits.
-    waiters: Vec<Waiter>,
-    /// The keys open waits wait for one by one, with how many wait for each.
-    watched: HashMap<ObjectKey, usize>,
-    next_waiter: u64,
-}
-
-/// What a wait found on a check.
-#[derive(Debug, PartialEq, Eq)]
-enum Check {
-    Reconciled,
-    Waiting,
-    Failed,
-}
-
-impl Unsettled {
-    fn get(&self, key: &ObjectKey) -> Settled {
-        let in_set = |map: &HashMap<String, HashSet<ObjectKey>>| {
-            map.get(&key.kind).is_some_and(|keys| keys.contains(key))
-        };
-        if !in_set(&self.waiting) {
-            Settled::Reconciled
-        } else if in_set(&self.failed) {
-            Settled::Failed
-        } else {
-            Settled::Waiting
-        }
-    }
-
-    /// Record that `key` now stands at `now`, and wake the waits that may be over.
-    fn set(&mut self, key: &ObjectKey, now: Settled) {
-        let was = self.get(key);
-        if was == now {
-            return;
-        }
-        if was == Settled::Failed {
-            remove_key(&mut self.failed, key);
-            self.failed_total -= 1;
-        }
-        match (was, now) {
-            (Settled::Reconciled, _) => {
-                add_key(&mut self.waiting, key);
-                self.waiting_total += 1;
-            }
-            (_, Settled::Reconciled) => {
-                remove_key(&mut self.waiting, key);
-                self.waiting_total -= 1;
-            }
-            _ => {}
-        }
-        if now == Settled::Failed {
-            add_key(&mut self.failed, key);
-            self.failed_total += 1;
-        }
-        self.wake(key, now);
-    }
-
-    /// Wake the waits `key` settling at `now` may have ended. Getting more
-    /// unreconciled ends no wait, and nothing is woken while keys of a kind are
-    /// still waiting, unless one of them is watched alone or failed for good.
-    fn wake(&self, key: &ObjectKey, now: Settled) {
-        if self.waiters.is_empty() || now == Settled::Waiting {
-            return;
-        }
-        let failed = now == Settled::Failed;
-        let kind_clear = !self.waiting.contains_key(&key.kind);
-        let watched = self.watched.contains_key(key);
-        if !(failed || kind_clear || watched) {
-            return;
-        }
-        for w in &self.waiters {
-            let hit = match &w.selection {
-                Selection::Key(k) => k == key,
-                kinds => (failed || kind_clear) && kinds.has_kind(&key.kind),
-            };
-            if hit {
-                w.wake.notify_one();
-            }
-        }
-    }
-
-    fn check(&self, selection: &Selection, keep_waiting: bool) -> Check {
-        let (failed, waiting) = match selection {
-            Selection::Key(key) => match self.get(key) {
-                Settled::Reconciled => (false, false),
-                Settled::Waiting => (false, true),
-                Settled::Failed => (true, true),
-            },
-            Selection::Kinds(kinds) if kinds.is_empty() => {
-                (self.failed_total > 0, self.waiting_total > 0)
-            }
-            Selection::Kinds(kinds) => (
-                kinds.iter().any(|k| self.failed.contains_key(k)),
-                kinds.iter().any(|k| self.waiting.contains_key(k)),
-            ),
-        };
-        if failed && !keep_waiting {
-            Check::Failed
-        } else if waiting {
-            Check::Waiting
-        } else {
-            Check::Reconciled
-        }
-    }
-
-    /// The keys of `map` that `selection` selects, in order.
-    fn selected(
-        map: &HashMap<String, HashSet<ObjectKey>>,
-        selection: &Selection,
-    ) -> Vec<ObjectKey> {
-        let mut keys: Vec<ObjectKey> = match selection {
-            Selection::Key(key) => map
-                .get(&key.kind)
-                .filter(|keys| keys.contains(key))
-                .map(|_| key.clone())
-                .into_iter()
-                .collect(),
-            Selection::Kinds(_) => map
-                .iter()
-                .filter(|(kind, _)| selection.has_kind(kind))
-                .flat_map(|(_, keys)| keys.iter().cloned())
-                .collect(),
-        };
-        keys.sort();
-        keys
-    }
-
-    fn register(&mut self, selection: Selection, wake: Arc<tokio::sync::Notify>) -> u64 {
-        self.next_waiter += 1;
-        let id = self.next_waiter;
-        if let Selection::Key(key) = &selection {
-            *self.watched.entry(key.clone()).or_default() += 1;
-        }
-        self.waiters.push(Waiter {
-            id,
-            selection,
-            wake,
-        });
-        id
-    }
-
-    fn unregister(&mut self, id: u64) {
-        let Some(at) = self.waiters.iter().position(|w| w.id == id) else {
-            return;
-        };
-        let waiter = self.waiters.swap_remove(at);
-        if let Selection::Key(key) = waiter.selection
-            && let Some(n) = self.watched.get_mut(&key)
-        {
-            *n -= 1;
-            if *n == 0 {
-                self.watched.remove(&key);
-            }
-        }
-    }
-}
-
-fn add_key(map: &mut HashMap<String, HashSet<ObjectKey>>, key: &ObjectKey) {
-    map.entry(key.kind.clone()).or_default().insert(key.clone());
-}
-
-fn remove_key(map: &mut HashMap<String, HashSet<ObjectKey>>, key: &ObjectKey) {
-    if let Some(keys) = map.get_mut(&key.kind) {
-        keys.remove(key);
-        if keys.is_empty() {
-            map.remove(&key.kind);
-        }
-    }
-}
-
-struct Watcher {
-    kinds: Vec<String>,
-    tx: mpsc::UnboundedSender<Change>,
 }
 
 /// Milliseconds since the Unix epoch.
@@ -492,9 +233,6 @@ impl Default for Store {
     }
 }
 
-/// One plugin key-value entry to write (`None`: remove it).
-type KvRow = ((String, String), Option<Vec<u8>>);
-
 /// A staged write: the tables to touch in one transaction.
 #[derive(Default)]
 struct Batch {
@@ -503,90 +241,37 @@ struct Batch {
 }
 
 impl Store {
-    /// A store in memory (redb's in-memory backend): nothing survives the process.
+    /// A store in memory: nothing survives the process.
     pub fn new() -> Self {
-        let db = Database::builder()
-            .create_with_backend(redb::backends::InMemoryBackend::new())
-            .expect("an in-memory database always opens");
-        Self::from_db(db).expect("an empty in-memory database always loads")
+        Self::with_backend(Memory).expect("an empty in-memory store always loads")
     }
 
-    /// The durable store in `path`, created if missing. Everything stored is loaded.
+    /// The durable store in `path` (a redb file), created if missing.
+    /// Everything stored is loaded.
     pub fn open(path: &Path) -> anyhow::Result<Self> {
-        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-            std::fs::create_dir_all(dir).map_err(|e| {
-                anyhow::anyhow!(
-                    "cannot create the store's folder {}: {e}; set [store] path",
-                    dir.display()
-                )
-            })?;
-        }
-        let db = Database::create(path).map_err(|e| match e {
-            redb::DatabaseError::DatabaseAlreadyOpen => anyhow::anyhow!(
-                "the store {} is in use by another setpoint process; stop it, or give this \
-                 one its own [store] path",
-                path.display()
-            ),
-            e => anyhow::anyhow!(
-                "cannot open the store {}: {e}; if the file is not a Setpoint store, move it \
-                 away or set [store] path",
-                path.display()
-            ),
-        })?;
-        Self::from_db(db)
+        let backend = Redb::open(path)?;
+        Self::with_backend(backend)
             .map_err(|e| anyhow::anyhow!("cannot load the store {}: {e}", path.display()))
     }
 
-    fn from_db(db: Database) -> Result<Self, StoreError> {
+    /// A store over `backend`, loaded from it.
+    pub fn with_backend(backend: impl Backend) -> Result<Self, StoreError> {
+        let loaded = backend.load()?;
         let mut inner = Inner::default();
-        {
-            // Create the tables, so a fresh file reads like an empty store.
-            let txn = db.begin_write()?;
-            txn.open_table(OBJECTS)?;
-            txn.open_table(STATUS)?;
-            txn.open_table(KV)?;
-            txn.open_table(META)?;
-            txn.commit()?;
-        }
-        let txn = db.begin_read()?;
-        let corrupt = |what: &str, key: &str, e: serde_json::Error| {
-            StoreError::Storage(format!("stored {what} {key} is unreadable: {e}"))
-        };
-        for entry in txn.open_table(OBJECTS)?.iter()? {
-            let (k, v) = entry?;
-            let object: Object =
-                serde_json::from_slice(v.value()).map_err(|e| corrupt("object", k.value(), e))?;
+        for object in loaded.objects {
             inner.objects.insert(object.key(), object);
         }
-        for entry in txn.open_table(STATUS)?.iter()? {
-            let (k, v) = entry?;
-            let key: ObjectKey = k
-                .value()
-                .parse()
-                .map_err(|e: String| StoreError::Storage(e))?;
-            let status =
-                serde_json::from_slice(v.value()).map_err(|e| corrupt("status", k.value(), e))?;
-            inner.status.insert(key, status);
-        }
-        for entry in txn.open_table(KV)?.iter()? {
-            let (k, v) = entry?;
-            let (plugin, key) = k.value();
-            inner
-                .kv
-                .insert((plugin.to_string(), key.to_string()), v.value().to_vec());
-        }
-        let meta = txn.open_table(META)?;
-        inner.next_uid = meta.get("next_uid")?.map_or(0, |v| v.value());
-        inner.next_version = meta.get("next_version")?.map_or(0, |v| v.value());
-        drop(meta);
-        drop(txn);
+        inner.status.extend(loaded.status);
+        inner.kv.extend(loaded.kv);
+        inner.next_uid = loaded.next_uid;
+        inner.next_version = loaded.next_version;
         let keys: Vec<ObjectKey> = inner.objects.keys().cloned().collect();
         for key in &keys {
             inner.refresh(key);
         }
         Ok(Self {
             shared: Arc::new(Shared {
-                db,
+                backend: Box::new(backend),
                 inner: Mutex::new(inner),
                 commit_order: Mutex::new(()),
                 flush_wanted: tokio::sync::Notify::new(),
@@ -654,24 +339,13 @@ impl Store {
         next_uid: u64,
         next_version: u64,
     ) -> Result<(), StoreError> {
-        let txn = self.shared.db.begin_write()?;
-        {
-            put_json(&mut txn.open_table(OBJECTS)?, objects)?;
-            put_json(&mut txn.open_table(STATUS)?, status)?;
-            let mut table = txn.open_table(KV)?;
-            for ((plugin, key), value) in kv {
-                let key = (plugin.as_str(), key.as_str());
-                match value {
-                    Some(v) => table.insert(key, v.as_slice())?,
-                    None => table.remove(key)?,
-                };
-            }
-            let mut meta = txn.open_table(META)?;
-            meta.insert("next_uid", next_uid)?;
-            meta.insert("next_version", next_version)?;
-        }
-        txn.commit()?;
-        Ok(())
+        self.shared.backend.commit(&Commit {
+            objects,
+            status,
+            kv,
+            next_uid,
+            next_version,
+        })
     }
 
     /// After a write behind: wake the flusher once enough are pending, and
@@ -1003,20 +677,7 @@ impl Store {
         resource_version: Option<u64>,
     ) -> Result<Option<Object>, StoreError> {
         let mut inner = self.lock();
-        let mut object = inner
-            .objects
-            .get(key)
-            .cloned()
-            .ok_or_else(|| StoreError::NotFound(key.clone()))?;
-        if let Some(given) = resource_version.filter(|v| *v != 0)
-            && given != object.metadata.resource_version
-        {
-            return Err(StoreError::Conflict {
-                key: key.clone(),
-                given,
-                stored: object.metadata.resource_version,
-            });
-        }
+        let mut object = inner.current(key, resource_version)?;
         if object.is_deleting() {
             return Ok(Some(object));
         }
@@ -1079,20 +740,7 @@ impl Store {
         resource_version: Option<u64>,
     ) -> Result<Object, StoreError> {
         let mut inner = self.lock();
-        let object = inner
-            .objects
-            .get(key)
-            .cloned()
-            .ok_or_else(|| StoreError::NotFound(key.clone()))?;
-        if let Some(given) = resource_version.filter(|v| *v != 0)
-            && given != object.metadata.resource_version
-        {
-            return Err(StoreError::Conflict {
-                key: key.clone(),
-                given,
-                stored: object.metadata.resource_version,
-            });
-        }
+        let object = inner.current(key, resource_version)?;
         self.remove_locked(&mut inner, key)?;
         self.notify_watchers(&mut inner, key, Action::Deleted);
         tracing::warn!(
@@ -1209,96 +857,6 @@ impl Store {
         inner.reconciled(key)
     }
 
-    /// Wait until every object selected is reconciled (see
-    /// [`is_reconciled`](Self::is_reconciled)): one object (`key`), or every object
-    /// of `kinds` (all kinds if empty). Objects in error that will be retried
-    /// are waited for; one that failed for good ([`mark_failed`](Self::mark_failed))
-    /// ends the wait at once with [`WaitError::Failed`], naming every selected
-    /// object in that state. On timeout, [`WaitError::TimedOut`] names the
-    /// objects still not reconciled, with their status.
-    pub async fn wait(
-        &self,
-        key: Option<&ObjectKey>,
-        kinds: &[String],
-        timeout: Duration,
-    ) -> Result<(), WaitError> {
-        self.wait_with(key, kinds, timeout, false).await
-    }
-
-    /// [`wait`](Self::wait); with `keep_waiting`, objects that failed for good
-    /// are waited for like any other (until the timeout, or until a change
-    /// reconciles them).
-    ///
-    /// An open wait costs nothing per change: the store keeps the set of keys
-    /// not reconciled as it changes, and wakes a wait only when its key
-    /// settles, a kind it waits for has nothing left, or a key failed for good.
-    pub async fn wait_with(
-        &self,
-        key: Option<&ObjectKey>,
-        kinds: &[String],
-        timeout: Duration,
-        keep_waiting: bool,
-    ) -> Result<(), WaitError> {
-        /// Unregisters the wait however it ends (a dropped HTTP request too).
-        struct Registered<'a> {
-            store: &'a Store,
-            id: u64,
-        }
-        impl Drop for Registered<'_> {
-            fn drop(&mut self) {
-                self.store.lock().unsettled.unregister(self.id);
-            }
-        }
-
-        let deadline = tokio::time::Instant::now() + timeout;
-        let selection = Selection::new(key, kinds);
-        let wake = Arc::new(tokio::sync::Notify::new());
-        let mut registered = None;
-        loop {
-            {
-                let mut inner = self.lock();
-                match inner.unsettled.check(&selection, keep_waiting) {
-                    Check::Reconciled => return Ok(()),
-                    Check::Failed => return Err(WaitError::Failed(inner.failed(&selection))),
-                    Check::Waiting => {}
-                }
-                if registered.is_none() {
-                    // Under the same lock as the check: no change slips between.
-                    let id = inner.unsettled.register(selection.clone(), wake.clone());
-                    registered = Some(Registered { store: self, id });
-                }
-            }
-            tokio::select! {
-                _ = wake.notified() => {}
-                _ = tokio::time::sleep_until(deadline) => break,
-            }
-        }
-        let inner = self.lock();
-        match inner.unsettled.check(&selection, keep_waiting) {
-            Check::Reconciled => Ok(()),
-            Check::Failed => Err(WaitError::Failed(inner.failed(&selection))),
-            Check::Waiting => Err(WaitError::TimedOut(inner.waiting(&selection))),
-        }
-    }
-
-    /// Receive every change to objects of `kinds` from now on.
-    pub fn watch(&self, kinds: &[String]) -> mpsc::UnboundedReceiver<Change> {
-        let (tx, rx) = mpsc::unbounded_channel();
-        self.lock().watchers.push(Watcher {
-            kinds: kinds.to_vec(),
-            tx,
-        });
-        rx
-    }
-
-    /// The `/v1/watch` feed: every object change, removal and status change from
-    /// now on. A listener that falls more than 4096 events behind is told so by
-    /// [`broadcast::error::RecvError::Lagged`].
-    pub fn feed(&self) -> broadcast::Receiver<WatchEvent> {
-        self.shared.feed.subscribe()
-    }
-
-    /// A plugin's private value for `key`.
     pub fn kv_get(&self, plugin: &str, key: &str) -> Option<Vec<u8>> {
         self.lock()
             .kv
@@ -1336,36 +894,6 @@ impl Store {
             .map(|((_, k), _)| k.clone())
             .collect()
     }
-
-    /// Send an event to `/v1/watch` listeners; built only if there are any
-    /// (the reconcile path would otherwise clone every object it touches).
-    fn publish(&self, event: impl FnOnce() -> WatchEvent) {
-        if self.shared.feed.receiver_count() > 0 {
-            let _ = self.shared.feed.send(event());
-        }
-    }
-
-    fn announce_applied(&self, inner: &mut Inner, object: &Object, action: Action) {
-        self.notify_watchers(inner, &object.key(), action);
-        self.publish(|| WatchEvent::Applied {
-            action,
-            object: object.clone(),
-        });
-    }
-
-    /// Send one change to every watcher of its kind, dropping closed watchers.
-    fn notify_watchers(&self, inner: &mut Inner, key: &ObjectKey, action: Action) {
-        inner.watchers.retain(|w| {
-            if !w.kinds.contains(&key.kind) {
-                return !w.tx.is_closed();
-            }
-            w.tx.send(Change {
-                key: key.clone(),
-                action,
-            })
-            .is_ok()
-        });
-    }
 }
 
 /// Take the `dirty` keys with their current values in `from` (`None`: removed).
@@ -1399,26 +927,6 @@ impl<K: Ord, V: Clone> Lookup<K, V> for BTreeMap<K, V> {
     }
 }
 
-/// Write rows keyed by object key as JSON, removing those that are `None`.
-fn put_json<T: Serialize>(
-    table: &mut redb::Table<&str, &[u8]>,
-    rows: &[(ObjectKey, Option<T>)],
-) -> Result<(), StoreError> {
-    for (key, value) in rows {
-        let key = key.to_string();
-        match value {
-            Some(v) => {
-                let bytes = serde_json::to_vec(v).expect("stored rows serialize");
-                table.insert(key.as_str(), bytes.as_slice())?;
-            }
-            None => {
-                table.remove(key.as_str())?;
-            }
-        }
-    }
-    Ok(())
-}
-
 fn pending(generation: u64) -> ReconcileStatus {
     ReconcileStatus {
         phase: Phase::Pending,
@@ -1429,69 +937,12 @@ fn pending(generation: u64) -> ReconcileStatus {
     }
 }
 
-impl Inner {
-    fn reconciled(&self, key: &ObjectKey) -> bool {
-        match (self.objects.get(key), self.status.get(key)) {
-            (None, _) => true,
-            (Some(o), _) if o.is_deleting() => false,
-            (Some(o), Some(s)) => {
-                s.phase == Phase::Done && s.observed_generation >= o.metadata.generation
-            }
-            (Some(_), None) => false,
-        }
-    }
-
-    /// Where `key` stands now, from the objects and statuses themselves.
-    fn settled(&self, key: &ObjectKey) -> Settled {
-        if self.reconciled(key) {
-            Settled::Reconciled
-        } else if self
-            .status
-            .get(key)
-            .is_some_and(|s| s.phase == Phase::Error && s.terminal)
-        {
-            Settled::Failed
-        } else {
-            Settled::Waiting
-        }
-    }
-
-    /// Bring [`Unsettled`] up to date after `key`'s object or status changed.
-    /// Every change to either calls this under the store's lock.
-    fn refresh(&mut self, key: &ObjectKey) {
-        let now = self.settled(key);
-        self.unsettled.set(key, now);
-    }
-
-    /// The selected keys that failed for good, with their status, in order.
-    fn failed(&self, selection: &Selection) -> Vec<(ObjectKey, ReconcileStatus)> {
-        Unsettled::selected(&self.unsettled.failed, selection)
-            .into_iter()
-            .filter_map(|k| {
-                let status = self.status.get(&k).cloned()?;
-                Some((k, status))
-            })
-            .collect()
-    }
-
-    /// The selected keys not reconciled, with their status, in order.
-    fn waiting(&self, selection: &Selection) -> Vec<(ObjectKey, Option<ReconcileStatus>)> {
-        Unsettled::selected(&self.unsettled.waiting, selection)
-            .into_iter()
-            .map(|k| {
-                let status = self.status.get(&k).cloned();
-                (k, status)
-            })
-            .collect()
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
     use serde_json::json;
 
-    fn file(name: &str, content: &str) -> Object {
+    pub(super) fn file(name: &str, content: &str) -> Object {
         Object::new("File", "", name, json!({ "content": content }))
     }
 
@@ -1591,15 +1042,21 @@ mod tests {
         ));
     }
 
+    /// A store in `path` whose `File`s are held by `files`, with files a and b.
+    fn two_files_in(path: &Path) -> (Store, Object, Object) {
+        let store = Store::open(path).unwrap();
+        store.register_finalizer("File", "files").unwrap();
+        let a = store.apply(file("a", "1")).unwrap().object;
+        let b = store.apply(file("b", "1")).unwrap().object;
+        (store, a, b)
+    }
+
     #[test]
     fn a_forced_delete_removes_an_object_its_finalizers_still_hold_for_good() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("store.redb");
         let (a, b) = {
-            let store = Store::open(&path).unwrap();
-            store.register_finalizer("File", "files").unwrap();
-            let a = store.apply(file("a", "1")).unwrap().object;
-            let b = store.apply(file("b", "1")).unwrap().object;
+            let (store, a, b) = two_files_in(&path);
             store.delete(&a.key(), None).unwrap();
             let mut changes = store.watch(&["File".to_string()]);
             let mut feed = store.feed();
@@ -1682,10 +1139,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("store.redb");
         let (a, b) = {
-            let store = Store::open(&path).unwrap();
-            store.register_finalizer("File", "files").unwrap();
-            let a = store.apply(file("a", "1")).unwrap().object;
-            let b = store.apply(file("b", "1")).unwrap().object;
+            let (store, a, b) = two_files_in(&path);
             store.delete(&b.key(), None).unwrap();
             store.mark_done(&a.key(), 1).unwrap();
             store.kv_set("files", "k", b"v".to_vec()).unwrap();
@@ -1819,323 +1273,6 @@ mod tests {
         assert!(!store.is_reconciled(&a.key()));
         store.mark_done(&a.key(), 2).unwrap();
         assert!(store.is_reconciled(&a.key()));
-    }
-
-    #[tokio::test(start_paused = true)]
-    async fn wait_returns_once_every_object_is_reconciled_or_names_the_rest() {
-        let store = Store::new();
-        let a = store.apply(file("a", "1")).unwrap().object;
-        let b = store.apply(file("b", "1")).unwrap().object;
-        store.mark_done(&a.key(), 1).unwrap();
-        store.mark_error(&b.key(), "disk full").unwrap();
-        let Err(WaitError::TimedOut(waiting)) = store.wait(None, &[], Duration::from_secs(1)).await
-        else {
-            panic!("b is in error, to be retried: waited for until the timeout");
-        };
-        assert_eq!(waiting.len(), 1);
-        assert_eq!(waiting[0].0, b.key());
-        assert_eq!(
-            waiting[0].1.as_ref().unwrap().last_error.as_deref(),
-            Some("disk full")
-        );
-        assert_eq!(
-            store.wait(Some(&a.key()), &[], Duration::ZERO).await,
-            Ok(())
-        );
-        let waiter = {
-            let store = store.clone();
-            tokio::spawn(async move { store.wait(None, &[], Duration::from_secs(60)).await })
-        };
-        tokio::task::yield_now().await;
-        store.mark_done(&b.key(), 1).unwrap();
-        assert_eq!(waiter.await.unwrap(), Ok(()));
-    }
-
-    #[tokio::test(start_paused = true)]
-    async fn wait_stops_at_once_on_an_object_that_failed_for_good_unless_told_to_keep_waiting() {
-        let store = Store::new();
-        let [a, b, c] = ["a", "b", "c"].map(|n| store.apply(file(n, "1")).unwrap().object.key());
-        let other = store
-            .apply(Object::new("Other", "", "d", json!({})))
-            .unwrap()
-            .object
-            .key();
-        store.mark_error(&a, "try again").unwrap();
-        store.mark_failed(&b, "spec.content: invalid type").unwrap();
-        store.mark_done(&c, 1).unwrap();
-        let status = store.status(&b).unwrap();
-        assert!(status.terminal && status.phase == Phase::Error);
-        assert!(!store.status(&a).unwrap().terminal);
-        let json = serde_json::to_value(&status).unwrap();
-        assert_eq!(json["terminal"], true, "{json}");
-
-        let started = tokio::time::Instant::now();
-        let failed = store.wait(None, &[], Duration::from_secs(60)).await;
-        assert_eq!(
-            started.elapsed(),
-            Duration::ZERO,
-            "at once, not after the timeout"
-        );
-        let Err(WaitError::Failed(failed)) = failed else {
-            panic!("{failed:?}")
-        };
-        assert_eq!(failed.len(), 1);
-        assert_eq!(failed[0].0, b);
-        assert_eq!(
-            failed[0].1.last_error.as_deref(),
-            Some("spec.content: invalid type")
-        );
-        let of_kind = store
-            .wait(None, &["File".into()], Duration::from_secs(60))
-            .await;
-        assert!(
-            matches!(of_kind, Err(WaitError::Failed(ref f)) if f.len() == 1),
-            "{of_kind:?}"
-        );
-        let one = store.wait(Some(&b), &[], Duration::from_secs(60)).await;
-        assert!(matches!(one, Err(WaitError::Failed(_))), "{one:?}");
-        // An error to be retried is waited for; so is a failure elsewhere.
-        assert_eq!(
-            store.wait(Some(&a), &[], Duration::from_secs(1)).await,
-            Err(WaitError::TimedOut(vec![(a.clone(), store.status(&a))]))
-        );
-        assert_eq!(
-            store
-                .wait(None, &["Other".into()], Duration::from_secs(1))
-                .await,
-            Err(WaitError::TimedOut(vec![(
-                other.clone(),
-                store.status(&other)
-            )]))
-        );
-        // Told to keep waiting: the failed object is one more to wait for.
-        let Err(WaitError::TimedOut(waiting)) = store
-            .wait_with(None, &[], Duration::from_secs(1), true)
-            .await
-        else {
-            panic!("keeps waiting until the timeout")
-        };
-        let keys: Vec<_> = waiting.into_iter().map(|(k, _)| k).collect();
-        assert_eq!(keys, vec![a.clone(), b.clone(), other.clone()]);
-
-        // An open wait stops when a key fails for good while it waits...
-        let waiter = {
-            let (store, a) = (store.clone(), a.clone());
-            tokio::spawn(async move { store.wait(Some(&a), &[], Duration::from_secs(600)).await })
-        };
-        tokio::task::yield_now().await;
-        assert!(!waiter.is_finished());
-        store
-            .mark_failed(&a, "gave up after 11 attempts: no")
-            .unwrap();
-        let Err(WaitError::Failed(failed)) = waiter.await.unwrap() else {
-            panic!("a failed for good")
-        };
-        assert_eq!(
-            failed[0].1.last_error.as_deref(),
-            Some("gave up after 11 attempts: no")
-        );
-        // ...and one kept waiting ends when the failed objects are changed and done.
-        let waiter = {
-            let store = store.clone();
-            tokio::spawn(async move {
-                store
-                    .wait_with(None, &["File".into()], Duration::from_secs(600), true)
-                    .await
-            })
-        };
-        tokio::task::yield_now().await;
-        store.apply(file("b", "2")).unwrap();
-        assert!(!store.status(&b).unwrap().terminal, "a change clears it");
-        store.mark_done(&b, 2).unwrap();
-        store.mark_done(&a, 1).unwrap();
-        assert_eq!(waiter.await.unwrap(), Ok(()));
-        assert!(
-            store.lock().unsettled.waiters.is_empty(),
-            "every wait unregistered"
-        );
-    }
-
-    #[tokio::test(start_paused = true)]
-    async fn an_open_wait_is_woken_only_when_it_may_be_over_and_unregisters_when_dropped() {
-        let store = Store::new();
-        let files: Vec<_> = (0..3)
-            .map(|i| {
-                store
-                    .apply(file(&format!("f{i}"), "1"))
-                    .unwrap()
-                    .object
-                    .key()
-            })
-            .collect();
-        let other = store
-            .apply(Object::new("Other", "", "o", json!({})))
-            .unwrap()
-            .object
-            .key();
-        let spawn = |key: Option<ObjectKey>, kinds: Vec<String>| {
-            let store = store.clone();
-            tokio::spawn(async move {
-                store
-                    .wait(key.as_ref(), &kinds, Duration::from_secs(600))
-                    .await
-            })
-        };
-        let all = spawn(None, vec![]);
-        let of_files = spawn(None, vec!["File".into()]);
-        let first = spawn(Some(files[0].clone()), vec![]);
-        tokio::task::yield_now().await;
-        assert_eq!(store.lock().unsettled.waiters.len(), 3);
-        store.mark_done(&files[0], 1).unwrap();
-        assert_eq!(first.await.unwrap(), Ok(()));
-        store.mark_done(&files[1], 1).unwrap();
-        store.mark_done(&other, 1).unwrap();
-        tokio::task::yield_now().await;
-        assert!(!all.is_finished() && !of_files.is_finished());
-        store.mark_done(&files[2], 1).unwrap();
-        assert_eq!(of_files.await.unwrap(), Ok(()));
-        assert_eq!(all.await.unwrap(), Ok(()));
-        // A wait dropped half way (an HTTP client gone) leaves nothing behind.
-        store.apply(file("f0", "2")).unwrap();
-        let dropped = spawn(Some(files[0].clone()), vec![]);
-        tokio::task::yield_now().await;
-        assert_eq!(store.lock().unsettled.waiters.len(), 1);
-        dropped.abort();
-        assert!(dropped.await.unwrap_err().is_cancelled());
-        let inner = store.lock();
-        assert!(inner.unsettled.waiters.is_empty() && inner.unsettled.watched.is_empty());
-    }
-
-    /// What `wait` computed before the bookkeeping: a scan of every object.
-    fn full_scan(
-        inner: &Inner,
-        key: Option<&ObjectKey>,
-        kinds: &[String],
-    ) -> Vec<(ObjectKey, Option<ReconcileStatus>)> {
-        let mut out: Vec<_> = match key {
-            Some(key) => (!inner.reconciled(key))
-                .then(|| (key.clone(), inner.status.get(key).cloned()))
-                .into_iter()
-                .collect(),
-            None => inner
-                .objects
-                .keys()
-                .filter(|k| kinds.is_empty() || kinds.contains(&k.kind))
-                .filter(|k| !inner.reconciled(k))
-                .map(|k| (k.clone(), inner.status.get(k).cloned()))
-                .collect(),
-        };
-        out.sort_by(|a, b| a.0.cmp(&b.0));
-        out
-    }
-
-    /// The bookkeeping agrees with a full scan, for every selection a wait can make.
-    fn assert_bookkeeping_matches_a_full_scan(store: &Store, universe: &[ObjectKey], what: &str) {
-        let inner = store.lock();
-        let u = &inner.unsettled;
-        let sizes = |m: &HashMap<String, HashSet<ObjectKey>>| {
-            assert!(
-                m.values().all(|keys| !keys.is_empty()),
-                "{what}: empty sets are removed"
-            );
-            m.values().map(HashSet::len).sum::<usize>()
-        };
-        assert_eq!(u.waiting_total, sizes(&u.waiting), "{what}");
-        assert_eq!(u.failed_total, sizes(&u.failed), "{what}");
-        let kinds = |k: &[&str]| k.iter().map(|s| s.to_string()).collect::<Vec<_>>();
-        let mut selections: Vec<(Option<&ObjectKey>, Vec<String>)> = vec![
-            (None, vec![]),
-            (None, kinds(&["File"])),
-            (None, kinds(&["Other"])),
-            (None, kinds(&["Other", "File", "Other"])),
-            (None, kinds(&["Nothing"])),
-        ];
-        selections.extend(universe.iter().map(|k| (Some(k), vec![])));
-        for (key, kinds) in selections {
-            let selection = Selection::new(key, &kinds);
-            let scan = full_scan(&inner, key, &kinds);
-            assert_eq!(inner.waiting(&selection), scan, "{what}: {selection:?}");
-            let failed: Vec<_> = scan
-                .iter()
-                .filter_map(|(k, s)| {
-                    s.clone()
-                        .filter(|s| s.phase == Phase::Error && s.terminal)
-                        .map(|s| (k.clone(), s))
-                })
-                .collect();
-            assert_eq!(inner.failed(&selection), failed, "{what}: {selection:?}");
-            let expected = if !failed.is_empty() {
-                Check::Failed
-            } else if scan.is_empty() {
-                Check::Reconciled
-            } else {
-                Check::Waiting
-            };
-            assert_eq!(
-                u.check(&selection, false),
-                expected,
-                "{what}: {selection:?}"
-            );
-            let kept = if scan.is_empty() {
-                Check::Reconciled
-            } else {
-                Check::Waiting
-            };
-            assert_eq!(u.check(&selection, true), kept, "{what}: {selection:?}");
-        }
-    }
-
-    #[test]
-    fn the_unreconciled_bookkeeping_equals_a_full_scan_after_any_sequence_of_changes() {
-        let universe: Vec<ObjectKey> = ["File", "Other"]
-            .iter()
-            .flat_map(|kind| {
-                ["", "team"].iter().flat_map(move |ns| {
-                    ["a", "b", "c"]
-                        .iter()
-                        .map(move |n| ObjectKey::new(kind, ns, n))
-                })
-            })
-            .collect();
-        for seed in 0..40 {
-            let dir = tempfile::tempdir().unwrap();
-            let path = dir.path().join("store.redb");
-            let store = Store::open(&path).unwrap();
-            let mut rng = fastrand::Rng::with_seed(seed);
-            if rng.bool() {
-                store.register_finalizer("File", "files").unwrap();
-            }
-            for step in 0..250 {
-                let key = &universe[rng.usize(..universe.len())];
-                let op = rng.u8(..12);
-                let generation = rng.u64(0..4);
-                let spec = json!({ "content": rng.u8(..3) });
-                let object = || Object::new(&key.kind, &key.namespace, &key.name, spec.clone());
-                // Refusals (a deleting or missing object) are part of the game.
-                let _ = match op {
-                    0..=2 => store.apply(object()).map(drop),
-                    3 => store.delete(key, None).map(drop),
-                    4 => store.finalize(key, "setpoint.dev/files").map(drop),
-                    5 => store.force_delete(key, None).map(drop),
-                    6 => store.register_finalizer(&key.kind, "other").map(drop),
-                    7 | 8 => store.mark_done(key, generation),
-                    9 => store.mark_error(key, "retry"),
-                    10 => store.mark_failed(key, "for good"),
-                    _ => store.set_status(key, r#"{"x":1}"#),
-                };
-                let what = format!("seed {seed}, step {step}, op {op} on {key}");
-                assert_bookkeeping_matches_a_full_scan(&store, &universe, &what);
-            }
-            // Rebuilt from the file at open, it agrees too.
-            store.flush().unwrap();
-            drop(store);
-            let store = Store::open(&path).unwrap();
-            assert_bookkeeping_matches_a_full_scan(
-                &store,
-                &universe,
-                &format!("seed {seed}, reopened"),
-            );
-        }
     }
 
     #[test]
