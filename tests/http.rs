@@ -44,7 +44,8 @@ struct Api {
 type Shared = Arc<Mutex<Api>>;
 
 /// `/records/...` keeps documents; `/flaky/...` answers 503 until
-/// `flaky_left` runs out; `/slow/...` answers after 30 s; `/big/...` and
+/// `flaky_left` runs out; `/slow/...` answers after 30 s, `/slowish/...`
+/// after 0.9 s; `/big/...` and
 /// `/chunked/...` answer `BIG` bytes, more than the grant's
 /// `max-response-bytes`, with a content-length and without one.
 async fn serve(
@@ -64,6 +65,11 @@ async fn serve(
     }
     if path.starts_with("/slow/") {
         tokio::time::sleep(Duration::from_secs(30)).await;
+    }
+    if path.starts_with("/slowish/") {
+        // Each answer within the grant's 1 s timeout; two in a row are not
+        // within the plugin's 1.5 s max-reconcile-time.
+        tokio::time::sleep(Duration::from_millis(900)).await;
     }
     if path.starts_with("/big/") {
         return (StatusCode::OK, vec![b' '; BIG]).into_response();
@@ -172,6 +178,7 @@ path = "{store}"
 
 [[plugin]]
 path = "{records}"
+limits = {{ max-reconcile-time = "1500ms" }}
 [plugin.retry]
 min-backoff = "50ms"
 max-backoff = "200ms"
@@ -312,6 +319,17 @@ fn records_reach_the_granted_host_only_with_retries_and_timeouts() {
         timed_out["terminal"], false,
         "a timeout is retried: {timed_out}"
     );
+
+    // Requests in a row do not outlast the call: the GET takes 0.9 s, and the
+    // PUT gets only what is left of the 1.5 s max-reconcile-time.
+    apply(&url, "slowish", &format!("{}/slowish", api.url()), "{v: 5}");
+    eventually(
+        "the second request runs out of the call's time",
+        LIMIT,
+        || status(&url, "slowish")["phase"] == "error",
+    );
+    let error = status(&url, "slowish")["lastError"].to_string();
+    assert!(error.contains("timed out"), "{error}");
 
     // A body past the grant's max-response-bytes fails, declared or not.
     for (name, path) in [("big", "big"), ("chunked", "chunked")] {

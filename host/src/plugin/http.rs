@@ -11,10 +11,10 @@
 //!   the plugin with `error-code.HTTP-request-denied`, is logged with the
 //!   allow-list, and counts in `setpoint_plugin_http_denied_total`;
 //! - an allowed request gets the grant's timeout for connecting, for the
-//!   response head and for every gap in the body (never longer than the
-//!   plugin's own `max-reconcile-time`, whichever is shorter), and a body
-//!   longer than `max-response-bytes` fails with
-//!   `error-code.HTTP-response-body-size`.
+//!   response head and for every gap in the body, never more than what is
+//!   left of the current call's `max-reconcile-time` (so requests in a row
+//!   cannot outlast the call either), and a body longer than
+//!   `max-response-bytes` fails with `error-code.HTTP-response-body-size`.
 //!
 //! Patterns are `host`, `host:port`, `scheme://host[:port]` or `*.domain`
 //! (any subdomain of `domain`, not `domain` itself). Without a port a pattern
@@ -197,6 +197,9 @@ pub struct HttpHooks {
     pub policy: Option<Arc<HttpPolicy>>,
     pub plugin: Arc<str>,
     pub denied: DeniedCounter,
+    /// When the current call's `max-reconcile-time` runs out: no request
+    /// may outlast it (set before every call of a plugin granted HTTP).
+    pub call_ends: Option<tokio::time::Instant>,
 }
 
 type Sent = Result<(
@@ -231,8 +234,17 @@ impl WasiHttpHooks for HttpHooks {
                 return Box::new(async { Err(HttpError::HttpRequestDenied) });
             }
         };
-        let cap =
-            |asked: Option<Duration>| Some(asked.map_or(policy.timeout, |t| t.min(policy.timeout)));
+        // The grant's timeout, or what is left of the call's time if less: a
+        // plugin waiting on HTTP runs no Wasm, so the epoch deadline cannot
+        // stop it, and several requests in a row must not outlast the call.
+        let timeout = self.call_ends.map_or(policy.timeout, |end| {
+            end.saturating_duration_since(tokio::time::Instant::now())
+                .min(policy.timeout)
+        });
+        if timeout.is_zero() {
+            return Box::new(async { Err(HttpError::HttpResponseTimeout) });
+        }
+        let cap = |asked: Option<Duration>| Some(asked.map_or(timeout, |t| t.min(timeout)));
         let options = options.unwrap_or_default();
         let options = RequestOptions {
             connect_timeout: cap(options.connect_timeout),
@@ -242,7 +254,7 @@ impl WasiHttpHooks for HttpHooks {
         Box::new(async move {
             install_crypto_provider();
             let head = wasmtime_wasi_http::default_send_request(request, Some(options));
-            let (response, io) = tokio::time::timeout(policy.timeout, head)
+            let (response, io) = tokio::time::timeout(timeout, head)
                 .await
                 .map_err(|_| HttpError::ConnectionReadTimeout)??;
             let limit = policy.max_response_bytes;

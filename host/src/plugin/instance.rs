@@ -197,6 +197,7 @@ impl Live {
                 policy: plugin.http.clone(),
                 plugin: plugin.host.plugin.as_str().into(),
                 denied: plugin.runtime.http_denied().clone(),
+                call_ends: None,
             },
             table: ResourceTable::new(),
             limiter: Limiter::new(&settings.limits),
@@ -259,6 +260,10 @@ impl Live {
             .runtime
             .ticks_for(plugin.settings.limits.max_reconcile_time);
         let state = self.store.data_mut();
+        if state.http_hooks.policy.is_some() {
+            state.http_hooks.call_ends =
+                Some(tokio::time::Instant::now() + plugin.settings.limits.max_reconcile_time);
+        }
         state.ticks_left = ticks;
         state.limiter.memory_refused = false;
         state.key.clear();
