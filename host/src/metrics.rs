@@ -431,7 +431,6 @@ impl Metrics {
             .inc();
     }
 
-    /// Every metric in the OpenMetrics text format.
     /// Export the plugin runtime's count of refused outgoing HTTP requests
     /// as `setpoint_plugin_http_denied_total{plugin}`.
     pub fn register_http_denied(&self, denied: crate::plugin::http::DeniedCounter) {
@@ -445,6 +444,7 @@ impl Metrics {
             );
     }
 
+    /// Every metric in the OpenMetrics text format.
     pub fn encode(&self) -> String {
         let mut out = String::new();
         let registry = self.registry.lock().unwrap_or_else(|e| e.into_inner());

@@ -30,6 +30,7 @@ use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use wasmtime_wasi_http::{Error as HttpError, RequestOptions, WasiBody, WasiHttpHooks};
 
+use super::imports::HostContext;
 use super::settings::HttpGrant;
 
 /// The label of `setpoint_plugin_http_denied_total`.
@@ -195,7 +196,8 @@ impl HttpPolicy {
 pub struct HttpHooks {
     /// `None`: nothing may be sent.
     pub policy: Option<Arc<HttpPolicy>>,
-    pub plugin: Arc<str>,
+    /// Whose requests these are (its name labels denials).
+    pub host: Arc<HostContext>,
     pub denied: DeniedCounter,
     /// When the current call's `max-reconcile-time` runs out: no request
     /// may outlast it (set before every call of a plugin granted HTTP).
@@ -222,11 +224,11 @@ impl WasiHttpHooks for HttpHooks {
             _ => {
                 self.denied
                     .get_or_create(&DeniedLabel {
-                        plugin: self.plugin.to_string(),
+                        plugin: self.host.plugin.clone(),
                     })
                     .inc();
                 tracing::warn!(
-                    plugin = %self.plugin,
+                    plugin = %self.host.plugin,
                     uri = %short(&request.uri().to_string()),
                     allowed = ?self.policy.as_ref().map(|p| &p.hosts),
                     "outgoing HTTP request denied: its host is not in the plugin's HTTP grant"

@@ -12,7 +12,6 @@ use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
 use wasmtime_wasi_http::{WasiHttpCtx, WasiHttpCtxView, WasiHttpView};
 
 use super::http::HttpHooks;
-
 use super::limits::Limiter;
 use super::wit::setpoint::reconciler::{clock, kv, log, objects, types};
 use crate::object::{Object, ObjectKey};

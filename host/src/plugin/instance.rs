@@ -195,7 +195,7 @@ impl Live {
             http: wasmtime_wasi_http::WasiHttpCtx::new(),
             http_hooks: HttpHooks {
                 policy: plugin.http.clone(),
-                plugin: plugin.host.plugin.as_str().into(),
+                host: plugin.host.clone(),
                 denied: plugin.runtime.http_denied().clone(),
                 call_ends: None,
             },
