@@ -112,7 +112,7 @@ impl HelloRig {
             .unwrap();
         let manager = setpoint::controller::Manager::new(
             store.clone(),
-            std::sync::Arc::new(setpoint::leader::AlwaysLeader::default()),
+            setpoint::ownership::Ownership::default(),
             std::sync::Arc::new(setpoint::metrics::Metrics::new()),
         );
         let stop = tokio_util::sync::CancellationToken::new();

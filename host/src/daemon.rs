@@ -24,9 +24,9 @@ use tokio_util::sync::CancellationToken;
 
 use crate::config::Config;
 use crate::controller::{KnownKinds, Manager};
-use crate::leader::{AlwaysLeader, LeaderElector};
 use crate::metrics::Metrics;
 use crate::object::Object;
+use crate::ownership::Ownership;
 use crate::plugin::Runtime;
 use crate::registry::{Registry, RegistrySettings};
 use crate::source::manifests::Manifests;
@@ -61,12 +61,12 @@ impl Daemon {
             None => Store::new(),
         };
         let metrics = Arc::new(Metrics::new());
-        let leader: Arc<dyn LeaderElector> = Arc::new(AlwaysLeader::default());
+        let ownership = Ownership::default();
         // Controllers, and so every plugin call, run on threads of their own: a
         // busy plugin must not starve the API (or the store's flusher) of a core.
         let plugin_threads = PluginThreads::start(config.runtime.plugin_threads())?;
         let manager = Arc::new(
-            Manager::new(store.clone(), leader, metrics.clone())
+            Manager::new(store.clone(), ownership, metrics.clone())
                 .run_controllers_on(plugin_threads.handle()),
         );
         let runtime = Runtime::new(&config.runtime)?;

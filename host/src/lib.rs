@@ -7,7 +7,7 @@
 //! - [`store`]: the desired-state store and each object's reconcile status.
 //! - [`queue`]: work queue, delay scheduler, retry and dequeue policies, worker routing.
 //! - [`controller`]: one plugin with its queue and workers; the manager of many.
-//! - [`leader`]: leader gating of dispatch.
+//! - [`ownership`]: which keys this process may reconcile (all, none, or some shards).
 //! - [`metrics`]: Prometheus metrics.
 //! - [`plugin`]: the wasmtime engine, compile cache, instances, limits and host imports.
 //! - [`registry`]: plugin versions (loaded, failed, active, history); load,
@@ -30,10 +30,10 @@ pub mod client;
 pub mod config;
 pub mod controller;
 pub mod daemon;
-pub mod leader;
 pub mod metrics;
 pub mod object;
 pub mod oci;
+pub mod ownership;
 pub mod plugin;
 pub mod queue;
 pub mod registry;

@@ -15,22 +15,22 @@ use common::{granting_data, load, runtime, wait_until};
 use serde_json::json;
 use setpoint::config::{PluginConfig, ShutdownMode};
 use setpoint::controller::{Controller, ControllerStatus, Engine, Manager, ManagerError};
-use setpoint::leader::ManualLeader;
 use setpoint::metrics::Metrics;
 use setpoint::object::{Object, ObjectKey};
+use setpoint::ownership::Ownership;
 use setpoint::plugin::{Plugin, Runtime};
 use setpoint::store::{Phase, Store};
 use tokio_util::sync::CancellationToken;
 
 const LIMIT: Duration = Duration::from_secs(30);
 
-/// A runtime, a store, metrics, a hand-driven leader and a manager.
+/// A runtime, a store, metrics, a hand-driven ownership view and a manager.
 struct Rig {
     _cache: tempfile::TempDir,
     rt: Runtime,
     store: Store,
     metrics: Arc<Metrics>,
-    leader: Arc<ManualLeader>,
+    ownership: Ownership,
     manager: Manager,
 }
 
@@ -40,14 +40,14 @@ impl Rig {
         let rt = runtime(&cache);
         let store = Store::new();
         let metrics = Arc::new(Metrics::new());
-        let leader = Arc::new(ManualLeader::new(leading));
-        let manager = Manager::new(store.clone(), leader.clone(), metrics.clone());
+        let ownership = Ownership::leading(leading);
+        let manager = Manager::new(store.clone(), ownership.clone(), metrics.clone());
         Self {
             _cache: cache,
             rt,
             store,
             metrics,
-            leader,
+            ownership,
             manager,
         }
     }
@@ -394,13 +394,13 @@ async fn dispatch_waits_for_leadership_stops_when_it_is_lost_and_resumes_from_th
     );
     assert_eq!(rig.phase(&a), Some(Phase::Pending));
 
-    rig.leader.set(true);
+    rig.ownership.set_leading(true);
     wait_until("the leader reconciles", LIMIT, || {
         rig.phase(&a) == Some(Phase::Done)
     })
     .await;
 
-    rig.leader.set(false);
+    rig.ownership.set_leading(false);
     tokio::task::yield_now().await;
     let b = rig.apply("Greeting", "b", json!({"who": "b"}));
     tokio::time::sleep(Duration::from_secs(60)).await;
@@ -410,7 +410,7 @@ async fn dispatch_waits_for_leadership_stops_when_it_is_lost_and_resumes_from_th
         "dispatch stopped at once"
     );
 
-    rig.leader.set(true);
+    rig.ownership.set_leading(true);
     wait_until("dispatch resumes", LIMIT, || {
         rig.phase(&b) == Some(Phase::Done)
     })
@@ -465,7 +465,7 @@ async fn stop_during_the_first_of_three(
         plugin,
         rig.store.clone(),
         engine,
-        rig.leader.as_ref(),
+        &rig.ownership,
         &rig.metrics,
     );
     let stop = CancellationToken::new();
@@ -502,37 +502,6 @@ async fn shutdown_with_hand_back_finishes_the_key_in_flight_and_returns_the_rest
             .iter()
             .all(|k| rig.phase(k) == Some(Phase::Pending))
     );
-}
-
-#[tokio::test(start_paused = true)]
-async fn shutdown_is_not_held_up_by_a_full_queue_without_a_leader() {
-    let rig = Rig::new(false);
-    let settings = PluginConfig {
-        queue_size: 2,
-        ..PluginConfig::default()
-    };
-    let (plugin, engine) = rig.plugin("hello", settings).await;
-    for i in 0..5 {
-        rig.apply("Greeting", &format!("g{i}"), json!({"who": "x"}));
-    }
-    let controller = Controller::new(
-        plugin,
-        rig.store.clone(),
-        engine,
-        rig.leader.as_ref(),
-        &rig.metrics,
-    );
-    let stop = CancellationToken::new();
-    let run = tokio::spawn(controller.clone().run(stop.clone()));
-    wait_until("the queue is full", LIMIT, || {
-        controller.status().queue_depth == 2
-    })
-    .await;
-    stop.cancel();
-    tokio::time::timeout(Duration::from_secs(5), run)
-        .await
-        .expect("run ends although the resync waits for room")
-        .unwrap();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -667,7 +636,7 @@ async fn full_reconciliation_at_its_interval_prunes_then_reconciles_every_object
 
 #[tokio::test(start_paused = true)]
 async fn trigger_queues_a_key_and_answers_queue_full_instead_of_waiting() {
-    let rig = Rig::new(false);
+    let rig = Rig::new(true);
     let settings = PluginConfig {
         queue_size: 1,
         ..PluginConfig::default()
@@ -679,10 +648,10 @@ async fn trigger_queues_a_key_and_answers_queue_full_instead_of_waiting() {
         plugin,
         rig.store.clone(),
         engine,
-        rig.leader.as_ref(),
+        &rig.ownership,
         &rig.metrics,
     );
-    // Not leading, so nothing drains the queue; not running, so nothing fills it.
+    // Not running, so nothing drains the queue and nothing else fills it.
     controller.trigger(a.clone()).unwrap();
     controller.trigger(a).unwrap();
     assert_eq!(

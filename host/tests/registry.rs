@@ -15,9 +15,9 @@ const LIMIT: Duration = Duration::from_secs(60);
 use serde_json::json;
 use setpoint::config::{PluginConfig, RuntimeConfig, resolver};
 use setpoint::controller::Manager;
-use setpoint::leader::AlwaysLeader;
 use setpoint::metrics::Metrics;
 use setpoint::object::{Object, ObjectKey};
+use setpoint::ownership::Ownership;
 use setpoint::plugin::{Capabilities, DirGrant, DirRequest, Grants, HttpCapability, HttpGrant};
 use setpoint::registry::{PluginSpec, Registry, RegistrySettings};
 use setpoint::store::{Phase, Store, finalizer_of};
@@ -38,7 +38,7 @@ fn new_rig_with(grants: BTreeMap<String, Grants>, trust: Policy) -> Rig {
     let store = Store::new();
     let manager = Arc::new(Manager::new(
         store.clone(),
-        Arc::new(AlwaysLeader::default()),
+        Ownership::default(),
         Arc::new(Metrics::new()),
     ));
     let registry = Registry::new(

@@ -10,9 +10,9 @@ use std::time::Duration;
 
 use setpoint::config::PluginConfig;
 use setpoint::controller::{Engine, FnReconciler, Manager, ReconcileCall};
-use setpoint::leader::ManualLeader;
 use setpoint::metrics::Metrics;
 use setpoint::object::Object;
+use setpoint::ownership::Ownership;
 use setpoint::plugin::wit;
 use setpoint::store::Store;
 use tracing::field::{Field, Visit};
@@ -85,7 +85,7 @@ async fn every_log_line_inside_a_reconcile_carries_exactly_its_own_key() {
     let store = Store::new();
     let manager = Manager::new(
         store.clone(),
-        Arc::new(ManualLeader::new(true)),
+        Ownership::leading(true),
         Arc::new(Metrics::new()),
     );
     let attempts = Arc::new(AtomicU32::new(0));

@@ -23,6 +23,7 @@ use cloudevents::event::Data;
 
 use super::objects::parse_objects;
 use super::{ApiError, AppState, check_kinds, read_body, respond};
+use crate::controller::TriggerError;
 use crate::object::{Object, ObjectKey};
 use crate::queue::QueueError;
 
@@ -91,11 +92,15 @@ pub async fn ingest(
             }
             for controller in state.manager.controllers_of(&key.kind) {
                 controller.trigger(key.clone()).map_err(|e| match e {
-                    QueueError::Full(_) => ApiError::new(
+                    TriggerError::Queue(QueueError::Full(_)) => ApiError::new(
                         StatusCode::SERVICE_UNAVAILABLE,
                         format!("controller {}: {e}", controller.name()),
                     ),
-                    QueueError::ShutDown => ApiError::new(
+                    TriggerError::NotOwned { .. } => ApiError::new(
+                        StatusCode::MISDIRECTED_REQUEST,
+                        format!("controller {}: {e}", controller.name()),
+                    ),
+                    TriggerError::Queue(QueueError::ShutDown) => ApiError::new(
                         StatusCode::SERVICE_UNAVAILABLE,
                         "the host is shutting down; send the event again after it restarts",
                     ),

@@ -549,8 +549,8 @@ pub async fn serve_with(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::leader::AlwaysLeader;
     use crate::metrics::Metrics;
+    use crate::ownership::Ownership;
 
     fn status(url: &str, token: Option<&str>) -> (u16, String) {
         let agent: ureq::Agent = ureq::Agent::config_builder()
@@ -574,7 +574,7 @@ mod tests {
         let store = Store::new();
         let manager = Arc::new(Manager::new(
             store.clone(),
-            Arc::new(AlwaysLeader::default()),
+            Ownership::default(),
             Arc::new(Metrics::new()),
         ));
         // A reconcile that never returns, and a stall threshold of zero.
@@ -635,7 +635,7 @@ mod tests {
     async fn api_with_a_token_refuses_requests_without_it_but_not_health_probes() {
         let manager = Arc::new(Manager::new(
             Store::new(),
-            Arc::new(AlwaysLeader::default()),
+            Ownership::default(),
             Arc::new(Metrics::new()),
         ));
         let stop = CancellationToken::new();
@@ -731,7 +731,7 @@ mod tests {
     ) -> T {
         let manager = Arc::new(Manager::new(
             Store::new(),
-            Arc::new(AlwaysLeader::default()),
+            Ownership::default(),
             Arc::new(Metrics::new()),
         ));
         let stop = CancellationToken::new();

@@ -15,9 +15,9 @@ use crate::client::{Client, query};
 use crate::config::{Config, DirGrant, PluginConfig};
 use crate::controller::{Controller, Settled};
 use crate::daemon::Daemon;
-use crate::leader::AlwaysLeader;
 use crate::metrics::Metrics;
 use crate::object::{Action, Object, parse_all};
+use crate::ownership::Ownership;
 use crate::plugin::{CONTRACT_VERSION, PACKAGE, Runtime, SUPPORTED_VERSIONS, WORLD};
 use crate::store::Store;
 
@@ -880,7 +880,7 @@ async fn reconcile(
         plugin.clone(),
         store.clone(),
         engine,
-        &AlwaysLeader::default(),
+        &Ownership::default(),
         &Arc::new(Metrics::new()),
     );
     let object = store.apply(object)?.object;

@@ -7,9 +7,9 @@ use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
 use super::{AdmissionError, Controller, ControllerStatus, Engine, Reconciler};
-use crate::leader::LeaderElector;
 use crate::metrics::Metrics;
 use crate::object::Object;
+use crate::ownership::Ownership;
 use crate::plugin::Plugin;
 use crate::store::Store;
 
@@ -32,7 +32,7 @@ struct Running {
 /// and report their status.
 pub struct Manager {
     store: Store,
-    leader: Arc<dyn LeaderElector>,
+    ownership: Ownership,
     metrics: Arc<Metrics>,
     running: Mutex<HashMap<String, Running>>,
     /// Where controllers (and so plugin calls) run; the caller's runtime if
@@ -41,12 +41,13 @@ pub struct Manager {
 }
 
 impl Manager {
-    pub fn new(store: Store, leader: Arc<dyn LeaderElector>, metrics: Arc<Metrics>) -> Self {
-        let leading = *leader.subscribe().borrow();
-        metrics.leader.set(i64::from(leading));
+    /// A manager whose controllers reconcile what `ownership` says this process
+    /// owns.
+    pub fn new(store: Store, ownership: Ownership, metrics: Arc<Metrics>) -> Self {
+        metrics.leader.set(i64::from(ownership.get().all()));
         Self {
             store,
-            leader,
+            ownership,
             metrics,
             running: Mutex::new(HashMap::new()),
             runtime: None,
@@ -159,7 +160,7 @@ impl Manager {
             reconciler,
             self.store.clone(),
             engine,
-            self.leader.as_ref(),
+            &self.ownership,
             &self.metrics,
         );
         let stop = CancellationToken::new();
@@ -264,8 +265,9 @@ impl Manager {
 
     /// The metrics text, with the "now" gauges refreshed.
     pub fn encode_metrics(&self) -> String {
-        let leading = *self.leader.subscribe().borrow();
-        self.metrics.leader.set(i64::from(leading));
+        self.metrics
+            .leader
+            .set(i64::from(self.ownership.get().all()));
         for c in self.controllers() {
             c.refresh_metrics();
         }

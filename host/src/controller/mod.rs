@@ -4,12 +4,14 @@
 //! Guarantees (each has a test named after it):
 //! - Every object of the plugin's kinds is reconciled once at start, again on
 //!   every change the store reports, and again from the store whenever this
-//!   process regains leadership.
+//!   process gains ownership of it (see [`Ownership`]).
 //! - A key is routed to one worker by the [`WorkerHasher`] (a negative answer
 //!   drops it, counted); it is queued at most once and never reconciled by two
 //!   workers at once (see [`WorkQueue`]).
-//! - Workers dispatch only while this process leads; losing leadership stops
-//!   dispatch at once, and reconciles in flight finish.
+//! - Only keys this process owns are queued and dispatched: a key is checked
+//!   when it is queued and again when a worker takes it, so losing ownership
+//!   stops its dispatch at once (reconciles in flight finish) and a key
+//!   queued before the loss is dropped, not reconciled.
 //! - A successful reconcile marks the object done at the generation it saw; for a
 //!   deleting object it removes the object (the host's finalizer).
 //! - `requeue-after` and retries go through the delay scheduler, where the
@@ -28,7 +30,9 @@
 //! - Every `resync-interval`, every object is queued again (action `resynced`).
 //!   Every `full-reconcile-interval`, and on demand, a full reconciliation calls
 //!   the plugin's `prune` with every key that should exist, then queues every
-//!   object. Both run only while this process leads.
+//!   object. Both cover only the keys this process owns; `prune` runs only
+//!   where every key is owned or shard 0 is (it is handed every desired key:
+//!   its contract is "everything that should exist").
 
 mod admission;
 mod manager;
@@ -56,9 +60,9 @@ pub use reconciler::{
 };
 use supervise::{panic_message, supervised};
 
-use crate::leader::{LeaderElector, until_leading};
 use crate::metrics::{ControllerMetrics, Metrics, ReconcileResult};
 use crate::object::{Action, Object, ObjectKey};
+use crate::ownership::{Owned, Ownership, until_owning};
 use crate::plugin::wit::{self, ReconcileError};
 use crate::plugin::{CallError, Plugin, object_to_wit};
 use crate::queue::{
@@ -91,7 +95,10 @@ pub struct ControllerStatus {
     pub queue_depth: usize,
     pub in_flight: usize,
     pub pending_timers: usize,
+    /// Whether this process owns every key (leads).
     pub leader: bool,
+    /// What this process owns: all, nothing, or shards with their terms.
+    pub owns: Owned,
 }
 
 #[derive(Default)]
@@ -198,7 +205,7 @@ pub struct Controller {
     timers: Timers<ObjectKey>,
     keys: Mutex<HashMap<ObjectKey, KeyState>>,
     stats: Mutex<Stats>,
-    leader: watch::Receiver<bool>,
+    owned: watch::Receiver<Owned>,
     metrics: ControllerMetrics,
     /// The finalizer this controller holds on its objects.
     finalizer: String,
@@ -225,6 +232,19 @@ struct Active {
     activated_at: u64,
 }
 
+/// Why [`Controller::trigger`] queued nothing.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum TriggerError {
+    #[error(transparent)]
+    Queue(#[from] QueueError),
+    /// Another replica reconciles the key.
+    #[error(
+        "this replica does not own the key (shard {shard}); send the event to the replica \
+         that owns shard {shard} (`owns` in each replica's /v1/controllers)"
+    )]
+    NotOwned { shard: u32 },
+}
+
 /// What a full reconciliation did.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "kebab-case")]
@@ -249,6 +269,9 @@ pub enum PruneOutcome {
     Failed(String),
     /// This process does not lead: nothing ran.
     NotLeading,
+    /// Another replica (the owner of shard 0) runs `prune`; only this
+    /// process's reconciles ran.
+    NotHere,
 }
 
 impl Controller {
@@ -257,10 +280,10 @@ impl Controller {
         plugin: Plugin,
         store: Store,
         engine: Engine,
-        leader: &dyn LeaderElector,
+        ownership: &Ownership,
         metrics: &Arc<Metrics>,
     ) -> Arc<Self> {
-        Self::with_reconciler(Arc::new(plugin), store, engine, leader, metrics)
+        Self::with_reconciler(Arc::new(plugin), store, engine, ownership, metrics)
     }
 
     /// A controller for any [`Reconciler`] (e.g. a closure, in tests).
@@ -268,7 +291,7 @@ impl Controller {
         reconciler: Arc<dyn Reconciler>,
         store: Store,
         engine: Engine,
-        leader: &dyn LeaderElector,
+        ownership: &Ownership,
         metrics: &Arc<Metrics>,
     ) -> Arc<Self> {
         let info = reconciler.info();
@@ -293,7 +316,7 @@ impl Controller {
             engine,
             keys: Mutex::new(HashMap::new()),
             stats: Mutex::new(Stats::default()),
-            leader: leader.subscribe(),
+            owned: ownership.subscribe(),
             metrics,
             finalizer,
             running: AtomicBool::new(false),
@@ -403,7 +426,7 @@ impl Controller {
         }
         let outstanding = self.queue.len() + self.queue.in_flight();
         let idle = self.progress().elapsed();
-        if self.leading() && outstanding > 0 && idle >= self.engine.stall_after {
+        if self.owned.borrow().any() && outstanding > 0 && idle >= self.engine.stall_after {
             return Err(format!(
                 "controller {}: {outstanding} keys outstanding and no reconcile started or \
                  finished for {}s (see its workers' log lines and `/v1/controllers`)",
@@ -446,7 +469,8 @@ impl Controller {
             queue_depth: self.queue.len(),
             in_flight: self.queue.in_flight(),
             pending_timers: self.timers.len(),
-            leader: *self.leader.borrow(),
+            leader: self.owned.borrow().all(),
+            owns: self.owned.borrow().clone(),
         }
     }
 
@@ -487,8 +511,8 @@ impl Controller {
             me.clone().fire_timers(stop.clone())
         }));
         let (me, stop) = (self.clone(), shutdown.clone());
-        tasks.spawn(supervised(self.clone(), "leadership", move || {
-            me.clone().follow_leadership(stop.clone())
+        tasks.spawn(supervised(self.clone(), "ownership", move || {
+            me.clone().follow_ownership(stop.clone())
         }));
         let resync = self
             .engine
@@ -501,7 +525,7 @@ impl Controller {
                 periodically(every, stop.clone(), move || {
                     let me = me.clone();
                     async move {
-                        if me.leading() {
+                        if me.owned.borrow().any() {
                             tracing::debug!(controller = %me.name(), "periodic resync");
                             me.resync().await;
                         }
@@ -566,8 +590,8 @@ impl Controller {
         handed_back
     }
 
-    /// Queue every object of this controller's kinds, as after a start or on
-    /// regaining leadership.
+    /// Queue every object of this controller's kinds that this process owns, as
+    /// after a start or on gaining ownership.
     pub async fn resync(&self) {
         self.resync_kinds(&self.info().kinds).await;
     }
@@ -575,6 +599,9 @@ impl Controller {
     async fn resync_kinds(&self, kinds: &[String]) {
         for kind in kinds {
             for key in self.store.keys(kind) {
+                if !self.owned.borrow().owns(&key) {
+                    continue;
+                }
                 {
                     let mut keys = self.keys();
                     let entry = keys.entry(key.clone()).or_default();
@@ -585,15 +612,17 @@ impl Controller {
         }
     }
 
-    fn leading(&self) -> bool {
-        *self.leader.borrow()
-    }
-
     /// Full reconciliation: call the plugin's `prune` with every key that should
-    /// exist (objects not being deleted), then queue every object. A failed prune
-    /// is reported and counted, and the reconciles still run.
+    /// exist (objects not being deleted), then queue every object this process
+    /// owns. A failed prune is reported and counted, and the reconciles still
+    /// run.
+    ///
+    /// With a shard map, `prune` runs only on the owner of shard 0, still with
+    /// every desired key: handed only its own shards' keys, a plugin's prune
+    /// would remove what the other replicas reconcile.
     pub async fn full_reconcile(&self) -> FullReconciliation {
-        if !self.leading() {
+        let owned = self.owned.borrow().clone();
+        if !owned.any() {
             return FullReconciliation {
                 desired: 0,
                 prune: PruneOutcome::NotLeading,
@@ -602,24 +631,35 @@ impl Controller {
         }
         let mut desired = Vec::new();
         let mut all = 0;
+        let mut mine = Vec::new();
         for kind in &self.info().kinds {
             for object in self.store.list(kind, &Default::default()) {
-                all += 1;
+                let key = object.key();
+                if owned.owns(&key) {
+                    all += 1;
+                    if !object.is_deleting() {
+                        mine.push(key.clone());
+                    }
+                }
                 if !object.is_deleting() {
-                    desired.push(object.key().to_string());
+                    desired.push(key.to_string());
                 }
             }
         }
         {
             let mut keys = self.keys();
-            for key in &desired {
-                if let Ok(key) = key.parse::<ObjectKey>() {
-                    keys.entry(key).or_default().full_round = true;
-                }
+            for key in mine {
+                keys.entry(key).or_default().full_round = true;
             }
         }
+        let prunes_here = match &owned {
+            Owned::Shards { terms, .. } => terms.contains_key(&0),
+            _ => true,
+        };
         let reconciler = self.reconciler();
-        let prune = if reconciler.can_prune() {
+        let prune = if !prunes_here {
+            PruneOutcome::NotHere
+        } else if reconciler.can_prune() {
             let span = tracing::info_span!("prune", controller = %self.name(), version = %reconciler.info().version);
             let mut slot = reconciler.slot();
             match slot.prune(&desired).instrument(span).await {
@@ -647,26 +687,37 @@ impl Controller {
         }
     }
 
-    async fn follow_leadership(self: Arc<Self>, shutdown: CancellationToken) {
-        let mut leader = self.leader.clone();
+    /// On every change of ownership: queue from the store what was gained; log
+    /// what was lost (its keys are dropped when a worker takes them).
+    async fn follow_ownership(self: Arc<Self>, shutdown: CancellationToken) {
+        let mut owned = self.owned.clone();
+        let mut before = owned.borrow_and_update().clone();
         loop {
             tokio::select! {
-                changed = leader.changed() => if changed.is_err() { return },
+                changed = owned.changed() => if changed.is_err() { return },
                 _ = shutdown.cancelled() => return,
             }
-            let leading = *leader.borrow_and_update();
-            if leading {
-                tracing::info!(controller = %self.name(), "leading: resuming from the store");
+            let now = owned.borrow_and_update().clone();
+            if now.gained_over(&before) {
+                tracing::info!(controller = %self.name(), owns = ?now, "ownership gained: resuming from the store");
                 self.resync().await;
+            } else if !now.any() {
+                tracing::warn!(controller = %self.name(), "ownership lost: dispatch stopped");
             } else {
-                tracing::warn!(controller = %self.name(), "lost leadership: dispatch stopped");
+                tracing::info!(controller = %self.name(), owns = ?now, "ownership shrank");
             }
+            before = now;
         }
     }
 
     /// React to one change from the store, following the dequeue policy when the
     /// key has a retry pending.
     async fn on_change(&self, change: Change) {
+        if !self.owned.borrow().owns(&change.key) {
+            // Another replica's; what this one remembers of it is stale.
+            self.forget(&change.key);
+            return;
+        }
         let generation = self
             .store
             .get(&change.key)
@@ -696,7 +747,16 @@ impl Controller {
     /// Queue one key now (a `resynced` reconcile), without waiting for room: a
     /// full queue answers [`QueueError::Full`]. For sources that must push back
     /// on their caller, such as the HTTP API.
-    pub fn trigger(&self, key: ObjectKey) -> Result<(), QueueError> {
+    /// A key this process does not own answers [`TriggerError::NotOwned`].
+    pub fn trigger(&self, key: ObjectKey) -> Result<(), TriggerError> {
+        let owned = self.owned.borrow().clone();
+        if !owned.owns(&key) {
+            let shard = match owned {
+                Owned::Shards { of, .. } => crate::ownership::shard_of(&key, of),
+                _ => 0,
+            };
+            return Err(TriggerError::NotOwned { shard });
+        }
         let Some(lane) = self.lane(&key) else {
             return Ok(());
         };
@@ -762,21 +822,21 @@ impl Controller {
         let _alive = Alive::new(&self.workers_alive);
         let mut active = self.active();
         let mut slot = active.reconciler.slot();
-        let mut leader = self.leader.clone();
-        // False once the elector is gone: its value can no longer change.
+        let mut owned = self.owned.clone();
+        // False once the publisher is gone: the view can no longer change.
         let mut watching = true;
         loop {
-            if !*leader.borrow_and_update() {
-                // Not leading: take nothing. At shutdown there is nothing to drain.
+            if !owned.borrow_and_update().any() {
+                // Owning nothing: take nothing. At shutdown there is nothing to drain.
                 tokio::select! {
-                    leading = until_leading(&mut leader) => if !leading { return },
+                    owning = until_owning(&mut owned) => if !owning { return },
                     _ = shutdown.cancelled() => return,
                 }
             }
             let got = tokio::select! {
                 biased;
                 _ = stop_taking.cancelled() => return,
-                changed = leader.changed(), if watching => {
+                changed = owned.changed(), if watching => {
                     watching = changed.is_ok();
                     continue;
                 }
@@ -784,6 +844,13 @@ impl Controller {
             };
             let Some((key, timings)) = got else { return };
             self.made_progress();
+            // Queued while this process owned it, and owned by another since:
+            // the other replica reconciles it, from the store.
+            if !owned.borrow().owns(&key) {
+                self.forget(&key);
+                self.queue.done(&key);
+                continue;
+            }
             // A swap since the last key: this key runs on the new version (the
             // old slot, and its warm instance, go).
             let now = self.active();
@@ -793,7 +860,7 @@ impl Controller {
             }
             // A swap dropped its kind: nothing here reconciles it any more.
             if !active.reconciler.info().kinds.contains(&key.kind) {
-                self.keys().remove(&key);
+                self.forget(&key);
                 self.queue.done(&key);
                 continue;
             }
@@ -812,6 +879,14 @@ impl Controller {
             let worked = self.queue.done(&key);
             self.metrics.worked(worked);
             self.made_progress();
+        }
+    }
+
+    /// Drop what this controller remembers of `key`, and any retry it has
+    /// scheduled: it is no longer this controller's to reconcile.
+    fn forget(&self, key: &ObjectKey) {
+        if self.keys().remove(key).is_some_and(|k| k.retry.is_some()) {
+            self.timers.cancel(key);
         }
     }
 

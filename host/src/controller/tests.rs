@@ -6,7 +6,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use super::*;
-use crate::leader::ManualLeader;
+use crate::ownership::Ownership;
 use crate::store::Phase;
 
 fn done() -> ReconcileCall {
@@ -31,13 +31,13 @@ struct Rig {
 }
 
 fn rig() -> Rig {
+    rig_owning(Ownership::leading(true))
+}
+
+fn rig_owning(ownership: Ownership) -> Rig {
     let store = Store::new();
     let metrics = Arc::new(Metrics::new());
-    let manager = Manager::new(
-        store.clone(),
-        Arc::new(ManualLeader::new(true)),
-        metrics.clone(),
-    );
+    let manager = Manager::new(store.clone(), ownership, metrics.clone());
     Rig {
         store,
         metrics,
@@ -135,7 +135,7 @@ async fn controllers_and_their_plugin_calls_run_on_the_runtime_they_are_given() 
     let store = Store::new();
     let manager = Manager::new(
         store.clone(),
-        Arc::new(ManualLeader::new(true)),
+        Ownership::leading(true),
         Arc::new(Metrics::new()),
     )
     .run_controllers_on(plugin_threads.handle().clone());
@@ -516,4 +516,159 @@ fn check_swap_log(log: &SwapLog, expected: usize, keys: usize) {
             m
         });
     assert_eq!(per_key.len(), keys);
+}
+
+fn shards(of: u32, mine: &[u32]) -> Owned {
+    Owned::Shards {
+        of,
+        terms: mine.iter().map(|s| (*s, 1)).collect(),
+    }
+}
+
+/// Let the paused clock run until `done` holds (at most ten minutes of it).
+async fn settle(what: &str, done: impl Fn() -> bool) {
+    for _ in 0..6000 {
+        if done() {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!("never happened: {what}");
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_shard_view_reconciles_only_its_keys_and_picks_up_gained_shards_from_the_store() {
+    let ownership = Ownership::new(shards(2, &[0]));
+    let rig = rig_owning(ownership.clone());
+    let calls = Arc::new(Mutex::new(Vec::<String>::new()));
+    let seen = calls.clone();
+    let reconciler = FnReconciler::new("sharded", &["Thing"], move |request: wit::Request| {
+        seen.lock().unwrap().push(request.object.name.clone());
+        async { done() }
+    });
+    let keys: Vec<_> = (0..40)
+        .map(|i| rig.apply("Thing", &format!("t{i}")))
+        .collect();
+    let (zero, one): (Vec<_>, Vec<_>) = keys
+        .iter()
+        .partition(|k| crate::ownership::shard_of(k, 2) == 0);
+    assert!(!zero.is_empty() && !one.is_empty());
+    let names = |ks: &[&ObjectKey]| {
+        let mut n: Vec<String> = ks.iter().map(|k| k.name.clone()).collect();
+        n.sort();
+        n
+    };
+    let called = || {
+        let mut c = calls.lock().unwrap().clone();
+        c.sort();
+        c
+    };
+    rig.manager.add_reconciler(reconciler, engine(2)).unwrap();
+    settle("shard 0 reconciled", || called().len() >= zero.len()).await;
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    assert_eq!(called(), names(&zero), "exactly the owned shard's keys");
+    let status = rig.manager.controller("sharded").unwrap().status();
+    assert_eq!(status.owns, shards(2, &[0]));
+    assert!(!status.leader);
+
+    // Shard 1 moves here and shard 0 away: shard 1's keys come from the
+    // store; a change to a shard-0 key is no longer this replica's.
+    calls.lock().unwrap().clear();
+    ownership.set(shards(2, &[1]));
+    settle("shard 1 reconciled", || called().len() >= one.len()).await;
+    let mut changed = rig.store.get(zero[0]).unwrap();
+    changed.spec = serde_json::json!({"changed": true});
+    rig.store.apply(changed).unwrap();
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    assert_eq!(called(), names(&one));
+    rig.manager.shutdown().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_key_queued_before_its_shard_moved_away_is_dropped_not_reconciled() {
+    let ownership = Ownership::new(Owned::All);
+    let rig = rig_owning(ownership.clone());
+    let gate = Arc::new(tokio::sync::Semaphore::new(0));
+    let calls = Arc::new(Mutex::new(Vec::<String>::new()));
+    let (seen, held) = (calls.clone(), gate.clone());
+    let reconciler = FnReconciler::new("gated", &["Thing"], move |request: wit::Request| {
+        seen.lock().unwrap().push(request.object.name.clone());
+        let held = held.clone();
+        async move {
+            held.acquire().await.unwrap().forget();
+            done()
+        }
+    });
+    let keys: Vec<_> = (0..20)
+        .map(|i| rig.apply("Thing", &format!("q{i}")))
+        .collect();
+    // One worker: the first key blocks it, the other 19 wait in the queue.
+    rig.manager.add_reconciler(reconciler, engine(1)).unwrap();
+    settle("the first call started", || {
+        calls.lock().unwrap().len() == 1
+    })
+    .await;
+    let first = calls.lock().unwrap()[0].clone();
+    let first_key = keys.iter().find(|k| k.name == first).unwrap();
+    let mine = crate::ownership::shard_of(first_key, 2);
+    ownership.set(shards(2, &[mine]));
+    gate.add_permits(100);
+    tokio::time::sleep(Duration::from_secs(10)).await;
+    let called = calls.lock().unwrap().clone();
+    for name in &called {
+        let key = keys.iter().find(|k| &k.name == name).unwrap();
+        assert_eq!(
+            crate::ownership::shard_of(key, 2),
+            mine,
+            "{name} was reconciled after its shard moved away"
+        );
+    }
+    let owned = keys
+        .iter()
+        .filter(|k| crate::ownership::shard_of(k, 2) == mine)
+        .count();
+    assert_eq!(
+        called.len(),
+        owned,
+        "every owned key once, no other: {called:?}"
+    );
+    let controller = rig.manager.controller("gated").unwrap();
+    assert_eq!(controller.queue.len() + controller.queue.in_flight(), 0);
+    rig.manager.shutdown().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn shutdown_is_not_held_up_by_a_full_queue_whose_keys_were_lost() {
+    let ownership = Ownership::new(Owned::All);
+    let rig = rig_owning(ownership.clone());
+    let gate = Arc::new(tokio::sync::Semaphore::new(0));
+    let held = gate.clone();
+    let reconciler = FnReconciler::new("stuck", &["Thing"], move |_| {
+        let held = held.clone();
+        async move {
+            held.acquire().await.unwrap().forget();
+            done()
+        }
+    });
+    for i in 0..5 {
+        rig.apply("Thing", &format!("s{i}"));
+    }
+    let engine = Engine {
+        workers: 1,
+        queue_size: 2,
+        ..Engine::default()
+    };
+    let controller = rig.manager.add_reconciler(reconciler, engine).unwrap();
+    // The worker holds one key, two fill the queue, and the start-up resync
+    // waits for room for the rest; then this process loses every key, so no
+    // worker will take from the queue again.
+    settle("the queue is full", || {
+        controller.status().queue_depth == 2 && controller.status().in_flight == 1
+    })
+    .await;
+    ownership.set(Owned::Nothing);
+    gate.add_permits(10);
+    tokio::time::timeout(Duration::from_secs(5), rig.manager.shutdown())
+        .await
+        .expect("shutdown ends although the resync waits for room");
 }
