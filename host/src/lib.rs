@@ -7,6 +7,8 @@
 //! - [`store`]: the desired-state store and each object's reconcile status.
 //! - [`queue`]: work queue, delay scheduler, retry and dequeue policies, worker routing.
 //! - [`controller`]: one plugin with its queue and workers; the manager of many.
+//! - [`etcd`]: the etcd connection; leases, leader election and shards
+//!   across replicas, and the fences their writes carry.
 //! - [`ownership`]: which keys this process may reconcile (all, none, or some shards).
 //! - [`metrics`]: Prometheus metrics.
 //! - [`plugin`]: the wasmtime engine, compile cache, instances, limits and host imports.
@@ -30,6 +32,7 @@ pub mod client;
 pub mod config;
 pub mod controller;
 pub mod daemon;
+pub mod etcd;
 pub mod metrics;
 pub mod object;
 pub mod oci;

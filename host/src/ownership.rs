@@ -15,9 +15,14 @@
 //!   dispatch it, so a key whose shard this process lost is not reconciled
 //!   here once the view says so (what is in flight finishes).
 //! - Every change to the view is published; a subscriber sees the latest.
+//! - A reconcile runs under a [`Hold`] taken with [`Ownership::hold`], which
+//!   checks the view and counts the hold in one step; [`Ownership::settled`]
+//!   waits until no hold is left on the shards given. So a replica handing a
+//!   shard over first takes it out of its view, then waits for `settled`, and
+//!   only then lets it go: no key is reconciled by two replicas at once.
 
-use std::collections::BTreeMap;
-use std::sync::Arc;
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, Mutex, MutexGuard};
 
 use serde::Serialize;
 use tokio::sync::watch;
@@ -111,6 +116,41 @@ pub fn shard_of(key: &ObjectKey, count: u32) -> u32 {
 #[derive(Clone)]
 pub struct Ownership {
     tx: Arc<watch::Sender<Owned>>,
+    holds: Arc<Holds>,
+}
+
+/// Reconciles running now, by the shard their key is in (0 when the view is
+/// not a shard map).
+#[derive(Default)]
+struct Holds {
+    running: Mutex<HashMap<u32, usize>>,
+    released: tokio::sync::Notify,
+}
+
+impl Holds {
+    fn lock(&self) -> MutexGuard<'_, HashMap<u32, usize>> {
+        self.running.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+/// Proof that a reconcile of an owned key is running; dropping it ends it.
+pub struct Hold {
+    holds: Arc<Holds>,
+    shard: u32,
+}
+
+impl Drop for Hold {
+    fn drop(&mut self) {
+        let mut running = self.holds.lock();
+        if let Some(n) = running.get_mut(&self.shard) {
+            *n -= 1;
+            if *n == 0 {
+                running.remove(&self.shard);
+            }
+        }
+        drop(running);
+        self.holds.released.notify_waiters();
+    }
 }
 
 impl Default for Ownership {
@@ -124,6 +164,7 @@ impl Ownership {
     pub fn new(owned: Owned) -> Self {
         Self {
             tx: Arc::new(watch::Sender::new(owned)),
+            holds: Arc::default(),
         }
     }
 
@@ -132,8 +173,10 @@ impl Ownership {
         Self::new(if leading { Owned::All } else { Owned::Nothing })
     }
 
-    /// Replace the view (subscribers are told only if it changed).
+    /// Replace the view (subscribers are told only if it changed). No hold
+    /// taken after this returns sees the old view.
     pub fn set(&self, owned: Owned) {
+        let _holds = self.holds.lock();
         self.tx.send_if_modified(|now| {
             if *now == owned {
                 return false;
@@ -156,6 +199,47 @@ impl Ownership {
     /// Whether `key` is this process's now.
     pub fn owns(&self, key: &ObjectKey) -> bool {
         self.tx.borrow().owns(key)
+    }
+
+    /// Start a reconcile of `key`: `None` if this process does not own it.
+    pub fn hold(&self, key: &ObjectKey) -> Option<Hold> {
+        let mut running = self.holds.lock();
+        let shard = match &*self.tx.borrow() {
+            Owned::All => 0,
+            Owned::Nothing => return None,
+            Owned::Shards { of, terms } => {
+                let shard = shard_of(key, *of);
+                if !terms.contains_key(&shard) {
+                    return None;
+                }
+                shard
+            }
+        };
+        *running.entry(shard).or_default() += 1;
+        Some(Hold {
+            holds: self.holds.clone(),
+            shard,
+        })
+    }
+
+    /// Wait until no reconcile holds any of `shards` (every shard if `None`).
+    pub async fn settled(&self, shards: Option<&[u32]>) {
+        loop {
+            let released = self.holds.released.notified();
+            tokio::pin!(released);
+            released.as_mut().enable();
+            let busy = {
+                let running = self.holds.lock();
+                match shards {
+                    None => !running.is_empty(),
+                    Some(list) => list.iter().any(|s| running.contains_key(s)),
+                }
+            };
+            if !busy {
+                return;
+            }
+            released.await;
+        }
     }
 
     /// A receiver of the view and its changes.
@@ -248,6 +332,39 @@ mod tests {
         assert!(Owned::All.gained_over(&Owned::Nothing));
         assert!(!Owned::Nothing.gained_over(&Owned::All));
         assert!(!Owned::All.gained_over(&Owned::All));
+    }
+
+    #[tokio::test]
+    async fn settled_waits_for_the_holds_on_the_shards_asked_for_only() {
+        let ownership = Ownership::new(shards(2, &[0, 1]));
+        let in_shard = |n: u32| {
+            (0..)
+                .map(|i| key(&format!("k{i}")))
+                .find(|k| shard_of(k, 2) == n)
+                .unwrap()
+        };
+        let (a, b) = (in_shard(0), in_shard(1));
+        let on_zero = ownership.hold(&a).unwrap();
+        let _on_one = ownership.hold(&b).unwrap();
+        // Shard 1 is busy, but only shard 0 is asked about.
+        ownership.set(shards(2, &[1]));
+        assert!(
+            ownership.hold(&a).is_none(),
+            "no new hold once the view says so"
+        );
+        let waiter = tokio::spawn({
+            let ownership = ownership.clone();
+            async move { ownership.settled(Some(&[0])).await }
+        });
+        tokio::task::yield_now().await;
+        assert!(!waiter.is_finished(), "a reconcile of shard 0 still runs");
+        drop(on_zero);
+        waiter.await.unwrap();
+        let all = tokio::time::timeout(
+            std::time::Duration::from_millis(50),
+            ownership.settled(None),
+        );
+        assert!(all.await.is_err(), "shard 1 is still held");
     }
 
     #[test]

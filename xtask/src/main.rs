@@ -149,6 +149,13 @@ fn main() -> anyhow::Result<()> {
                 eprintln!("xtask: installing Debian's docker-registry package for the OCI tests");
                 apt_install(&["docker-registry"])?;
             }
+            // The replica tests run against a real etcd (Debian's etcd-server
+            // 3.4), which they start themselves.
+            if !Path::new("/usr/bin/etcd").exists() {
+                eprintln!("xtask: installing Debian's etcd-server package for the replica tests");
+                apt_install(&["etcd-server"])?;
+            }
+            ensure_protoc()?;
             // The Python and JavaScript SDKs' own unit tests.
             run(Command::new(python3())
                 .args(["-m", "unittest", "-v"])
@@ -198,6 +205,7 @@ fn main() -> anyhow::Result<()> {
         }
         Task::Demo { once } => {
             let plugins = build_plugins(&root)?;
+            ensure_protoc()?;
             let mut cmd = Command::new(cargo());
             cmd.args(["run", "-p", "setpoint", "--", "run"]);
             if once {
@@ -207,6 +215,7 @@ fn main() -> anyhow::Result<()> {
         }
         Task::Bench { args } => {
             let plugins = build_plugins(&root)?;
+            ensure_protoc()?;
             run(Command::new(cargo())
                 .args(["bench", "-p", "setpoint-bench"])
                 .args(&args)
@@ -641,10 +650,29 @@ fn ensure_debian_toolchain() -> anyhow::Result<()> {
         return Ok(());
     }
     eprintln!("xtask: installing Debian packages: {}", missing.join(" "));
-    apt_install(&missing)
+    apt_install(&missing).context(
+        "cannot install the Debian toolchain for plugins; install rustup's wasm32-wasip2 \
+         target instead (`rustup target add wasm32-wasip2`)",
+    )
 }
 
 /// `apt-get install`, through sudo when not root.
+/// The host's etcd client (etcd-client, over tonic) compiles etcd's protocol
+/// files at build time with `protoc`: install Debian's protobuf-compiler if it
+/// is missing.
+fn ensure_protoc() -> anyhow::Result<()> {
+    if std::env::var_os("PROTOC").is_some()
+        || succeeds_within(
+            Command::new("protoc").arg("--version"),
+            Duration::from_secs(30),
+        )
+    {
+        return Ok(());
+    }
+    eprintln!("xtask: installing Debian's protobuf-compiler (protoc) to build the etcd client");
+    apt_install(&["protobuf-compiler"])
+}
+
 fn apt_install(packages: &[&str]) -> anyhow::Result<()> {
     let is_root = Command::new("id")
         .arg("-u")
@@ -664,8 +692,5 @@ fn apt_install(packages: &[&str]) -> anyhow::Result<()> {
     run(&mut apt(&["update", "-qq"]))?;
     let mut install = apt(&["install", "-y", "-qq"]);
     install.args(packages);
-    run(&mut install).context(
-        "cannot install the Debian toolchain for plugins; install rustup's wasm32-wasip2 \
-         target instead (`rustup target add wasm32-wasip2`)",
-    )
+    run(&mut install).with_context(|| format!("cannot install Debian's {}", packages.join(" ")))
 }

@@ -205,6 +205,7 @@ pub struct Controller {
     timers: Timers<ObjectKey>,
     keys: Mutex<HashMap<ObjectKey, KeyState>>,
     stats: Mutex<Stats>,
+    ownership: Ownership,
     owned: watch::Receiver<Owned>,
     metrics: ControllerMetrics,
     /// The finalizer this controller holds on its objects.
@@ -317,6 +318,7 @@ impl Controller {
             keys: Mutex::new(HashMap::new()),
             stats: Mutex::new(Stats::default()),
             owned: ownership.subscribe(),
+            ownership: ownership.clone(),
             metrics,
             finalizer,
             running: AtomicBool::new(false),
@@ -845,12 +847,13 @@ impl Controller {
             let Some((key, timings)) = got else { return };
             self.made_progress();
             // Queued while this process owned it, and owned by another since:
-            // the other replica reconciles it, from the store.
-            if !owned.borrow().owns(&key) {
+            // the other replica reconciles it, from the store. The hold lasts
+            // until the reconcile is settled, so a handover waits for it.
+            let Some(_hold) = self.ownership.hold(&key) else {
                 self.forget(&key);
                 self.queue.done(&key);
                 continue;
-            }
+            };
             // A swap since the last key: this key runs on the new version (the
             // old slot, and its warm instance, go).
             let now = self.active();

@@ -2,6 +2,7 @@
 
 #![allow(dead_code)]
 
+pub mod etcd;
 pub mod oci;
 
 use std::path::PathBuf;

@@ -1,0 +1,124 @@
+//! One leader owns every key: etcd's election API under this replica's lease.
+//!
+//! Each replica keeps a lease alive and campaigns for `PREFIX/cluster/leader`
+//! with it. The campaign returns once this replica's candidate key is the
+//! oldest: it then owns everything ([`Owned::All`]), and the key's creation
+//! revision is its term and the fence of every owner write.
+//!
+//! Guarantees:
+//! - A lost lease empties the view at once (before etcd can expire the lease,
+//!   see [`lease`](super::lease)); the replica campaigns again under a new one.
+//! - A clean stop takes the view away, waits until no reconcile runs, runs the
+//!   before-release hook, resigns and revokes the lease: the next candidate
+//!   leads within milliseconds.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use etcd_client::ResignOptions;
+use tokio_util::sync::CancellationToken;
+
+use super::lease::Lease;
+use super::shards::{Backoff, run_hook};
+use super::{BeforeRelease, Cluster, Etcd, Fence, Fences, describe, drop_on_loss};
+use crate::ownership::{Owned, Ownership};
+
+pub(super) async fn run(
+    etcd: Etcd,
+    ownership: Ownership,
+    fences: Arc<Fences>,
+    cluster: Arc<Cluster>,
+    before_release: BeforeRelease,
+    stop: CancellationToken,
+) {
+    let name = etcd.key("cluster/leader");
+    let settings = etcd.settings().clone();
+    let replica = settings.replica.clone();
+    let mut backoff = Backoff::default();
+    let mut previous: Option<Lease> = None;
+    'term: while !stop.is_cancelled() {
+        if let Some(old) = previous.take() {
+            let _ = tokio::time::timeout(Duration::from_secs(1), old.revoke(etcd.client())).await;
+        }
+        let lease = tokio::select! {
+            lease = Lease::grant(etcd.client(), settings.ttl) => lease,
+            _ = stop.cancelled() => break,
+        };
+        let lease = match lease {
+            Ok(lease) => lease,
+            Err(e) => {
+                tracing::warn!(%replica, "cannot get a lease from etcd: {}", describe(&e));
+                backoff.wait(&stop).await;
+                continue;
+            }
+        };
+        let _guard = drop_on_loss(&lease, &ownership, &fences);
+        let mut client = etcd.client();
+        let leader = loop {
+            tokio::select! {
+                answer = client.campaign(name.clone(), replica.clone(), lease.id()) => match answer {
+                    Ok(answer) => match answer.leader() {
+                        Some(key) => break key.clone(),
+                        None => continue,
+                    },
+                    // Requests time out after 5 s while another replica
+                    // leads: campaign again (etcd reuses the candidate key).
+                    Err(e) => {
+                        tracing::debug!(%replica, "campaign: {}", describe(&e));
+                        if let Ok(answer) = client.leader(name.clone()).await {
+                            let leader = answer.kv().map(|kv| String::from_utf8_lossy(kv.value()).into_owned());
+                            cluster.set_leader(leader);
+                        }
+                        tokio::select! {
+                            _ = tokio::time::sleep(Duration::from_millis(100)) => {}
+                            _ = stop.cancelled() => {}
+                        }
+                        if lease.is_lost() {
+                            previous = Some(lease);
+                            continue 'term;
+                        }
+                    }
+                },
+                _ = lease.lost() => {
+                    previous = Some(lease);
+                    continue 'term;
+                }
+                _ = stop.cancelled() => {
+                    let _ = tokio::time::timeout(Duration::from_secs(2), lease.revoke(etcd.client())).await;
+                    return;
+                }
+            }
+        };
+        backoff = Backoff::default();
+        let term = leader.rev();
+        fences.set_leader(Some(Fence {
+            key: String::from_utf8_lossy(leader.key()).into_owned(),
+            revision: term,
+        }));
+        ownership.set(Owned::All);
+        cluster.set_leader(Some(replica.clone()));
+        tracing::info!(%replica, term, "leading");
+        tokio::select! {
+            _ = lease.lost() => {
+                ownership.set(Owned::Nothing);
+                fences.clear();
+                cluster.set_leader(None);
+                tracing::warn!(%replica, "lease lost: no longer leading");
+                previous = Some(lease);
+            }
+            _ = stop.cancelled() => {
+                ownership.set(Owned::Nothing);
+                ownership.settled(None).await;
+                run_hook(&before_release).await;
+                fences.clear();
+                let resign = client.resign(Some(ResignOptions::new().with_leader(leader)));
+                let _ = tokio::time::timeout(Duration::from_secs(2), resign).await;
+                let _ = tokio::time::timeout(Duration::from_secs(2), lease.revoke(etcd.client())).await;
+                tracing::info!(%replica, "resigned");
+                return;
+            }
+        }
+    }
+    ownership.set(Owned::Nothing);
+    fences.clear();
+}
