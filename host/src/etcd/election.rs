@@ -37,20 +37,9 @@ pub(super) async fn run(
     let mut backoff = Backoff::default();
     let mut previous: Option<Lease> = None;
     'term: while !stop.is_cancelled() {
-        if let Some(old) = previous.take() {
-            let _ = tokio::time::timeout(Duration::from_secs(1), old.revoke(etcd.client())).await;
-        }
-        let lease = tokio::select! {
-            lease = Lease::grant(etcd.client(), settings.ttl) => lease,
-            _ = stop.cancelled() => break,
-        };
-        let lease = match lease {
-            Ok(lease) => lease,
-            Err(e) => {
-                tracing::warn!(%replica, "cannot get a lease from etcd: {}", describe(&e));
-                backoff.wait(&stop).await;
-                continue;
-            }
+        let Some(lease) = super::lease::next(&etcd, &mut previous, &mut backoff, &stop).await
+        else {
+            break;
         };
         let _guard = drop_on_loss(&lease, &ownership, &fences);
         let mut client = etcd.client();

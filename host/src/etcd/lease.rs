@@ -92,6 +92,38 @@ impl Drop for Lease {
     }
 }
 
+/// The next lease of a replica's coordinator: revoke the lost one
+/// (`previous`) if etcd answers, so its keys go now and not after its TTL;
+/// then grant a new one, trying again with back-off. `None` once `stop` is
+/// cancelled.
+pub(super) async fn next(
+    etcd: &super::Etcd,
+    previous: &mut Option<Lease>,
+    backoff: &mut super::shards::Backoff,
+    stop: &tokio_util::sync::CancellationToken,
+) -> Option<Lease> {
+    if let Some(old) = previous.take() {
+        let _ = tokio::time::timeout(Duration::from_secs(1), old.revoke(etcd.client())).await;
+    }
+    loop {
+        let granted = tokio::select! {
+            lease = Lease::grant(etcd.client(), etcd.settings().ttl) => lease,
+            _ = stop.cancelled() => return None,
+        };
+        match granted {
+            Ok(lease) => return Some(lease),
+            Err(e) => {
+                let replica = &etcd.settings().replica;
+                tracing::warn!(%replica, "cannot get a lease from etcd: {}", super::describe(&e));
+                backoff.wait(stop).await;
+                if stop.is_cancelled() {
+                    return None;
+                }
+            }
+        }
+    }
+}
+
 /// The margin kept between the local deadline and the server's expiry.
 fn margin(ttl: Duration) -> Duration {
     ttl / 4

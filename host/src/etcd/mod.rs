@@ -423,27 +423,24 @@ impl Coordination {
             let (etcd, fences, cluster, stop) =
                 (etcd.clone(), fences.clone(), cluster.clone(), stop.clone());
             async move {
+                let args = (
+                    etcd,
+                    ownership.clone(),
+                    fences,
+                    cluster,
+                    before_release,
+                    stop,
+                );
                 let run = async {
+                    let (etcd, ownership, fences, cluster, before_release, stop) = args;
                     if etcd.settings().shards <= 1 {
-                        election::run(
-                            etcd,
-                            ownership.clone(),
-                            fences,
-                            cluster,
-                            before_release,
-                            stop,
-                        )
-                        .await
+                        let run =
+                            election::run(etcd, ownership, fences, cluster, before_release, stop);
+                        run.await
                     } else {
-                        shards::run(
-                            etcd,
-                            ownership.clone(),
-                            fences,
-                            cluster,
-                            before_release,
-                            stop,
-                        )
-                        .await
+                        let run =
+                            shards::run(etcd, ownership, fences, cluster, before_release, stop);
+                        run.await
                     }
                 };
                 use futures::FutureExt;

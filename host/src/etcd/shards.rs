@@ -104,20 +104,9 @@ pub(super) async fn run(
     'term: while !stop.is_cancelled() {
         // A lost lease may still exist on the server (etcd was unreachable):
         // revoke it if we can, so its keys go now and not after its TTL.
-        if let Some(old) = previous.take() {
-            let _ = tokio::time::timeout(Duration::from_secs(1), old.revoke(etcd.client())).await;
-        }
-        let lease = tokio::select! {
-            lease = Lease::grant(etcd.client(), settings.ttl) => lease,
-            _ = stop.cancelled() => break,
-        };
-        let lease = match lease {
-            Ok(lease) => lease,
-            Err(e) => {
-                tracing::warn!(replica = %settings.replica, "cannot get a lease from etcd: {}", describe(&e));
-                backoff.wait(&stop).await;
-                continue;
-            }
+        let Some(lease) = super::lease::next(&etcd, &mut previous, &mut backoff, &stop).await
+        else {
+            break;
         };
         let mut client = etcd.client();
         let member = format!("{}{}", keys.members, settings.replica);
