@@ -189,6 +189,8 @@ impl From<StoreError> for ApiError {
             | StoreError::Deleting(_) => StatusCode::CONFLICT,
             StoreError::InvalidStatus { .. } => StatusCode::UNPROCESSABLE_ENTITY,
             StoreError::Storage(_) => StatusCode::INTERNAL_SERVER_ERROR,
+            StoreError::Stale(_) | StoreError::Fenced(_) => StatusCode::CONFLICT,
+            StoreError::TooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
         };
         ApiError::new(status, e.to_string())
     }

@@ -44,8 +44,10 @@
 //! [redb]: https://docs.rs/redb
 
 mod backend;
+mod etcd;
 mod feed;
 mod redb;
+mod remote;
 mod wait;
 
 use std::collections::{BTreeMap, HashMap, HashSet};
@@ -56,7 +58,8 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use serde::{Deserialize, Serialize};
 use tokio::sync::broadcast;
 
-pub use self::backend::{Backend, Commit, KvRow, Loaded, Memory};
+pub use self::backend::{Backend, Commit, KvRow, Loaded, Memory, Remote, Sink};
+pub use self::etcd::EtcdBackend;
 use self::feed::Watcher;
 pub use self::feed::{Change, WatchEvent};
 pub use self::redb::Redb;
@@ -137,6 +140,18 @@ pub enum StoreError {
     InvalidStatus { key: ObjectKey, why: String },
     #[error("the store could not write: {0}")]
     Storage(String),
+    #[error(
+        "object {} was changed by another replica meanwhile; read it again and retry",
+        shorten(&.0.to_string())
+    )]
+    Stale(ObjectKey),
+    #[error(
+        "not written: this replica no longer owns {} (another replica reconciles it now)",
+        shorten(&.0.to_string())
+    )]
+    Fenced(ObjectKey),
+    #[error("{0}")]
+    TooLarge(String),
 }
 
 /// What one applied object became.
@@ -238,6 +253,8 @@ impl Default for Store {
 struct Batch {
     objects: Vec<(ObjectKey, Option<Object>)>,
     status: Vec<(ObjectKey, Option<ReconcileStatus>)>,
+    /// Written as the owner of the keys (see [`Commit::owner`]).
+    owner: bool,
 }
 
 impl Store {
@@ -269,7 +286,7 @@ impl Store {
         for key in &keys {
             inner.refresh(key);
         }
-        Ok(Self {
+        let store = Self {
             shared: Arc::new(Shared {
                 backend: Box::new(backend),
                 inner: Mutex::new(inner),
@@ -277,7 +294,14 @@ impl Store {
                 flush_wanted: tokio::sync::Notify::new(),
                 feed: broadcast::channel(4096).0,
             }),
-        })
+        };
+        let weak = Arc::downgrade(&store.shared);
+        store.shared.backend.follow(Box::new(move |rows, current| {
+            if let Some(shared) = weak.upgrade() {
+                Store { shared }.absorb(rows, current);
+            }
+        }));
+        Ok(store)
     }
 
     fn lock(&self) -> MutexGuard<'_, Inner> {
@@ -315,7 +339,15 @@ impl Store {
             .iter()
             .map(|k| (k.clone(), inner.kv.get(k).cloned()))
             .collect();
-        self.write_txn(&objects, &status, &kv, inner.next_uid, inner.next_version)?;
+        self.shared.backend.commit(&Commit {
+            objects: &objects,
+            status: &status,
+            kv: &kv,
+            next_uid: inner.next_uid,
+            next_version: inner.next_version,
+            required: (batch.objects.len(), batch.status.len()),
+            owner: batch.owner,
+        })?;
         inner.dirty_objects.clear();
         inner.dirty_status.clear();
         inner.dirty_kv.clear();
@@ -329,23 +361,6 @@ impl Store {
             .commit_order
             .lock()
             .unwrap_or_else(|e| e.into_inner())
-    }
-
-    fn write_txn(
-        &self,
-        objects: &[(ObjectKey, Option<Object>)],
-        status: &[(ObjectKey, Option<ReconcileStatus>)],
-        kv: &[KvRow],
-        next_uid: u64,
-        next_version: u64,
-    ) -> Result<(), StoreError> {
-        self.shared.backend.commit(&Commit {
-            objects,
-            status,
-            kv,
-            next_uid,
-            next_version,
-        })
     }
 
     /// After a write behind: wake the flusher once enough are pending, and
@@ -378,7 +393,15 @@ impl Store {
         let (uid, version) = (inner.next_uid, inner.next_version);
         let order = self.commit_order();
         drop(inner);
-        let result = self.write_txn(&objects, &status, &kv, uid, version);
+        let result = self.shared.backend.commit(&Commit {
+            objects: &objects,
+            status: &status,
+            kv: &kv,
+            next_uid: uid,
+            next_version: version,
+            required: (0, 0),
+            owner: true,
+        });
         drop(order);
         if result.is_err() {
             // Still pending: memory has their newest values, the next commit writes them.
@@ -682,7 +705,7 @@ impl Store {
             return Ok(Some(object));
         }
         if object.metadata.finalizers.is_empty() {
-            self.remove_locked(&mut inner, key)?;
+            self.remove_locked(&mut inner, key, false)?;
             return Ok(None);
         }
         inner.next_version += 1;
@@ -692,6 +715,7 @@ impl Store {
         let batch = Batch {
             objects: vec![(key.clone(), Some(object.clone()))],
             status: vec![(key.clone(), Some(status.clone()))],
+            owner: false,
         };
         self.commit(&mut inner, &batch)?;
         inner.objects.insert(key.clone(), object.clone());
@@ -711,7 +735,7 @@ impl Store {
         };
         object.metadata.finalizers.retain(|f| f != finalizer);
         if object.metadata.finalizers.is_empty() {
-            self.remove_locked(&mut inner, key)?;
+            self.remove_locked(&mut inner, key, true)?;
             return Ok(true);
         }
         inner.next_version += 1;
@@ -719,6 +743,7 @@ impl Store {
         let batch = Batch {
             objects: vec![(key.clone(), Some(object.clone()))],
             status: Vec::new(),
+            owner: true,
         };
         self.commit(&mut inner, &batch)?;
         inner.objects.insert(key.clone(), object);
@@ -741,7 +766,7 @@ impl Store {
     ) -> Result<Object, StoreError> {
         let mut inner = self.lock();
         let object = inner.current(key, resource_version)?;
-        self.remove_locked(&mut inner, key)?;
+        self.remove_locked(&mut inner, key, false)?;
         self.notify_watchers(&mut inner, key, Action::Deleted);
         tracing::warn!(
             key = %key,
@@ -751,10 +776,18 @@ impl Store {
         Ok(object)
     }
 
-    fn remove_locked(&self, inner: &mut Inner, key: &ObjectKey) -> Result<(), StoreError> {
+    /// Remove `key` for good, as its owner (`owner`: after the last
+    /// finalizer) or as a client's request.
+    fn remove_locked(
+        &self,
+        inner: &mut Inner,
+        key: &ObjectKey,
+        owner: bool,
+    ) -> Result<(), StoreError> {
         let batch = Batch {
             objects: vec![(key.clone(), None)],
             status: vec![(key.clone(), None)],
+            owner,
         };
         self.commit(inner, &batch)?;
         inner.objects.remove(key);

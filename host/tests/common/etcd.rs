@@ -14,6 +14,7 @@ pub struct TestEtcd {
     peer: String,
     child: Option<Child>,
     dir: tempfile::TempDir,
+    extra: Vec<String>,
 }
 
 fn free_port() -> u16 {
@@ -27,6 +28,11 @@ impl TestEtcd {
     /// Start one and wait until it serves. Fails the test, saying what to
     /// install, if `etcd` is missing.
     pub fn start() -> Self {
+        Self::start_with(&[])
+    }
+
+    /// [`start`](Self::start) with more command-line flags.
+    pub fn start_with(extra: &[&str]) -> Self {
         assert!(
             std::path::Path::new(BINARY).exists(),
             "{BINARY} is missing: these tests need a real etcd. Run `apt-get install \
@@ -40,6 +46,7 @@ impl TestEtcd {
                 peer: format!("http://127.0.0.1:{}", free_port()),
                 child: None,
                 dir: tempfile::tempdir().unwrap(),
+                extra: extra.iter().map(|s| s.to_string()).collect(),
             };
             match etcd.resume() {
                 Ok(()) => return etcd,
@@ -65,6 +72,7 @@ impl TestEtcd {
             .args(["--initial-advertise-peer-urls", &self.peer])
             .args(["--initial-cluster", &format!("t={}", self.peer)])
             .args(["--initial-cluster-state", "new"])
+            .args(&self.extra)
             .stdout(log.try_clone().unwrap())
             .stderr(log)
             .stdin(Stdio::null())
