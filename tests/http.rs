@@ -23,7 +23,7 @@ use axum::routing::any;
 
 mod support;
 
-use support::{Daemon, eventually, http, plugin};
+use support::{Daemon, apply_ok, eventually, http, plugin};
 
 const LIMIT: Duration = Duration::from_secs(60);
 
@@ -202,13 +202,7 @@ fn apply(url: &str, name: &str, endpoint: &str, data: &str) {
     let yaml = format!(
         "kind: Record\nmetadata:\n  name: {name}\nspec:\n  endpoint: {endpoint}\n  data: {data}\n"
     );
-    let answer = http(
-        "POST",
-        &format!("{url}/v1/apply"),
-        &[("Content-Type", "application/yaml")],
-        Some(&yaml),
-    );
-    assert_eq!(answer.status, 200, "{}", answer.body);
+    apply_ok(url, &yaml);
 }
 
 /// The object's reconcile status (`phase`, `lastError`, ...).

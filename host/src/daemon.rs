@@ -23,7 +23,9 @@ use tokio::task::{JoinHandle, JoinSet};
 use tokio_util::sync::CancellationToken;
 
 use crate::config::Config;
+use crate::config::StoreBackend;
 use crate::controller::{KnownKinds, Manager};
+use crate::etcd::{Coordination, Etcd};
 use crate::metrics::Metrics;
 use crate::object::Object;
 use crate::ownership::Ownership;
@@ -31,10 +33,12 @@ use crate::plugin::Runtime;
 use crate::registry::{Registry, RegistrySettings};
 use crate::source::manifests::Manifests;
 use crate::source::plugins::PluginFolder;
-use crate::store::{Phase, Store};
+use crate::store::{EtcdBackend, Phase, Store};
 
 /// A running daemon.
 pub struct Daemon {
+    /// With the etcd backend: this replica's part in the cluster.
+    coordination: Option<Coordination>,
     store: Store,
     manager: Arc<Manager>,
     /// Where controllers run; dropped after them.
@@ -52,16 +56,23 @@ impl Daemon {
     /// before the controllers start. Fails if the store cannot be opened, a
     /// plugin does not load, a manifest does not apply or the API cannot bind.
     pub async fn start(config: Config, examples: Vec<Object>) -> anyhow::Result<Daemon> {
-        let store = match config.store.path()? {
-            Some(path) => {
-                let store = Store::open(&path)?;
-                tracing::info!(path = %path.display(), "store opened");
-                store
-            }
-            None => Store::new(),
-        };
         let metrics = Arc::new(Metrics::new());
         let ownership = Ownership::default();
+        let (store, coordination) = match config.store.backend {
+            StoreBackend::Etcd => {
+                let settings = config.store.etcd(config.api.listen.port());
+                let (store, coordination) = on_etcd(settings, &ownership, &metrics).await?;
+                (store, Some(coordination))
+            }
+            StoreBackend::Redb => match config.store.path()? {
+                Some(path) => {
+                    let store = Store::open(&path)?;
+                    tracing::info!(path = %path.display(), "store opened");
+                    (store, None)
+                }
+                None => (Store::new(), None),
+            },
+        };
         // Controllers, and so every plugin call, run on threads of their own: a
         // busy plugin must not starve the API (or the store's flusher) of a core.
         let plugin_threads = PluginThreads::start(config.runtime.plugin_threads())?;
@@ -181,6 +192,7 @@ impl Daemon {
             "setpoint is running; press Ctrl-C to stop"
         );
         Ok(Daemon {
+            coordination,
             store,
             manager,
             _plugin_threads: plugin_threads,
@@ -232,6 +244,12 @@ impl Daemon {
         self.sources_stop.cancel();
         while self.sources.join_next().await.is_some() {}
         log_status(&self.manager);
+        // Hand over first: the replica owns nothing from here (its workers
+        // take no more keys), its reconciles in flight finish, the store is
+        // flushed, and its lease is revoked so the others take over at once.
+        if let Some(coordination) = self.coordination.take() {
+            coordination.stop().await;
+        }
         self.manager.shutdown().await;
         self.api_stop.cancel();
         if let Some((_, api)) = self.api.take() {
@@ -242,6 +260,43 @@ impl Daemon {
         self.store.flush()?;
         Ok(())
     }
+}
+
+/// Connect to etcd, join the cluster and open the store on it. The store's
+/// owner writes carry the fences of what `ownership` says this replica owns.
+async fn on_etcd(
+    settings: crate::etcd::Settings,
+    ownership: &Ownership,
+    metrics: &Arc<Metrics>,
+) -> anyhow::Result<(Store, Coordination)> {
+    let replica = settings.replica.clone();
+    let endpoints = settings.endpoints.join(", ");
+    let etcd = tokio::task::spawn_blocking(move || Etcd::connect(settings)).await??;
+    // The handover flushes the store; the store needs the coordinator's
+    // fences: the hook finds the store once it is open.
+    let opened: Arc<std::sync::OnceLock<Store>> = Arc::default();
+    let hook = {
+        let opened = opened.clone();
+        Arc::new(move || {
+            if let Some(store) = opened.get()
+                && let Err(e) = store.flush()
+            {
+                tracing::error!("the store could not flush before a handover: {e}");
+            }
+        })
+    };
+    let coordination = Coordination::start(&etcd, ownership.clone(), hook);
+    let backend = EtcdBackend::new(etcd, coordination.fencing(), metrics.fenced_writes.clone());
+    let store = match tokio::task::spawn_blocking(move || Store::with_backend(backend)).await? {
+        Ok(store) => store,
+        Err(e) => {
+            coordination.stop().await;
+            bail!("cannot load the store from etcd at {endpoints}: {e}");
+        }
+    };
+    let _ = opened.set(store.clone());
+    tracing::info!(%replica, %endpoints, "store opened on etcd");
+    Ok((store, coordination))
 }
 
 /// True once no controller has work queued or in flight and no object of

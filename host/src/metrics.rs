@@ -150,6 +150,10 @@ pub struct Metrics {
     pub plugin_active: Family<ActiveLabel, Gauge>,
     pub forced_deletes: Family<KindLabel, Counter>,
     pub leader: Gauge,
+    /// Shards this replica holds (replicas on etcd).
+    pub owned_shards: Gauge,
+    /// Owner writes refused because this replica no longer owned the key.
+    pub fenced_writes: Counter,
     pub full_reconciliations: Family<ControllerLabel, Counter>,
     pub prune_errors: Family<ControllerLabel, Counter>,
     pub out_of_sync: Family<ControllerLabel, Counter>,
@@ -188,6 +192,8 @@ impl Metrics {
             plugin_active: Family::default(),
             forced_deletes: Family::default(),
             leader: Gauge::default(),
+            owned_shards: Gauge::default(),
+            fenced_writes: Counter::default(),
             full_reconciliations: Family::default(),
             prune_errors: Family::default(),
             out_of_sync: Family::default(),
@@ -288,8 +294,18 @@ impl Metrics {
         );
         r.register(
             "setpoint_leader",
-            "1 while this process leads, else 0",
+            "1 while this process owns every key (the single-process default, or the leader), else 0",
             m.leader.clone(),
+        );
+        r.register(
+            "setpoint_owned_shards",
+            "Shards this replica holds (replicas sharing the work through etcd)",
+            m.owned_shards.clone(),
+        );
+        r.register(
+            "setpoint_fenced_writes",
+            "Writes refused because this replica no longer owned their key (a late write of a deposed owner)",
+            m.fenced_writes.clone(),
         );
         r.register(
             "setpoint_full_reconciliations",

@@ -6,6 +6,9 @@
 #[path = "../../host/tests/common/oci.rs"]
 pub mod oci;
 
+#[path = "../../host/tests/common/etcd.rs"]
+pub mod etcd;
+
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
@@ -187,6 +190,17 @@ pub fn http(method: &str, url: &str, headers: &[(&str, &str)], body: Option<&str
         status: response.status().as_u16(),
         body: response.body_mut().read_to_string().unwrap(),
     }
+}
+
+/// `POST {url}/v1/apply` with a YAML body, expecting 200.
+pub fn apply_ok(url: &str, yaml: &str) {
+    let answer = http(
+        "POST",
+        &format!("{url}/v1/apply"),
+        &[("Content-Type", "application/yaml")],
+        Some(yaml),
+    );
+    assert_eq!(answer.status, 200, "{}", answer.body);
 }
 
 /// Poll `check` until it holds, failing after `limit` with `what`. For waiting

@@ -357,7 +357,7 @@ pub fn default_config() -> Config {
         // The demo keeps its state beside its files, not in the user's data folder.
         store: crate::config::StoreConfig {
             path: Some(PathBuf::from("target/demo/store.redb")),
-            in_memory: false,
+            ..Default::default()
         },
         ..Default::default()
     }

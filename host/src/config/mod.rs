@@ -148,14 +148,135 @@ impl Default for Config {
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields, rename_all = "kebab-case")]
 pub struct StoreConfig {
+    /// `redb` (the default: one process, an embedded file) or `etcd`
+    /// (replicas sharing the work).
+    pub backend: StoreBackend,
     /// The store file (redb). Default: `$XDG_DATA_HOME/setpoint/store.redb`, or
     /// `~/.local/share/setpoint/store.redb`.
     pub path: Option<PathBuf>,
     /// Keep the store in memory only: nothing survives a restart.
     pub in_memory: bool,
+    /// With `backend = "etcd"`: the etcd endpoints (`http://` or `https://`).
+    pub endpoints: Vec<String>,
+    /// Every key the replicas write starts with it. Default `/setpoint/`.
+    pub prefix: Option<String>,
+    /// This replica's name, unique among the replicas sharing `prefix`.
+    /// Default: the host name and the API port.
+    pub replica: Option<String>,
+    /// How long a replica that stops renewing keeps what it owned (its
+    /// lease), in whole seconds. Default 10s.
+    #[serde(with = "humantime_serde")]
+    pub ttl: Option<std::time::Duration>,
+    /// Shards of the key space; 1 means one leader does all the work.
+    /// Default 16.
+    pub shards: Option<u32>,
+    /// etcd's `--max-txn-ops` (default 128).
+    pub max_txn_ops: Option<usize>,
+    /// etcd's `--max-request-bytes` (default 1.5 MiB).
+    pub max_request_bytes: Option<usize>,
+    /// TLS to etcd: `{ ca = "...", cert = "...", key = "..." }`.
+    pub tls: Option<EtcdTls>,
+    pub user: Option<String>,
+    pub password: Option<String>,
+}
+
+/// Which store backend.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum StoreBackend {
+    #[default]
+    Redb,
+    Etcd,
+}
+
+/// `[store] tls`.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields, rename_all = "kebab-case")]
+pub struct EtcdTls {
+    pub ca: Option<PathBuf>,
+    pub cert: Option<PathBuf>,
+    pub key: Option<PathBuf>,
 }
 
 impl StoreConfig {
+    /// Refuse settings that cannot work together.
+    pub fn check(&self) -> anyhow::Result<()> {
+        match self.backend {
+            StoreBackend::Redb => {
+                let etcd_only = [
+                    ("endpoints", !self.endpoints.is_empty()),
+                    ("prefix", self.prefix.is_some()),
+                    ("replica", self.replica.is_some()),
+                    ("ttl", self.ttl.is_some()),
+                    ("shards", self.shards.is_some()),
+                    ("tls", self.tls.is_some()),
+                    ("user", self.user.is_some()),
+                ];
+                if let Some((name, _)) = etcd_only.iter().find(|(_, set)| *set) {
+                    bail!("store.{name} is an etcd setting; add `backend = \"etcd\"` to [store]");
+                }
+            }
+            StoreBackend::Etcd => {
+                if self.path.is_some() || self.in_memory {
+                    bail!(
+                        "store.path and store.in-memory are for the redb backend; with \
+                         backend = \"etcd\" the data lives in etcd"
+                    );
+                }
+                if self.endpoints.is_empty() {
+                    bail!("store.endpoints: give etcd's address, e.g. [\"http://127.0.0.1:2379\"]");
+                }
+                if let Some(ttl) = self.ttl
+                    && (ttl < std::time::Duration::from_secs(1) || ttl.subsec_nanos() != 0)
+                {
+                    bail!(
+                        "store.ttl must be whole seconds, at least 1s (etcd leases count seconds)"
+                    );
+                }
+                if self.shards == Some(0) {
+                    bail!("store.shards must be at least 1 (1: one leader does all the work)");
+                }
+                if self.user.is_some() != self.password.is_some() {
+                    bail!("store.user and store.password go together");
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// The etcd settings, for `backend = "etcd"`; `api_port` names the replica
+    /// when `replica` is not set.
+    pub fn etcd(&self, api_port: u16) -> crate::etcd::Settings {
+        let defaults = crate::etcd::Settings::default();
+        let host = std::fs::read_to_string("/etc/hostname")
+            .ok()
+            .map(|h| h.trim().to_string())
+            .filter(|h| !h.is_empty())
+            .unwrap_or_else(|| "setpoint".into());
+        let mut prefix = self.prefix.clone().unwrap_or(defaults.prefix);
+        if !prefix.ends_with('/') {
+            prefix.push('/');
+        }
+        crate::etcd::Settings {
+            endpoints: self.endpoints.clone(),
+            prefix,
+            replica: self
+                .replica
+                .clone()
+                .unwrap_or_else(|| format!("{host}-{api_port}")),
+            ttl: self.ttl.unwrap_or(defaults.ttl),
+            shards: self.shards.unwrap_or(16),
+            max_txn_ops: self.max_txn_ops.unwrap_or(defaults.max_txn_ops),
+            max_request_bytes: self.max_request_bytes.unwrap_or(defaults.max_request_bytes),
+            tls: self.tls.as_ref().map(|t| crate::etcd::Tls {
+                ca: t.ca.clone(),
+                cert: t.cert.clone(),
+                key: t.key.clone(),
+            }),
+            user: self.user.clone().zip(self.password.clone()),
+        }
+    }
+
     /// The store file in effect, or `None` for an in-memory store.
     pub fn path(&self) -> anyhow::Result<Option<PathBuf>> {
         if self.in_memory {
@@ -255,6 +376,12 @@ impl Config {
         if let Some(path) = &mut self.store.path {
             fix(path);
         }
+        if let Some(tls) = &mut self.store.tls {
+            [&mut tls.ca, &mut tls.cert, &mut tls.key]
+                .into_iter()
+                .flatten()
+                .for_each(fix);
+        }
         self.manifests.iter_mut().for_each(fix);
         if let Some(dir) = &mut self.plugin_dir {
             fix(dir);
@@ -280,6 +407,7 @@ impl Config {
     /// Refuse settings that cannot work, saying which and why.
     pub fn check(&self) -> anyhow::Result<()> {
         self.api.check()?;
+        self.store.check()?;
         if self.api.max_body_bytes == 0 {
             bail!("api.max-body-bytes must be at least 1");
         }

@@ -265,9 +265,13 @@ impl Manager {
 
     /// The metrics text, with the "now" gauges refreshed.
     pub fn encode_metrics(&self) -> String {
-        self.metrics
-            .leader
-            .set(i64::from(self.ownership.get().all()));
+        let owned = self.ownership.get();
+        self.metrics.leader.set(i64::from(owned.all()));
+        let shards = match &owned {
+            crate::ownership::Owned::Shards { terms, .. } => terms.len(),
+            _ => 0,
+        };
+        self.metrics.owned_shards.set(shards as i64);
         for c in self.controllers() {
             c.refresh_metrics();
         }

@@ -929,9 +929,24 @@ impl Controller {
             controller = %self.name(),
             version = %version,
             key = %key,
+            shard = tracing::field::Empty,
+            term = tracing::field::Empty,
             attempt = tracing::field::Empty,
         );
-        self.reconcile_in_span(slot, key).instrument(span).await
+        // Replicas sharing the work: which shard, held under which term.
+        let term = self.owned.borrow().term_of(key);
+        if let Some((shard, term)) = term {
+            span.record("shard", shard);
+            span.record("term", term);
+        }
+        async {
+            tracing::debug!("reconcile started");
+            let settled = self.reconcile_in_span(slot, key).await;
+            tracing::debug!("reconcile ended");
+            settled
+        }
+        .instrument(span)
+        .await
     }
 
     async fn reconcile_in_span(&self, slot: &mut dyn Slot, key: &ObjectKey) -> Settled {

@@ -37,6 +37,9 @@ pub(super) async fn run(
     let mut backoff = Backoff::default();
     let mut previous: Option<Lease> = None;
     'term: while !stop.is_cancelled() {
+        if previous.is_some() {
+            super::end_term(&ownership, &fences, &before_release).await;
+        }
         let Some(lease) = super::lease::next(&etcd, &mut previous, &mut backoff, &stop).await
         else {
             break;

@@ -384,6 +384,17 @@ fn drop_on_loss(lease: &lease::Lease, ownership: &Ownership, fences: &Arc<Fences
     }))
 }
 
+/// After a lost lease, before this replica joins again under a new term:
+/// own nothing, let the reconciles of the old term finish and flush what they
+/// wrote. With no fence left, those late writes are refused (and counted)
+/// instead of landing under the next term.
+async fn end_term(ownership: &Ownership, fences: &Fences, before_release: &BeforeRelease) {
+    ownership.set(crate::ownership::Owned::Nothing);
+    fences.clear();
+    ownership.settled(None).await;
+    shards::run_hook(before_release).await;
+}
+
 /// A task aborted when this is dropped.
 struct AbortOnDrop(tokio::task::JoinHandle<()>);
 

@@ -104,6 +104,9 @@ pub(super) async fn run(
     'term: while !stop.is_cancelled() {
         // A lost lease may still exist on the server (etcd was unreachable):
         // revoke it if we can, so its keys go now and not after its TTL.
+        if previous.is_some() {
+            super::end_term(&ownership, &fences, &before_release).await;
+        }
         let Some(lease) = super::lease::next(&etcd, &mut previous, &mut backoff, &stop).await
         else {
             break;

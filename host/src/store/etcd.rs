@@ -115,7 +115,10 @@ impl EtcdBackend {
             let fence = match fence {
                 None => None,
                 Some(Some(f)) => Some(f),
-                Some(None) if required => return Err(StoreError::Fenced(object.clone())),
+                Some(None) if required => {
+                    self.fenced.inc();
+                    return Err(StoreError::Fenced(object.clone()));
+                }
                 Some(None) => {
                     self.fenced.inc();
                     tracing::warn!(key = %object, "fenced: not written, this replica no longer owns it");
@@ -520,9 +523,9 @@ async fn commit_chunk(
             }
             if fenced_out {
                 fenced.inc();
-                tracing::warn!(key = %r.key, "fenced: not written, another replica owns it now");
+                tracing::warn!(key = %r.about, etcd = %r.key, "fenced: not written, another replica owns it now");
             } else {
-                tracing::debug!(key = %r.key, "not written: another replica changed it first");
+                tracing::debug!(key = %r.about, etcd = %r.key, "not written: another replica changed it first");
             }
             if r.required && refused.is_none() {
                 refused = Some(if fenced_out {

@@ -28,7 +28,9 @@ impl Store {
             match row {
                 Remote::Object(key, Some(object)) => {
                     let object = *object;
-                    inner.dirty_objects.remove(&key);
+                    if inner.dirty_objects.remove(&key) {
+                        replaced(&key);
+                    }
                     inner.next_version = inner.next_version.max(object.metadata.resource_version);
                     let action = match inner.objects.get(&key) {
                         Some(old) if *old == object => continue,
@@ -66,7 +68,9 @@ impl Store {
                     }
                 }
                 Remote::Status(key, status) => {
-                    inner.dirty_status.remove(&key);
+                    if inner.dirty_status.remove(&key) {
+                        replaced(&key);
+                    }
                     if inner.status.get(&key) == status.as_ref() {
                         continue;
                     }
@@ -95,4 +99,9 @@ impl Store {
             }
         }
     }
+}
+
+/// A change written behind here lost to one another replica committed.
+fn replaced(key: &crate::object::ObjectKey) {
+    tracing::info!(%key, "replaced before it was written: another replica committed a change to it first");
 }
