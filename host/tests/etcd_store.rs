@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use common::etcd::TestEtcd;
 use prometheus_client::metrics::counter::Counter;
 use serde_json::json;
-use setpoint::etcd::{Etcd, Fence, Fencing, Settings};
+use setpoint::etcd::{Etcd, Fence, Fencing, Settings, Tls};
 use setpoint::object::{Action, Object, ObjectKey};
 use setpoint::store::{Backend, Commit, EtcdBackend, Phase, Store, StoreError};
 
@@ -347,4 +347,217 @@ async fn a_watch_that_resumes_from_a_compacted_revision_lists_again_and_carries_
         .object
         .key();
     until("it follows on", || store.get(&after).is_some()).await;
+}
+
+/// Run `openssl` with `args` in `dir`.
+fn openssl(dir: &std::path::Path, args: &[&str]) {
+    let out = std::process::Command::new("openssl")
+        .args(args)
+        .current_dir(dir)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "openssl {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn etcd_over_tls_works_with_its_ca_and_a_client_certificate_and_is_refused_without() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let ec = [
+        "-newkey",
+        "ec",
+        "-pkeyopt",
+        "ec_paramgen_curve:prime256v1",
+        "-nodes",
+    ];
+    openssl(
+        d,
+        &[
+            &["req", "-x509"][..],
+            &ec,
+            &[
+                "-keyout",
+                "ca.key",
+                "-out",
+                "ca.pem",
+                "-days",
+                "2",
+                "-subj",
+                "/CN=setpoint test CA",
+            ],
+        ]
+        .concat(),
+    );
+    openssl(
+        d,
+        &[
+            &["req"][..],
+            &ec,
+            &[
+                "-keyout",
+                "server.key",
+                "-out",
+                "server.csr",
+                "-subj",
+                "/CN=127.0.0.1",
+            ],
+        ]
+        .concat(),
+    );
+    std::fs::write(d.join("ext"), "subjectAltName=IP:127.0.0.1\n").unwrap();
+    openssl(
+        d,
+        &[
+            "x509",
+            "-req",
+            "-in",
+            "server.csr",
+            "-CA",
+            "ca.pem",
+            "-CAkey",
+            "ca.key",
+            "-CAcreateserial",
+            "-out",
+            "server.pem",
+            "-days",
+            "2",
+            "-extfile",
+            "ext",
+        ],
+    );
+    openssl(
+        d,
+        &[
+            &["req"][..],
+            &ec,
+            &[
+                "-keyout",
+                "client.key",
+                "-out",
+                "client.csr",
+                "-subj",
+                "/CN=setpoint",
+            ],
+        ]
+        .concat(),
+    );
+    std::fs::write(d.join("client-ext"), "extendedKeyUsage=clientAuth\n").unwrap();
+    openssl(
+        d,
+        &[
+            "x509",
+            "-req",
+            "-in",
+            "client.csr",
+            "-CA",
+            "ca.pem",
+            "-CAkey",
+            "ca.key",
+            "-CAcreateserial",
+            "-out",
+            "client.pem",
+            "-days",
+            "2",
+            "-extfile",
+            "client-ext",
+        ],
+    );
+    // etcd asks for a client certificate signed by the same CA.
+    let etcd = TestEtcd::start_with(&[
+        &format!("--cert-file={}", d.join("server.pem").display()),
+        &format!("--key-file={}", d.join("server.key").display()),
+        "--client-cert-auth",
+        &format!("--trusted-ca-file={}", d.join("ca.pem").display()),
+    ]);
+    assert!(etcd.endpoint.starts_with("https://"));
+    let settings = |tls: Option<Tls>| Settings {
+        endpoints: vec![etcd.endpoint.clone()],
+        prefix: "/tls/".into(),
+        tls,
+        ..Settings::default()
+    };
+    let trusted = Etcd::connect(settings(Some(Tls {
+        ca: Some(d.join("ca.pem")),
+        cert: Some(d.join("client.pem")),
+        key: Some(d.join("client.key")),
+    })))
+    .unwrap();
+    let store = Store::with_backend(EtcdBackend::new(
+        trusted,
+        Arc::new(Fixed::default()),
+        Counter::default(),
+    ))
+    .unwrap();
+    let key = store
+        .apply(object("secure", json!({})))
+        .unwrap()
+        .object
+        .key();
+    assert!(store.get(&key).is_some());
+    let anonymous = Etcd::connect(settings(Some(Tls {
+        ca: Some(d.join("ca.pem")),
+        cert: None,
+        key: None,
+    })));
+    assert!(
+        anonymous.is_err(),
+        "without a client certificate etcd refuses"
+    );
+    let plain = Etcd::connect(settings(None))
+        .err()
+        .expect("no TLS settings: refused")
+        .to_string();
+    assert!(
+        plain.contains("cannot reach etcd at https://127.0.0.1"),
+        "{plain}"
+    );
+    let missing = Etcd::connect(settings(Some(Tls {
+        ca: Some(d.join("nope.pem")),
+        cert: None,
+        key: None,
+    })))
+    .err()
+    .expect("a missing CA file is refused")
+    .to_string();
+    assert!(
+        missing.contains("cannot read the etcd TLS CA") && missing.contains("nope.pem"),
+        "{missing}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn etcd_with_authentication_takes_the_user_and_password_and_says_when_they_are_wrong() {
+    let etcd = TestEtcd::start();
+    let admin = connect(&etcd, 128);
+    let mut client = admin.client();
+    admin.run(async move {
+        client.user_add("root", "rootpw", None).await.unwrap();
+        client.user_grant_role("root", "root").await.unwrap();
+        client.user_add("setpoint", "s3cret", None).await.unwrap();
+        client.user_grant_role("setpoint", "root").await.unwrap();
+        client.auth_enable().await.unwrap();
+    });
+    let settings = |password: &str| Settings {
+        endpoints: vec![etcd.endpoint.clone()],
+        prefix: "/auth/".into(),
+        user: Some(("setpoint".into(), password.into())),
+        ..Settings::default()
+    };
+    let good = Etcd::connect(settings("s3cret")).unwrap();
+    let store = Store::with_backend(EtcdBackend::new(
+        good,
+        Arc::new(Fixed::default()),
+        Counter::default(),
+    ))
+    .unwrap();
+    store.apply(object("authed", json!({}))).unwrap();
+    let wrong = Etcd::connect(settings("guess"))
+        .err()
+        .expect("a wrong password is refused")
+        .to_string();
+    assert!(wrong.contains("check [store] user and password"), "{wrong}");
 }

@@ -487,6 +487,61 @@ mod tests {
     }
 
     #[test]
+    fn an_etcd_store_reads_its_settings_and_refuses_ones_that_do_not_fit() {
+        let c = Config::parse(
+            "[store]\nbackend = \"etcd\"\nendpoints = [\"http://10.0.0.1:2379\"]\nreplica = \"a\"\n\
+             ttl = \"3s\"\nshards = 4\nprefix = \"/x\"\nuser = \"u\"\npassword = \"p\"\n",
+        )
+        .unwrap();
+        let etcd = c.store.etcd(7171);
+        assert_eq!(etcd.endpoints, ["http://10.0.0.1:2379"]);
+        assert_eq!(
+            (etcd.replica.as_str(), etcd.shards, etcd.prefix.as_str()),
+            ("a", 4, "/x/")
+        );
+        assert_eq!(etcd.ttl, Duration::from_secs(3));
+        assert_eq!(etcd.user, Some(("u".into(), "p".into())));
+        assert_eq!(etcd.max_txn_ops, 128);
+        let defaults =
+            Config::parse("[store]\nbackend = \"etcd\"\nendpoints = [\"http://e:2379\"]\n")
+                .unwrap()
+                .store
+                .etcd(7171);
+        assert_eq!(
+            (defaults.shards, defaults.ttl),
+            (16, Duration::from_secs(10))
+        );
+        assert!(defaults.replica.ends_with("-7171"), "{}", defaults.replica);
+        for (text, says) in [
+            (
+                "[store]\nendpoints = [\"http://e\"]\n",
+                "add `backend = \"etcd\"`",
+            ),
+            ("[store]\nbackend = \"etcd\"\n", "store.endpoints"),
+            (
+                "[store]\nbackend = \"etcd\"\nendpoints = [\"http://e\"]\npath = \"s.redb\"\n",
+                "for the redb backend",
+            ),
+            (
+                "[store]\nbackend = \"etcd\"\nendpoints = [\"http://e\"]\nttl = \"1500ms\"\n",
+                "whole seconds",
+            ),
+            (
+                "[store]\nbackend = \"etcd\"\nendpoints = [\"http://e\"]\nshards = 0\n",
+                "at least 1",
+            ),
+            (
+                "[store]\nbackend = \"etcd\"\nendpoints = [\"http://e\"]\nuser = \"u\"\n",
+                "go together",
+            ),
+            ("[store]\nbackend = \"zookeeper\"\n", "unknown variant"),
+        ] {
+            let e = Config::parse(text).unwrap_err().to_string();
+            assert!(e.contains(says), "{text}: {e}");
+        }
+    }
+
+    #[test]
     fn the_store_defaults_to_the_data_folder_and_can_stay_in_memory() {
         let c = Config::parse("[store]\nin-memory = true\n").unwrap();
         assert_eq!(c.store.path().unwrap(), None);

@@ -31,7 +31,8 @@ impl TestEtcd {
         Self::start_with(&[])
     }
 
-    /// [`start`](Self::start) with more command-line flags.
+    /// [`start`](Self::start) with more command-line flags (`--cert-file`
+    /// makes it serve TLS: `endpoint` is then `https://127.0.0.1:PORT`).
     pub fn start_with(extra: &[&str]) -> Self {
         assert!(
             std::path::Path::new(BINARY).exists(),
@@ -41,8 +42,13 @@ impl TestEtcd {
         let mut last = String::new();
         // A port found free may be taken before etcd binds it: try again.
         for _ in 0..3 {
+            let scheme = if extra.iter().any(|e| e.starts_with("--cert-file")) {
+                "https"
+            } else {
+                "http"
+            };
             let mut etcd = Self {
-                endpoint: format!("http://127.0.0.1:{}", free_port()),
+                endpoint: format!("{scheme}://127.0.0.1:{}", free_port()),
                 peer: format!("http://127.0.0.1:{}", free_port()),
                 child: None,
                 dir: tempfile::tempdir().unwrap(),
@@ -93,6 +99,26 @@ impl TestEtcd {
     /// Poll `/health` until it says healthy; `Err` if the process exits or it
     /// does not within 30 s.
     fn wait_ready(&mut self) -> Result<(), String> {
+        if let Some(address) = self.endpoint.strip_prefix("https://") {
+            // No client here trusts its certificate: wait for the log line
+            // saying it serves.
+            let deadline = Instant::now() + Duration::from_secs(30);
+            while !self.log().contains("serving client requests on") {
+                if let Some(Ok(Some(status))) = self.child.as_mut().map(|c| c.try_wait()) {
+                    return Err(format!("it exited ({status}): {}", self.log()));
+                }
+                let _ = address;
+                if Instant::now() > deadline {
+                    return Err(format!(
+                        "{} did not serve in 30 s: {}",
+                        self.endpoint,
+                        self.log()
+                    ));
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            return Ok(());
+        }
         let url = format!("{}/health", self.endpoint);
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
