@@ -298,6 +298,14 @@ fn three_replicas_share_ten_thousand_objects_without_reconciling_one_twice_at_on
             );
         }
     }
+    let cluster = http("GET", &format!("{}/v1/cluster", replicas[0].url), &[], None).json();
+    assert_eq!(cluster["mode"], "shards");
+    assert_eq!(cluster["members"], serde_json::json!(["r1", "r2", "r3"]));
+    assert_eq!(
+        cluster["owners"].as_object().unwrap().len(),
+        SHARDS as usize,
+        "{cluster}"
+    );
     for r in &replicas {
         let share = by_replica.get(r.name.as_str()).copied().unwrap_or(0);
         assert!(

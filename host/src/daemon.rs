@@ -76,10 +76,12 @@ impl Daemon {
         // Controllers, and so every plugin call, run on threads of their own: a
         // busy plugin must not starve the API (or the store's flusher) of a core.
         let plugin_threads = PluginThreads::start(config.runtime.plugin_threads())?;
-        let manager = Arc::new(
-            Manager::new(store.clone(), ownership, metrics.clone())
-                .run_controllers_on(plugin_threads.handle()),
-        );
+        let mut manager = Manager::new(store.clone(), ownership, metrics.clone())
+            .run_controllers_on(plugin_threads.handle());
+        if let Some(coordination) = &coordination {
+            manager = manager.in_cluster(coordination.cluster());
+        }
+        let manager = Arc::new(manager);
         let runtime = Runtime::new(&config.runtime)?;
         metrics.register_http_denied(runtime.http_denied().clone());
         let registry = Arc::new(

@@ -24,6 +24,7 @@
 //! | `GET /v1/watch?kind=` | server-sent events: applied, status, removed |
 //! | `POST /v1/events` | CloudEvents, binary or structured mode (see [`events`]) |
 //! | `GET /v1/controllers` | each controller's status model |
+//! | `GET /v1/cluster` | replicas on etcd: this replica, the members, and who holds each shard (or leads); 404 for a single process |
 //! | `POST /v1/controllers/{name}/full-reconcile` | prune, then reconcile everything |
 //! | `GET /v1/plugins` | the loaded plugins |
 
@@ -84,6 +85,7 @@ pub fn router(
     let protected = Router::new()
         .route("/metrics", get(metrics))
         .route("/v1/controllers", get(controllers))
+        .route("/v1/cluster", get(cluster))
         .route(
             "/v1/controllers/{name}/full-reconcile",
             post(full_reconcile),
@@ -446,6 +448,16 @@ async fn controllers(State(state): State<AppState>, headers: HeaderMap) -> Respo
     respond(&headers, StatusCode::OK, &state.manager.status())
 }
 
+async fn cluster(State(state): State<AppState>, headers: HeaderMap) -> Result<Response, ApiError> {
+    let cluster = state.manager.cluster().ok_or_else(|| {
+        ApiError::new(
+            StatusCode::NOT_FOUND,
+            "this process runs alone (no [store] backend = \"etcd\"): it owns every key",
+        )
+    })?;
+    Ok(respond(&headers, StatusCode::OK, &cluster.status()))
+}
+
 async fn full_reconcile(
     State(state): State<AppState>,
     Path(name): Path<String>,
@@ -658,11 +670,14 @@ mod tests {
                 status(&format!("{base}/v1/controllers"), Some("s3cret")),
                 status(&format!("{base}/metrics"), None).0,
                 status(&format!("{base}/healthz"), None).0,
+                status(&format!("{base}/v1/cluster"), Some("s3cret")),
             )
         })
         .await
         .unwrap();
-        let (missing, wrong, right, metrics, health) = checks;
+        let (missing, wrong, right, metrics, health, cluster) = checks;
+        assert_eq!(cluster.0, 404, "a single process is no cluster");
+        assert!(cluster.1.contains("runs alone"), "{}", cluster.1);
         assert_eq!(missing.0, 401);
         assert!(missing.1.contains("Authorization: Bearer"), "{}", missing.1);
         assert_eq!(wrong.0, 401);

@@ -35,6 +35,8 @@ pub struct Manager {
     ownership: Ownership,
     metrics: Arc<Metrics>,
     running: Mutex<HashMap<String, Running>>,
+    /// With replicas on etcd: who is in the cluster and holds what.
+    cluster: Option<Arc<crate::etcd::Cluster>>,
     /// Where controllers (and so plugin calls) run; the caller's runtime if
     /// `None`. See [`Manager::run_controllers_on`].
     runtime: Option<tokio::runtime::Handle>,
@@ -50,8 +52,20 @@ impl Manager {
             ownership,
             metrics,
             running: Mutex::new(HashMap::new()),
+            cluster: None,
             runtime: None,
         }
+    }
+
+    /// Report `cluster` (replicas on etcd) as this process's cluster.
+    pub fn in_cluster(mut self, cluster: Arc<crate::etcd::Cluster>) -> Self {
+        self.cluster = Some(cluster);
+        self
+    }
+
+    /// The cluster this process is a replica of, if any.
+    pub fn cluster(&self) -> Option<&crate::etcd::Cluster> {
+        self.cluster.as_deref()
     }
 
     /// Run every controller added from now on, with its workers and so every

@@ -482,6 +482,11 @@ impl Coordination {
         self.cluster.status()
     }
 
+    /// The cluster view this coordinator keeps up to date.
+    pub fn cluster(&self) -> Arc<Cluster> {
+        self.cluster.clone()
+    }
+
     /// Stop at once without handing anything over, as a crash would: the
     /// lease is no longer renewed, and the other replicas take over once it
     /// expires (the TTL).
