@@ -416,21 +416,23 @@ fn a_paused_replicas_late_writes_are_fenced_and_do_not_land() {
     eventually("r1 holds every shard", LIMIT, || split(&[&r1]));
     wait_all(&r1.url, "Hostile");
     r2.signal("-CONT");
-    // r2 finds its lease lost and finishes its calls in flight. What they
-    // wrote must not land: with its fences gone (or etcd's compare on the
-    // shard's term failing) the write is refused and counted; or r1's newer
-    // status reaches r2 first and replaces it unwritten. r2 logs either.
+    // r2 finds its lease lost and cancels its calls in flight. If one ends
+    // first, what it wrote must not land: with its fences gone (or etcd's
+    // compare on the shard's term failing) the write is refused and counted,
+    // or r1's newer status reaches r2 first and replaces it unwritten. r2
+    // logs which.
     eventually("r2 knows it lost its lease", LIMIT, || {
         r2.log().contains("lease lost")
     });
     for key in &in_flight {
         eventually(
-            &format!("r2's late write of {key} is refused or replaced"),
+            &format!("r2's late reconcile of {key} is cancelled, refused or replaced"),
             LIMIT,
             || {
                 r2.log().lines().any(|l| {
                     l.contains(&format!("key={key}"))
-                        && (l.contains("fenced: not written")
+                        && (l.contains("reconcile cancelled")
+                            || l.contains("fenced: not written")
                             || l.contains("replaced before it was written"))
                 })
             },

@@ -287,8 +287,17 @@ async fn on_etcd(
             }
         })
     };
-    let coordination = Coordination::start(&etcd, ownership.clone(), hook);
-    let backend = EtcdBackend::new(etcd, coordination.fencing(), metrics.fenced_writes.clone());
+    // The coordinator needs the store's progress, the store the
+    // coordinator's fences: both are handed over through shared cells.
+    let fences: Arc<crate::etcd::Fences> = Arc::default();
+    let backend = EtcdBackend::new(etcd.clone(), fences.clone(), metrics.fenced_writes.clone());
+    let coordination = Coordination::start_with(
+        &etcd,
+        ownership.clone(),
+        hook,
+        Some(backend.progress()),
+        fences,
+    );
     let store = match tokio::task::spawn_blocking(move || Store::with_backend(backend)).await? {
         Ok(store) => store,
         Err(e) => {

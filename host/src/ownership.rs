@@ -117,6 +117,8 @@ pub fn shard_of(key: &ObjectKey, count: u32) -> u32 {
 pub struct Ownership {
     tx: Arc<watch::Sender<Owned>>,
     holds: Arc<Holds>,
+    /// Bumped by [`Ownership::revoke`].
+    revoked: Arc<watch::Sender<u64>>,
 }
 
 /// Reconciles running now, by the shard their key is in (0 when the view is
@@ -137,6 +139,19 @@ impl Holds {
 pub struct Hold {
     holds: Arc<Holds>,
     shard: u32,
+    revoked: watch::Receiver<u64>,
+}
+
+impl Hold {
+    /// Resolves if ownership is revoked while this hold lasts (a lost lease):
+    /// the reconcile must stop now, before another replica may start it.
+    pub async fn revoked(&mut self) {
+        let _ = self.revoked.changed().await;
+        if self.revoked.has_changed().is_err() {
+            // The publisher is gone (shutting down): never revoked.
+            std::future::pending::<()>().await;
+        }
+    }
 }
 
 impl Drop for Hold {
@@ -165,6 +180,7 @@ impl Ownership {
         Self {
             tx: Arc::new(watch::Sender::new(owned)),
             holds: Arc::default(),
+            revoked: Arc::new(watch::Sender::new(0)),
         }
     }
 
@@ -184,6 +200,15 @@ impl Ownership {
             *now = owned;
             true
         });
+    }
+
+    /// Own nothing, at once and without a handover: the lease this process
+    /// owned under is lost, and another replica may take its keys as soon as
+    /// etcd expires it. Reconciles in flight are told to stop
+    /// ([`Hold::revoked`]).
+    pub fn revoke(&self) {
+        self.set(Owned::Nothing);
+        self.revoked.send_modify(|n| *n += 1);
     }
 
     /// Lead (own all) or not (own nothing).
@@ -216,9 +241,12 @@ impl Ownership {
             }
         };
         *running.entry(shard).or_default() += 1;
+        let mut revoked = self.revoked.subscribe();
+        revoked.borrow_and_update();
         Some(Hold {
             holds: self.holds.clone(),
             shard,
+            revoked,
         })
     }
 
@@ -365,6 +393,20 @@ mod tests {
             ownership.settled(None),
         );
         assert!(all.await.is_err(), "shard 1 is still held");
+    }
+
+    #[tokio::test]
+    async fn a_revoke_tells_every_hold_and_a_handover_does_not() {
+        let ownership = Ownership::new(shards(2, &[0, 1]));
+        let mut hold = ownership.hold(&key("a")).unwrap();
+        ownership.set(shards(2, &[]));
+        let quiet = tokio::time::timeout(std::time::Duration::from_millis(20), hold.revoked());
+        assert!(quiet.await.is_err(), "a handover lets the reconcile finish");
+        ownership.set(Owned::All);
+        let mut hold = ownership.hold(&key("b")).unwrap();
+        ownership.revoke();
+        hold.revoked().await;
+        assert_eq!(ownership.get(), Owned::Nothing);
     }
 
     #[test]

@@ -36,7 +36,7 @@ fn replica(etcd: &TestEtcd, name: &str, shards: u32) -> Replica {
     })
     .unwrap();
     let ownership = Ownership::leading(false);
-    let coordination = Coordination::start(&connection, ownership.clone(), Arc::new(|| {}));
+    let coordination = Coordination::start(&connection, ownership.clone(), Arc::new(|| {}), None);
     Replica {
         ownership,
         coordination: Some(coordination),

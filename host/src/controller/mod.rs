@@ -10,8 +10,10 @@
 //!   workers at once (see [`WorkQueue`]).
 //! - Only keys this process owns are queued and dispatched: a key is checked
 //!   when it is queued and again when a worker takes it, so losing ownership
-//!   stops its dispatch at once (reconciles in flight finish) and a key
-//!   queued before the loss is dropped, not reconciled.
+//!   stops its dispatch at once and a key queued before the loss is dropped,
+//!   not reconciled. In a handover, reconciles in flight finish (the handover
+//!   waits for them); when ownership is revoked (a lost lease) they are
+//!   cancelled and their instance discarded.
 //! - A successful reconcile marks the object done at the generation it saw; for a
 //!   deleting object it removes the object (the host's finalizer).
 //! - `requeue-after` and retries go through the delay scheduler, where the
@@ -849,7 +851,7 @@ impl Controller {
             // Queued while this process owned it, and owned by another since:
             // the other replica reconciles it, from the store. The hold lasts
             // until the reconcile is settled, so a handover waits for it.
-            let Some(_hold) = self.ownership.hold(&key) else {
+            let Some(mut hold) = self.ownership.hold(&key) else {
                 self.forget(&key);
                 self.queue.done(&key);
                 continue;
@@ -873,11 +875,32 @@ impl Controller {
             // is retried with back-off), never the worker, and never leaves the
             // key in flight.
             let version = &active.reconciler.info().version;
-            let call = AssertUnwindSafe(self.reconcile_on(version, slot.as_mut(), &key));
-            if let Err(panic) = call.catch_unwind().await {
-                slot = active.reconciler.slot();
-                self.panicked(&key, &panic_message(panic.as_ref()));
+            let finished = {
+                let call = AssertUnwindSafe(self.reconcile_on(version, slot.as_mut(), &key));
+                tokio::select! {
+                    biased;
+                    result = call.catch_unwind() => Some(result),
+                    // The lease is lost: another replica may take the key
+                    // once etcd expires it. Stop now (the local deadline
+                    // leaves a margin before that can happen).
+                    _ = hold.revoked() => None,
+                }
+            };
+            match finished {
+                Some(Ok(_)) => {}
+                Some(Err(panic)) => {
+                    slot = active.reconciler.slot();
+                    self.panicked(&key, &panic_message(panic.as_ref()));
+                }
+                None => {
+                    // The call was dropped mid-way: its instance cannot be
+                    // trusted, so the next key gets a fresh one.
+                    slot = active.reconciler.slot();
+                    self.forget(&key);
+                    tracing::warn!(controller = %self.name(), %key, "reconcile cancelled: this replica lost its lease");
+                }
             }
+            drop(hold);
             self.metrics.worker_busy(false);
             let worked = self.queue.done(&key);
             self.metrics.worked(worked);

@@ -20,7 +20,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::lease::Lease;
 use super::shards::{Backoff, run_hook};
-use super::{BeforeRelease, Cluster, Etcd, Fence, Fences, describe, drop_on_loss};
+use super::{BeforeRelease, CaughtUp, Cluster, Etcd, Fence, Fences, describe, drop_on_loss};
 use crate::ownership::{Owned, Ownership};
 
 pub(super) async fn run(
@@ -29,6 +29,7 @@ pub(super) async fn run(
     fences: Arc<Fences>,
     cluster: Arc<Cluster>,
     before_release: BeforeRelease,
+    caught_up: Option<CaughtUp>,
     stop: CancellationToken,
 ) {
     let name = etcd.key("cluster/leader");
@@ -45,7 +46,9 @@ pub(super) async fn run(
             break;
         };
         let _guard = drop_on_loss(&lease, &ownership, &fences);
-        let mut client = etcd.client();
+        // Campaigns wait without a timeout: a cancelled campaign is resigned
+        // by etcd, and a retry could race that resignation.
+        let mut client = etcd.waiting_client();
         let leader = loop {
             tokio::select! {
                 answer = client.campaign(name.clone(), replica.clone(), lease.id()) => match answer {
@@ -53,11 +56,10 @@ pub(super) async fn run(
                         Some(key) => break key.clone(),
                         None => continue,
                     },
-                    // Requests time out after 5 s while another replica
-                    // leads: campaign again (etcd reuses the candidate key).
+                    // etcd unreachable, or another failure: campaign again.
                     Err(e) => {
                         tracing::debug!(%replica, "campaign: {}", describe(&e));
-                        if let Ok(answer) = client.leader(name.clone()).await {
+                        if let Ok(answer) = etcd.client().leader(name.clone()).await {
                             let leader = answer.kv().map(|kv| String::from_utf8_lossy(kv.value()).into_owned());
                             cluster.set_leader(leader);
                         }
@@ -83,6 +85,19 @@ pub(super) async fn run(
         };
         backoff = Backoff::default();
         let term = leader.rev();
+        // The previous leader flushed before it resigned: see that first.
+        if let Some(caught_up) = &caught_up {
+            let mut caught_up = caught_up.clone();
+            let waited =
+                tokio::time::timeout(settings.ttl, caught_up.wait_for(|r| *r >= term)).await;
+            if !matches!(waited, Ok(Ok(_))) {
+                tracing::warn!(%replica, "the store has not caught up with etcd; leading anyway");
+            }
+        }
+        if lease.is_lost() {
+            previous = Some(lease);
+            continue;
+        }
         fences.set_leader(Some(Fence {
             key: String::from_utf8_lossy(leader.key()).into_owned(),
             revision: term,
@@ -92,7 +107,7 @@ pub(super) async fn run(
         tracing::info!(%replica, term, "leading");
         tokio::select! {
             _ = lease.lost() => {
-                ownership.set(Owned::Nothing);
+                ownership.revoke();
                 fences.clear();
                 cluster.set_leader(None);
                 tracing::warn!(%replica, "lease lost: no longer leading");

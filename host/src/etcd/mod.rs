@@ -76,6 +76,9 @@ pub struct Tls {
 #[derive(Clone)]
 pub struct Etcd {
     client: Client,
+    /// The same endpoints without a request timeout, for calls that wait by
+    /// design (an election campaign: cancelling one makes etcd resign it).
+    waiting: Client,
     runtime: tokio::runtime::Handle,
     settings: Arc<Settings>,
     /// Ends the runtime thread when the last clone goes.
@@ -109,12 +112,14 @@ impl Etcd {
             .recv()
             .map_err(|_| anyhow::anyhow!("the etcd runtime thread did not start"))??;
         let options = connect_options(&settings)?;
+        let waiting = connect_options(&settings)?.with_timeout(Duration::from_secs(24 * 3600));
         let endpoints = settings.endpoints.clone();
-        let client = block(&runtime, async move {
+        let (client, waiting) = block(&runtime, async move {
             let mut client = Client::connect(&endpoints, Some(options)).await?;
             // Connecting is lazy: ask something, so a wrong address fails here.
             client.status().await?;
-            Ok::<_, etcd_client::Error>(client)
+            let waiting = Client::connect(&endpoints, Some(waiting)).await?;
+            Ok::<_, etcd_client::Error>((client, waiting))
         })
         .map_err(|e| {
             anyhow::anyhow!(
@@ -125,6 +130,7 @@ impl Etcd {
         })?;
         Ok(Self {
             client,
+            waiting,
             runtime,
             settings: Arc::new(settings),
             _stop: Arc::new(stop),
@@ -134,6 +140,11 @@ impl Etcd {
     /// A client handle (cheap: clones share one connection).
     pub fn client(&self) -> Client {
         self.client.clone()
+    }
+
+    /// A client whose calls may wait as long as they need (no timeout).
+    pub fn waiting_client(&self) -> Client {
+        self.waiting.clone()
     }
 
     pub fn settings(&self) -> &Settings {
@@ -258,6 +269,13 @@ pub trait Fencing: Send + Sync {
     fn for_replica(&self) -> Option<Fence>;
 }
 
+/// The etcd revision up to which this replica's store has taken in every
+/// change (see [`EtcdBackend`](crate::store::EtcdBackend)): a coordinator
+/// waits for it to pass the revision at which it took a shard (or the lead)
+/// before reconciling any of its keys, so it sees the previous owner's last
+/// writes first.
+pub type CaughtUp = tokio::sync::watch::Receiver<i64>;
+
 /// Runs before a replica lets go of what it owned, once its reconciles have
 /// settled: the daemon flushes the store's written-behind changes here, so
 /// the next owner reads them.
@@ -343,13 +361,13 @@ impl Cluster {
     fn set(
         &self,
         members: &std::collections::BTreeSet<String>,
-        holders: &std::collections::BTreeMap<u32, (String, i64)>,
+        holders: &std::collections::BTreeMap<u32, shards::Holder>,
     ) {
         let mut status = self.status.lock().unwrap_or_else(|e| e.into_inner());
         status.members = members.iter().cloned().collect();
         status.owners = holders
             .iter()
-            .map(|(s, (holder, _))| (s.to_string(), holder.clone()))
+            .map(|(s, holder)| (s.to_string(), holder.name.clone()))
             .collect();
     }
 
@@ -378,18 +396,18 @@ fn drop_on_loss(lease: &lease::Lease, ownership: &Ownership, fences: &Arc<Fences
     AbortOnDrop(tokio::spawn(async move {
         let mut lost = lost;
         if lost.wait_for(|l| *l).await.is_ok() {
-            ownership.set(crate::ownership::Owned::Nothing);
+            ownership.revoke();
             fences.clear();
         }
     }))
 }
 
 /// After a lost lease, before this replica joins again under a new term:
-/// own nothing, let the reconciles of the old term finish and flush what they
-/// wrote. With no fence left, those late writes are refused (and counted)
+/// own nothing (reconciles in flight are cancelled), wait until they are gone
+/// and flush. With no fence left, any late write is refused (and counted)
 /// instead of landing under the next term.
 async fn end_term(ownership: &Ownership, fences: &Fences, before_release: &BeforeRelease) {
-    ownership.set(crate::ownership::Owned::Nothing);
+    ownership.revoke();
     fences.clear();
     ownership.settled(None).await;
     shards::run_hook(before_release).await;
@@ -415,9 +433,26 @@ pub struct Coordination {
 
 impl Coordination {
     /// Start: publish what this replica owns to `ownership` as it changes.
-    pub fn start(etcd: &Etcd, ownership: Ownership, before_release: BeforeRelease) -> Self {
+    /// With `caught_up` (the store's progress), newly owned keys wait until
+    /// the store has seen the previous owner's last writes.
+    pub fn start(
+        etcd: &Etcd,
+        ownership: Ownership,
+        before_release: BeforeRelease,
+        caught_up: Option<CaughtUp>,
+    ) -> Self {
+        Self::start_with(etcd, ownership, before_release, caught_up, Arc::default())
+    }
+
+    /// [`start`](Self::start), keeping `fences` (handed to the store before).
+    pub fn start_with(
+        etcd: &Etcd,
+        ownership: Ownership,
+        before_release: BeforeRelease,
+        caught_up: Option<CaughtUp>,
+        fences: Arc<Fences>,
+    ) -> Self {
         let stop = tokio_util::sync::CancellationToken::new();
-        let fences = Arc::new(Fences::default());
         let cluster = Arc::new(Cluster::default());
         {
             let mut status = cluster.status.lock().unwrap_or_else(|e| e.into_inner());
@@ -434,23 +469,25 @@ impl Coordination {
             let (etcd, fences, cluster, stop) =
                 (etcd.clone(), fences.clone(), cluster.clone(), stop.clone());
             async move {
+                let on_panic = (ownership.clone(), fences.clone());
                 let args = (
                     etcd,
-                    ownership.clone(),
+                    ownership,
                     fences,
                     cluster,
                     before_release,
+                    caught_up,
                     stop,
                 );
                 let run = async {
-                    let (etcd, ownership, fences, cluster, before_release, stop) = args;
+                    let (etcd, ownership, fences, cluster, hook, caught_up, stop) = args;
                     if etcd.settings().shards <= 1 {
                         let run =
-                            election::run(etcd, ownership, fences, cluster, before_release, stop);
+                            election::run(etcd, ownership, fences, cluster, hook, caught_up, stop);
                         run.await
                     } else {
                         let run =
-                            shards::run(etcd, ownership, fences, cluster, before_release, stop);
+                            shards::run(etcd, ownership, fences, cluster, hook, caught_up, stop);
                         run.await
                     }
                 };
@@ -460,7 +497,8 @@ impl Coordination {
                         "the etcd coordinator panicked: {}; this replica owns nothing from now on",
                         panic_text(panic.as_ref())
                     );
-                    ownership.set(crate::ownership::Owned::Nothing);
+                    on_panic.0.revoke();
+                    on_panic.1.clear();
                 }
             }
         };

@@ -33,7 +33,7 @@ use etcd_client::{
 use tokio_util::sync::CancellationToken;
 
 use super::lease::Lease;
-use super::{BeforeRelease, Cluster, Etcd, Fence, Fences, describe};
+use super::{BeforeRelease, CaughtUp, Cluster, Etcd, Fence, Fences, describe};
 use crate::ownership::{Owned, Ownership};
 
 /// The score of `member` for `shard` (highest wins): FNV-1a over both, then
@@ -58,12 +58,21 @@ pub fn assign<'a>(shard: u32, members: impl IntoIterator<Item = &'a String>) -> 
         .max_by_key(|m| (score(m, shard), m.as_str()))
 }
 
+/// Who holds a shard: its name, the creation revision of the shard's key
+/// (the term) and the lease the key is attached to.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(super) struct Holder {
+    pub(super) name: String,
+    pub(super) term: i64,
+    lease: i64,
+}
+
 /// What one replica sees of the cluster.
 #[derive(Default)]
 struct View {
     members: BTreeSet<String>,
-    /// Shard → (holder, creation revision of its key).
-    holders: BTreeMap<u32, (String, i64)>,
+    /// Shard → its holder: name, creation revision of its key, lease.
+    holders: BTreeMap<u32, Holder>,
 }
 
 /// The keys this module writes.
@@ -95,6 +104,7 @@ pub(super) async fn run(
     fences: Arc<Fences>,
     cluster: Arc<Cluster>,
     before_release: BeforeRelease,
+    caught_up: Option<CaughtUp>,
     stop: CancellationToken,
 ) {
     let keys = Keys::new(&etcd);
@@ -145,6 +155,18 @@ pub(super) async fn run(
         let _guard = super::drop_on_loss(&lease, &ownership, &fences);
         backoff = Backoff::default();
         let mut mine: BTreeMap<u32, i64> = BTreeMap::new();
+        let ctx = Ctx {
+            keys: &keys,
+            me: &settings.replica,
+            count: settings.shards,
+            ttl: settings.ttl,
+            ownership: &ownership,
+            fences: &fences,
+            before_release: &before_release,
+            caught_up: caught_up.clone(),
+        };
+        let mut tick = tokio::time::interval(Duration::from_secs(1));
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         // Sessions: list, then watch from just after the list; on a broken
         // or compacted watch, list again (the lease may still be fine).
         loop {
@@ -164,7 +186,11 @@ pub(super) async fn run(
             };
             // What the list says we hold is what we hold (a shard we had may
             // have been lost with an earlier lease).
-            mine.retain(|s, term| view.holders.get(s) == Some(&(settings.replica.clone(), *term)));
+            mine.retain(|s, term| {
+                view.holders.get(s).is_some_and(|h| {
+                    h.name == settings.replica && h.term == *term && h.lease == lease.id()
+                })
+            });
             let watch = client
                 .watch(
                     keys.cluster.clone(),
@@ -184,35 +210,25 @@ pub(super) async fn run(
                 }
             };
             loop {
-                rebalance(
-                    &mut client,
-                    &keys,
-                    &settings.replica,
-                    settings.shards,
-                    &lease,
-                    &mut view,
-                    &mut mine,
-                    &ownership,
-                    &fences,
-                    &before_release,
-                )
-                .await;
+                rebalance(&mut client, &ctx, &lease, &mut view, &mut mine).await;
                 cluster.set(&view.members, &view.holders);
                 tokio::select! {
+                    // Try again what failed (a take or release etcd did not
+                    // answer) even when the cluster is quiet.
+                    _ = tick.tick() => {}
                     message = watch.message() => match message {
                         Ok(Some(answer)) if answer.compact_revision() == 0 && !answer.canceled() => {
                             for event in answer.events() {
                                 let Some(kv) = event.kv() else { continue };
                                 let key = String::from_utf8_lossy(kv.key()).into_owned();
                                 let put = event.event_type() == EventType::Put;
-                                let value = String::from_utf8_lossy(kv.value()).into_owned();
-                                view.apply(&keys, &key, put.then_some((value, kv.create_revision())));
+                                view.apply(&keys, &key, put.then(|| holder(kv)));
                             }
                         }
                         Ok(Some(_)) | Ok(None) | Err(_) => break,
                     },
                     _ = lease.lost() => {
-                        ownership.set(Owned::Nothing);
+                        ownership.revoke();
                         fences.clear();
                         tracing::warn!(replica = %settings.replica, "lease lost: owning nothing until this replica joins again");
                         previous = Some(lease);
@@ -225,7 +241,7 @@ pub(super) async fn run(
                 }
             }
             if lease.is_lost() {
-                ownership.set(Owned::Nothing);
+                ownership.revoke();
                 fences.clear();
                 previous = Some(lease);
                 continue 'term;
@@ -253,8 +269,9 @@ pub(super) async fn run(
 }
 
 impl View {
-    /// Record a put (`Some((value, create_revision))`) or a delete of `key`.
-    fn apply(&mut self, keys: &Keys, key: &str, put: Option<(String, i64)>) {
+    /// Record a put (`Some(holder)`: value, creation revision, lease) or a
+    /// delete of `key`.
+    fn apply(&mut self, keys: &Keys, key: &str, put: Option<Holder>) {
         if let Some(name) = key.strip_prefix(&keys.members) {
             if put.is_some() {
                 self.members.insert(name.to_string());
@@ -263,14 +280,22 @@ impl View {
             }
         } else if let Some(n) = key.strip_prefix(&keys.shards).and_then(|n| n.parse().ok()) {
             match put {
-                Some((holder, created)) => {
-                    self.holders.insert(n, (holder, created));
+                Some(holder) => {
+                    self.holders.insert(n, holder);
                 }
                 None => {
                     self.holders.remove(&n);
                 }
             }
         }
+    }
+}
+
+fn holder(kv: &etcd_client::KeyValue) -> Holder {
+    Holder {
+        name: String::from_utf8_lossy(kv.value()).into_owned(),
+        term: kv.create_revision(),
+        lease: kv.lease(),
     }
 }
 
@@ -285,73 +310,104 @@ async fn list(
     let mut view = View::default();
     for kv in listed.kvs() {
         let key = String::from_utf8_lossy(kv.key()).into_owned();
-        let value = String::from_utf8_lossy(kv.value()).into_owned();
-        view.apply(keys, &key, Some((value, kv.create_revision())));
+        view.apply(keys, &key, Some(holder(kv)));
     }
     Ok((view, revision))
 }
 
+/// What [`rebalance`] works with.
+struct Ctx<'a> {
+    keys: &'a Keys,
+    me: &'a String,
+    count: u32,
+    ttl: Duration,
+    ownership: &'a Ownership,
+    fences: &'a Fences,
+    before_release: &'a BeforeRelease,
+    caught_up: Option<CaughtUp>,
+}
+
 /// Let go of the shards another member should have; take the free ones this
-/// replica should have; publish the result.
-#[allow(clippy::too_many_arguments)]
+/// replica should have; publish the result. Never publishes once the lease
+/// is lost.
 async fn rebalance(
     client: &mut etcd_client::Client,
-    keys: &Keys,
-    me: &String,
-    count: u32,
+    ctx: &Ctx<'_>,
     lease: &Lease,
     view: &mut View,
     mine: &mut BTreeMap<u32, i64>,
-    ownership: &Ownership,
-    fences: &Fences,
-    before_release: &BeforeRelease,
 ) {
-    let wanted: BTreeSet<u32> = (0..count)
+    let me = ctx.me;
+    if lease.is_lost() {
+        return;
+    }
+    let wanted: BTreeSet<u32> = (0..ctx.count)
         .filter(|s| assign(*s, view.members.iter().chain([me])) == Some(me))
         .collect();
+    let mut taken_at = 0;
+    // Keys held under this lease that `mine` does not know: a take whose
+    // answer was lost (adopt it if wanted) or a release that failed (retry).
+    let mut stale = Vec::new();
+    for (shard, h) in &view.holders {
+        if h.name == *me && h.lease == lease.id() && !mine.contains_key(shard) {
+            if wanted.contains(shard) {
+                mine.insert(*shard, h.term);
+                taken_at = taken_at.max(h.term);
+            } else {
+                stale.push((*shard, h.term));
+            }
+        }
+    }
     let leaving: Vec<u32> = mine
         .keys()
         .filter(|s| !wanted.contains(s))
         .copied()
         .collect();
+    let mut releasing: Vec<(u32, i64)> = leaving.iter().map(|s| (*s, mine[s])).collect();
     if !leaving.is_empty() {
-        let terms: Vec<(u32, i64)> = leaving.iter().map(|s| (*s, mine[s])).collect();
         for s in &leaving {
             mine.remove(s);
         }
-        publish(count, mine, keys, ownership, fences);
-        ownership.settled(Some(&leaving)).await;
-        run_hook(before_release).await;
-        for (shard, term) in terms {
-            let key = keys.shard(shard);
-            let released = client
-                .txn(
-                    Txn::new()
-                        .when([Compare::create_revision(
-                            key.clone(),
-                            CompareOp::Equal,
-                            term,
-                        )])
-                        .and_then([TxnOp::delete(key, None)]),
-                )
-                .await;
-            match released {
-                Ok(_) => {
-                    view.holders.remove(&shard);
-                    tracing::info!(replica = %me, shard, term, "shard handed over");
-                }
-                Err(e) => {
-                    tracing::warn!(replica = %me, shard, "cannot release the shard: {} (its lease will)", describe(&e))
-                }
+        // Out of the view first (no new reconciles), but keep the fences
+        // until the flush: the writes of the reconciles that finish now must
+        // still land.
+        ctx.ownership.set(view_of(ctx.count, mine));
+        ctx.ownership.settled(Some(&leaving)).await;
+        run_hook(ctx.before_release).await;
+        ctx.fences.set_shards(ctx.count, fences_of(ctx.keys, mine));
+    }
+    releasing.extend(stale);
+    for (shard, term) in releasing {
+        let key = ctx.keys.shard(shard);
+        let released = client
+            .txn(
+                Txn::new()
+                    .when([Compare::create_revision(
+                        key.clone(),
+                        CompareOp::Equal,
+                        term,
+                    )])
+                    .and_then([TxnOp::delete(key, None)]),
+            )
+            .await;
+        match released {
+            Ok(_) => {
+                view.holders.remove(&shard);
+                tracing::info!(replica = %me, shard, term, "shard handed over");
             }
+            Err(e) => tracing::warn!(
+                replica = %me,
+                shard,
+                "cannot release the shard: {} (trying again)",
+                describe(&e)
+            ),
         }
     }
-    let mut gained = false;
     for shard in wanted {
         if mine.contains_key(&shard) || view.holders.contains_key(&shard) {
             continue;
         }
-        let key = keys.shard(shard);
+        let key = ctx.keys.shard(shard);
         let taken = client
             .txn(
                 Txn::new()
@@ -367,50 +423,66 @@ async fn rebalance(
             Ok(answer) if answer.succeeded() => {
                 let term = answer.header().map_or(0, |h| h.revision());
                 mine.insert(shard, term);
-                view.holders.insert(shard, (me.clone(), term));
-                gained = true;
+                view.holders.insert(
+                    shard,
+                    Holder {
+                        name: me.clone(),
+                        term,
+                        lease: lease.id(),
+                    },
+                );
+                taken_at = taken_at.max(term);
                 tracing::info!(replica = %me, shard, term, "shard taken");
             }
             Ok(_) => {}
             Err(e) => {
-                tracing::warn!(replica = %me, shard, "cannot take the shard: {}", describe(&e))
+                tracing::warn!(replica = %me, shard, "cannot take the shard: {} (trying again)", describe(&e))
             }
         }
     }
-    if gained || !mine.is_empty() || ownership.get() != Owned::Nothing {
-        publish(count, mine, keys, ownership, fences);
+    // The previous owner flushed before it let go; reconcile nothing of the
+    // new shards before this replica's copy of the store has seen that.
+    if taken_at > 0
+        && let Some(caught_up) = &ctx.caught_up
+    {
+        let mut caught_up = caught_up.clone();
+        let waited = tokio::time::timeout(ctx.ttl, caught_up.wait_for(|r| *r >= taken_at)).await;
+        if !matches!(waited, Ok(Ok(_))) {
+            tracing::warn!(replica = %me, revision = taken_at, "the store has not caught up with etcd; owning the new shards anyway");
+        }
     }
+    if lease.is_lost() {
+        return;
+    }
+    ctx.fences.set_shards(ctx.count, fences_of(ctx.keys, mine));
+    ctx.ownership.set(view_of(ctx.count, mine));
 }
 
-fn publish(
-    count: u32,
-    mine: &BTreeMap<u32, i64>,
-    keys: &Keys,
-    ownership: &Ownership,
-    fences: &Fences,
-) {
-    fences.set_shards(
-        count,
-        mine.iter()
-            .map(|(s, term)| {
-                (
-                    *s,
-                    Fence {
-                        key: keys.shard(*s),
-                        revision: *term,
-                    },
-                )
-            })
-            .collect(),
-    );
-    ownership.set(if mine.is_empty() {
+/// The ownership view of holding `mine` of `count` shards.
+fn view_of(count: u32, mine: &BTreeMap<u32, i64>) -> Owned {
+    if mine.is_empty() {
         Owned::Nothing
     } else {
         Owned::Shards {
             of: count,
             terms: mine.clone(),
         }
-    });
+    }
+}
+
+/// The fences of holding `mine`.
+fn fences_of(keys: &Keys, mine: &BTreeMap<u32, i64>) -> BTreeMap<u32, Fence> {
+    mine.iter()
+        .map(|(s, term)| {
+            (
+                *s,
+                Fence {
+                    key: keys.shard(*s),
+                    revision: *term,
+                },
+            )
+        })
+        .collect()
 }
 
 /// A clean stop: out of the view, reconciles settled, the hook, then revoke

@@ -39,6 +39,10 @@ use super::backend::{Backend, Commit, Loaded, Remote, Sink};
 use crate::etcd::{Etcd, Fence, Fencing, describe};
 use crate::object::{Object, ObjectKey};
 
+/// Changes for the store, and the revision the store has caught up to once
+/// it took them in.
+type Batch = (Vec<(Remote, String, i64)>, i64);
+
 /// Rows per page when listing everything.
 const PAGE: i64 = 1000;
 
@@ -51,6 +55,8 @@ pub struct EtcdBackend {
     revs: Arc<Mutex<HashMap<String, i64>>>,
     /// The revision of the initial list: the watch starts after it.
     loaded_at: Mutex<i64>,
+    /// The revision up to which the store has taken in every change.
+    progress: Arc<tokio::sync::watch::Sender<i64>>,
     /// A list taken ahead of [`Backend::load`] by [`EtcdBackend::prefetch`].
     prefetched: Mutex<Option<Loaded>>,
     fenced: Counter,
@@ -79,6 +85,7 @@ impl EtcdBackend {
             revs: Arc::default(),
             loaded_at: Mutex::new(0),
             prefetched: Mutex::new(None),
+            progress: Arc::new(tokio::sync::watch::Sender::new(0)),
             fenced,
             stop: tokio_util::sync::CancellationToken::new(),
         }
@@ -169,7 +176,6 @@ impl EtcdBackend {
                 &object,
             )?;
         }
-        rows.sort_by_key(|r| !r.required);
         Ok(rows)
     }
 
@@ -201,23 +207,39 @@ impl EtcdBackend {
                 max_bytes / 1024
             )));
         }
-        let mut chunks: Vec<Vec<Row>> = vec![Vec::new()];
-        let (mut ops, mut bytes) = (0, 0);
-        for row in rows {
-            let (row_ops, row_bytes) = (2, size(&row));
-            let current = chunks.last_mut().expect("one chunk at least");
-            if !row.required
-                && !current.is_empty()
-                && (ops + row_ops > max_ops || bytes + row_bytes > max_bytes)
-            {
-                chunks.push(Vec::new());
-                (ops, bytes) = (0, 0);
+        // Written-behind rows first, in as many transactions as they need;
+        // the required rows last, in one. If a transaction fails, the commit
+        // fails with nothing required stored: the caller keeps every row
+        // pending, and rows already stored are stored again harmlessly.
+        let (required, behind): (Vec<Row>, Vec<Row>) = rows.into_iter().partition(|r| r.required);
+        let mut chunks: Vec<Vec<Row>> = Vec::new();
+        let mut current: Vec<Row> = Vec::new();
+        let mut bytes = 0;
+        for row in behind {
+            let row_bytes = size(&row);
+            if row_bytes > max_bytes {
+                // It can never be written: keeping it would fail every commit.
+                tracing::error!(
+                    key = %row.about,
+                    bytes = row_bytes,
+                    "not written: larger than etcd takes in one request (--max-request-bytes)"
+                );
+                continue;
             }
-            ops += row_ops;
+            let ops = current.len() + 1 + fences(current.iter().chain([&row])).len();
+            if !current.is_empty() && (ops > max_ops || bytes + row_bytes > max_bytes) {
+                chunks.push(std::mem::take(&mut current));
+                bytes = 0;
+            }
             bytes += row_bytes;
-            chunks.last_mut().expect("one chunk at least").push(row);
+            current.push(row);
         }
-        chunks.retain(|c| !c.is_empty());
+        if !current.is_empty() {
+            chunks.push(current);
+        }
+        if !required.is_empty() {
+            chunks.push(required);
+        }
         Ok(chunks)
     }
 
@@ -320,6 +342,12 @@ fn storage(e: etcd_client::Error) -> StoreError {
 }
 
 impl EtcdBackend {
+    /// The etcd revision up to which the store on this backend has taken in
+    /// every change (its own and other replicas').
+    pub fn progress(&self) -> crate::etcd::CaughtUp {
+        self.progress.subscribe()
+    }
+
     /// List everything now; the store later built on this backend starts
     /// from this list and follows the changes made since its revision (as a
     /// replica that fell behind resumes). Returns how many objects it holds.
@@ -340,14 +368,19 @@ impl EtcdBackend {
         let mut loaded = Loaded::default();
         let mut revs = self.revs();
         for kv in &kvs {
-            let Some(row) = decode(&prefix, kv.key(), Some(kv.value())) else {
-                continue;
+            let row = match decode(&prefix, kv.key(), Some(kv.value())) {
+                None => continue,
+                Some(Ok(row)) => row,
+                Some(Err(e)) => {
+                    tracing::warn!("skipped from etcd: {e}");
+                    continue;
+                }
             };
             revs.insert(
                 String::from_utf8_lossy(kv.key()).into_owned(),
                 kv.mod_revision(),
             );
-            match row? {
+            match row {
                 Remote::Object(_, Some(object)) => {
                     let object = *object;
                     loaded.next_version = loaded.next_version.max(object.metadata.resource_version);
@@ -362,6 +395,7 @@ impl EtcdBackend {
         // same one (resource versions are per object: compared in etcd).
         loaded.next_uid = fastrand::u64(..(1 << 48)) << 12;
         *self.loaded_at.lock().unwrap_or_else(|e| e.into_inner()) = revision;
+        self.progress.send_replace(revision);
         Ok(loaded)
     }
 }
@@ -394,14 +428,15 @@ impl Backend for EtcdBackend {
 
     fn follow(&self, sink: Sink) {
         let from = *self.loaded_at.lock().unwrap_or_else(|e| e.into_inner()) + 1;
-        let (tx, rx) = std::sync::mpsc::channel::<Vec<(Remote, String, i64)>>();
+        let (tx, rx) = std::sync::mpsc::channel::<Batch>();
+        let progress = self.progress.clone();
         let revs = self.revs.clone();
         // The store's lock is taken on a thread of its own, never on the
         // etcd runtime's (a commit holding that lock waits on the runtime).
         let spawned = std::thread::Builder::new()
             .name("setpoint-etcd-absorb".into())
             .spawn(move || {
-                for batch in rx {
+                for (batch, through) in rx {
                     let (rows, at): (Vec<Remote>, Vec<(String, i64)>) = batch
                         .into_iter()
                         .map(|(row, key, rev)| {
@@ -419,6 +454,11 @@ impl Backend for EtcdBackend {
                         }
                         revs.insert(key.clone(), *rev);
                         true
+                    });
+                    progress.send_if_modified(|at| {
+                        let newer = through > *at;
+                        *at = (*at).max(through);
+                        newer
                     });
                 }
             });
@@ -554,7 +594,7 @@ async fn watch(
     etcd: Etcd,
     revs: Arc<Mutex<HashMap<String, i64>>>,
     mut from: i64,
-    tx: std::sync::mpsc::Sender<Vec<(Remote, String, i64)>>,
+    tx: std::sync::mpsc::Sender<Batch>,
     stop: tokio_util::sync::CancellationToken,
 ) {
     let prefix = etcd.key("");
@@ -624,10 +664,21 @@ async fn watch(
                     }
                 }
             }
-            if let Some(header) = answer.header() {
-                from = from.max(header.revision() + 1);
-            }
-            if !batch.is_empty() && tx.send(batch).is_err() {
+            // Resume after the last event seen: a header's revision can be
+            // ahead of the events sent so far (catching up, or "created").
+            let Some(last) = answer
+                .events()
+                .iter()
+                .filter_map(|e| e.kv())
+                .map(|kv| kv.mod_revision())
+                .max()
+            else {
+                continue;
+            };
+            from = from.max(last + 1);
+            // Sent even when empty (only this replica's own writes, or the
+            // coordination keys): the store has then caught up to `last`.
+            if tx.send((batch, last)).is_err() {
                 return;
             }
         }
@@ -645,7 +696,7 @@ async fn relist(
     etcd: &Etcd,
     revs: &Mutex<HashMap<String, i64>>,
     prefix: &str,
-    tx: &std::sync::mpsc::Sender<Vec<(Remote, String, i64)>>,
+    tx: &std::sync::mpsc::Sender<Batch>,
 ) -> Result<i64, etcd_client::Error> {
     let (kvs, revision) = EtcdBackend::list_all(etcd).await?;
     let mut batch = Vec::new();
@@ -674,8 +725,6 @@ async fn relist(
             }
         }
     }
-    if !batch.is_empty() {
-        let _ = tx.send(batch);
-    }
+    let _ = tx.send((batch, revision));
     Ok(revision)
 }
