@@ -561,3 +561,31 @@ async fn etcd_with_authentication_takes_the_user_and_password_and_says_when_they
         .to_string();
     assert!(wrong.contains("check [store] user and password"), "{wrong}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn finalizers_reach_more_objects_than_one_transaction_takes_and_racing_replicas_agree() {
+    let etcd = TestEtcd::start();
+    let a = replica(&etcd);
+    let b = replica(&etcd);
+    // 200 objects: 100 transactions' worth of rows at the default limit.
+    for chunk in (0..200).collect::<Vec<_>>().chunks(50) {
+        let objects = chunk
+            .iter()
+            .map(|i| object(&format!("f{i}"), json!({})))
+            .collect();
+        a.store.apply_all(objects).unwrap();
+    }
+    until("b has them all", || b.store.keys("Thing").len() == 200).await;
+    // Both replicas register the same controller at once.
+    let (sa, sb) = (a.store.clone(), b.store.clone());
+    let one = std::thread::spawn(move || sa.register_finalizer("Thing", "ctl"));
+    let two = std::thread::spawn(move || sb.register_finalizer("Thing", "ctl"));
+    one.join().unwrap().unwrap();
+    two.join().unwrap().unwrap();
+    let c = replica(&etcd);
+    let objects = c.store.list("Thing", &Default::default());
+    assert_eq!(objects.len(), 200);
+    for o in objects {
+        assert_eq!(o.metadata.finalizers, ["setpoint.dev/ctl"], "{}", o.key());
+    }
+}

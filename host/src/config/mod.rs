@@ -161,7 +161,7 @@ pub struct StoreConfig {
     /// Every key the replicas write starts with it. Default `/setpoint/`.
     pub prefix: Option<String>,
     /// This replica's name, unique among the replicas sharing `prefix`.
-    /// Default: the host name and the API port.
+    /// Default: the host name and the API port (the process id with port 0).
     pub replica: Option<String>,
     /// How long a replica that stops renewing keeps what it owned (its
     /// lease), in whole seconds. Default 10s.
@@ -260,10 +260,12 @@ impl StoreConfig {
         crate::etcd::Settings {
             endpoints: self.endpoints.clone(),
             prefix,
-            replica: self
-                .replica
-                .clone()
-                .unwrap_or_else(|| format!("{host}-{api_port}")),
+            // Port 0 picks a port at start: the process id tells replicas
+            // on one host apart then.
+            replica: self.replica.clone().unwrap_or_else(|| match api_port {
+                0 => format!("{host}-{}", std::process::id()),
+                port => format!("{host}-{port}"),
+            }),
             ttl: self.ttl.unwrap_or(defaults.ttl),
             shards: self.shards.unwrap_or(16),
             max_txn_ops: self.max_txn_ops.unwrap_or(defaults.max_txn_ops),

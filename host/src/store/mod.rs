@@ -449,24 +449,54 @@ impl Store {
     /// it too (one durable commit).
     pub fn register_finalizer(&self, kind: &str, controller: &str) -> Result<(), StoreError> {
         let finalizer = finalizer_of(controller);
-        let mut inner = self.lock();
-        let list = inner.finalizers.entry(kind.to_string()).or_default();
-        if !list.contains(&finalizer) {
-            list.push(finalizer.clone());
-        }
-        let mut batch = Batch::default();
-        for object in inner.objects.values() {
-            if object.kind == kind
-                && !object.is_deleting()
-                && !object.metadata.finalizers.contains(&finalizer)
-            {
-                let mut object = object.clone();
-                object.metadata.finalizers.push(finalizer.clone());
-                batch.objects.push((object.key(), Some(object)));
+        {
+            let mut inner = self.lock();
+            let list = inner.finalizers.entry(kind.to_string()).or_default();
+            if !list.contains(&finalizer) {
+                list.push(finalizer.clone());
             }
         }
-        if batch.objects.is_empty() {
-            return Ok(());
+        // In rounds of at most `round` objects (a shared backend limits a
+        // transaction). Another replica adding the same finalizer at the same
+        // time makes a round stale: its change arrives, and the next round
+        // looks again at what still lacks it.
+        let (mut round, mut stale) = (50, 0);
+        loop {
+            match self.add_finalizer(kind, &finalizer, round) {
+                Ok(true) => {}
+                Ok(false) => return Ok(()),
+                Err(StoreError::TooLarge(_)) if round > 1 => round /= 2,
+                Err(StoreError::Stale(_)) if stale < 100 => {
+                    stale += 1;
+                    std::thread::sleep(Duration::from_millis(50));
+                }
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
+    /// Add `finalizer` to at most `round` objects of `kind` lacking it, in
+    /// one commit; false if none lacks it.
+    fn add_finalizer(&self, kind: &str, finalizer: &str, round: usize) -> Result<bool, StoreError> {
+        let mut inner = self.lock();
+        let mut lacking: Vec<&Object> = inner
+            .objects
+            .values()
+            .filter(|o| {
+                o.kind == kind
+                    && !o.is_deleting()
+                    && !o.metadata.finalizers.iter().any(|f| f == finalizer)
+            })
+            .collect();
+        if lacking.is_empty() {
+            return Ok(false);
+        }
+        lacking.sort_by_key(|o| o.key());
+        let mut batch = Batch::default();
+        for object in lacking.into_iter().take(round) {
+            let mut object = object.clone();
+            object.metadata.finalizers.push(finalizer.to_string());
+            batch.objects.push((object.key(), Some(object)));
         }
         for (_, object) in &mut batch.objects {
             inner.next_version += 1;
@@ -481,7 +511,7 @@ impl Store {
                 .insert(key.clone(), object.expect("staged above"));
             inner.refresh(&key);
         }
-        Ok(())
+        Ok(true)
     }
 
     /// Create or update one object from a manifest.
