@@ -11,6 +11,9 @@
 //! - `swap-bench`: hot-swap latency (to the first reconcile on the new version)
 //!   and reconcile throughput during back-to-back swaps (target/release/setpoint
 //!   with the `swaptest` plugins; see BENCHMARKS.md).
+//! - `etcd-bench`: replicas sharing work through a real etcd: failover time,
+//!   reconcile rate with 1-3 replicas, apply throughput, each against a
+//!   baseline (target/release/setpoint with `hello`; see BENCHMARKS.md).
 //!
 //! Each task installs what it is missing. For plugins that means a wasm32-wasip2
 //! toolchain: rustup's target where rustup can download it, otherwise Debian's
@@ -29,6 +32,7 @@ use clap::{Parser, Subcommand};
 
 mod api_latency;
 mod daemon;
+mod etcd_bench;
 mod soak;
 mod swap_bench;
 
@@ -111,6 +115,30 @@ enum Task {
         #[arg(long)]
         debug: bool,
         /// Use the binary as it is instead of building it first.
+        #[arg(long)]
+        no_build: bool,
+    },
+    /// Replicas on a real etcd: failover, reconcile rate, apply throughput.
+    EtcdBench {
+        /// SIGKILLs of one of three replicas (failover samples).
+        #[arg(long, default_value_t = 10)]
+        kills: usize,
+        /// SIGINTs (clean stops) of one of three replicas.
+        #[arg(long, default_value_t = 10)]
+        stops: usize,
+        /// Greetings per reconcile-rate run (1, 2, 3 replicas and embedded).
+        #[arg(long, default_value_t = 20000)]
+        objects: usize,
+        /// Reconcile-rate runs of each setup (every other one in reverse order).
+        #[arg(long, default_value_t = 5)]
+        rounds: usize,
+        /// Seconds per apply-throughput case.
+        #[arg(long, default_value_t = 5)]
+        apply_secs: u64,
+        /// Concurrent clients of the single-object apply case.
+        #[arg(long, default_value_t = 10)]
+        threads: usize,
+        /// Use target/release/setpoint as it is instead of building it first.
         #[arg(long)]
         no_build: bool,
     },
@@ -276,6 +304,28 @@ fn main() -> anyhow::Result<()> {
                     rounds,
                     pauses,
                     debug,
+                    build: !no_build,
+                },
+            )?;
+        }
+        Task::EtcdBench {
+            kills,
+            stops,
+            objects,
+            rounds,
+            apply_secs,
+            threads,
+            no_build,
+        } => {
+            etcd_bench::run(
+                &root,
+                etcd_bench::Args {
+                    kills,
+                    stops,
+                    objects,
+                    rounds,
+                    apply_secs,
+                    threads,
                     build: !no_build,
                 },
             )?;

@@ -456,47 +456,54 @@ impl Store {
                 list.push(finalizer.clone());
             }
         }
-        // In rounds of at most `round` objects (a shared backend limits a
+        // In rounds of at most 50 objects (a shared backend limits a
         // transaction). Another replica adding the same finalizer at the same
-        // time makes a round stale: its change arrives, and the next round
-        // looks again at what still lacks it.
-        let (mut round, mut stale) = (50, 0);
-        loop {
-            match self.add_finalizer(kind, &finalizer, round) {
-                Ok(true) => {}
-                Ok(false) => return Ok(()),
-                Err(StoreError::TooLarge(_)) if round > 1 => round /= 2,
+        // time makes a round stale: its change arrives, and the round is
+        // tried again with the objects that still lack it.
+        let lacking: Vec<ObjectKey> = {
+            let inner = self.lock();
+            let mut keys: Vec<ObjectKey> = inner
+                .objects
+                .values()
+                .filter(|o| o.kind == kind && lacks(o, &finalizer))
+                .map(Object::key)
+                .collect();
+            keys.sort();
+            keys
+        };
+        let mut rounds: Vec<&[ObjectKey]> = lacking.chunks(50).rev().collect();
+        let mut stale = 0;
+        while let Some(round) = rounds.pop() {
+            match self.add_finalizer(round, &finalizer) {
+                Ok(()) => {}
+                Err(StoreError::TooLarge(_)) if round.len() > 1 => {
+                    let (a, b) = round.split_at(round.len() / 2);
+                    rounds.extend([b, a]);
+                }
                 Err(StoreError::Stale(_)) if stale < 100 => {
                     stale += 1;
                     std::thread::sleep(Duration::from_millis(50));
+                    rounds.push(round);
                 }
                 Err(e) => return Err(e),
             }
         }
+        Ok(())
     }
 
-    /// Add `finalizer` to at most `round` objects of `kind` lacking it, in
-    /// one commit; false if none lacks it.
-    fn add_finalizer(&self, kind: &str, finalizer: &str, round: usize) -> Result<bool, StoreError> {
+    /// Add `finalizer` to those of `keys` that lack it, in one commit.
+    fn add_finalizer(&self, keys: &[ObjectKey], finalizer: &str) -> Result<(), StoreError> {
         let mut inner = self.lock();
-        let mut lacking: Vec<&Object> = inner
-            .objects
-            .values()
-            .filter(|o| {
-                o.kind == kind
-                    && !o.is_deleting()
-                    && !o.metadata.finalizers.iter().any(|f| f == finalizer)
-            })
-            .collect();
-        if lacking.is_empty() {
-            return Ok(false);
-        }
-        lacking.sort_by_key(|o| o.key());
         let mut batch = Batch::default();
-        for object in lacking.into_iter().take(round) {
-            let mut object = object.clone();
-            object.metadata.finalizers.push(finalizer.to_string());
-            batch.objects.push((object.key(), Some(object)));
+        for key in keys {
+            if let Some(object) = inner.objects.get(key).filter(|o| lacks(o, finalizer)) {
+                let mut object = object.clone();
+                object.metadata.finalizers.push(finalizer.to_string());
+                batch.objects.push((key.clone(), Some(object)));
+            }
+        }
+        if batch.objects.is_empty() {
+            return Ok(());
         }
         for (_, object) in &mut batch.objects {
             inner.next_version += 1;
@@ -511,7 +518,7 @@ impl Store {
                 .insert(key.clone(), object.expect("staged above"));
             inner.refresh(&key);
         }
-        Ok(true)
+        Ok(())
     }
 
     /// Create or update one object from a manifest.
@@ -957,6 +964,12 @@ impl Store {
             .map(|((_, k), _)| k.clone())
             .collect()
     }
+}
+
+/// Whether `object` should get `finalizer` and has not: not deleting, and
+/// without it.
+fn lacks(object: &Object, finalizer: &str) -> bool {
+    !object.is_deleting() && !object.metadata.finalizers.iter().any(|f| f == finalizer)
 }
 
 /// Take the `dirty` keys with their current values in `from` (`None`: removed).

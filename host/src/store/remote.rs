@@ -2,7 +2,9 @@
 //!
 //! Guarantees:
 //! - A change is applied under the store's lock and its commit order, so it
-//!   never lands between a commit's read of memory and the commit itself.
+//!   never lands between a commit's read of memory and the commit itself. It
+//!   waits for a flush in flight without holding the store's lock, so reads
+//!   and reconciles go on meanwhile.
 //! - A change another replica committed wins over one this replica has not
 //!   committed yet (written behind): the pending one is dropped.
 //! - Watchers hear of a remote change as of a local one: a new object is
@@ -19,8 +21,20 @@ impl Store {
     /// Apply `rows` (the backend's [`Sink`](super::Sink)): row `i` only if
     /// `current(i)` still holds now.
     pub(super) fn absorb(&self, rows: Vec<Remote>, current: &dyn Fn(usize) -> bool) {
-        let mut inner = self.lock();
-        let _order = self.commit_order();
+        // Never hold the store's lock while a flush's transaction is in
+        // flight (it holds the commit order without the store's lock, for as
+        // long as etcd takes): wait for it outside, then try again.
+        let (mut inner, _order) = loop {
+            let inner = self.lock();
+            match self.shared.commit_order.try_lock() {
+                Ok(order) => break (inner, order),
+                Err(std::sync::TryLockError::Poisoned(e)) => break (inner, e.into_inner()),
+                Err(std::sync::TryLockError::WouldBlock) => {
+                    drop(inner);
+                    drop(self.commit_order());
+                }
+            }
+        };
         for (i, row) in rows.into_iter().enumerate() {
             if !current(i) {
                 continue;
