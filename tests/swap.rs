@@ -177,9 +177,13 @@ fn swaps_and_a_rollback_under_load_lose_no_key_double_no_run_and_route_new_work_
     let home = tempfile::tempdir().unwrap();
     let (v1, v2) = (plugin("swaptest"), plugin("swaptest_v2"));
     let store_path = home.path().join("store.redb");
+    // One key per call (`round-size = 1`): the check below counts the calls
+    // an old instance starts after a swap, and a round in flight (which
+    // finishes on the version it started on, like a lone call) starts one per
+    // key. A worker takes the version once per round (see worker.rs).
     let config = format!(
         "[store]\npath = {store:?}\n\n[api]\nlisten = \"127.0.0.1:0\"\nmax-body-bytes = 4194304\n\n\
-         [[plugin]]\npath = {v1:?}\nworkers = {WORKERS}\n",
+         [[plugin]]\npath = {v1:?}\nworkers = {WORKERS}\nround-size = 1\n",
         store = store_path.display().to_string(),
         v1 = v1.display().to_string(),
     );

@@ -1,9 +1,9 @@
-// The real host: the component's imports (setpoint:reconciler@0.1.2), as the
+// The real host: the component's imports (setpoint:reconciler@0.1.3), as the
 // Host the SDK hands a plugin. Import it only in a plugin's component entry.
-import { log } from 'setpoint:reconciler/log@0.1.2';
-import * as objects from 'setpoint:reconciler/objects@0.1.2';
-import * as kv from 'setpoint:reconciler/kv@0.1.2';
-import { now } from 'setpoint:reconciler/clock@0.1.2';
+import { log } from 'setpoint:reconciler/log@0.1.3';
+import * as objects from 'setpoint:reconciler/objects@0.1.3';
+import * as kv from 'setpoint:reconciler/kv@0.1.3';
+import { now } from 'setpoint:reconciler/clock@0.1.3';
 import { fromWitObject, Retry } from './index.js';
 
 const enc = new TextEncoder();

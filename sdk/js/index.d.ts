@@ -1,5 +1,5 @@
 // TypeScript declarations for setpoint-sdk and the WIT types it maps
-// (setpoint:reconciler@0.1.2, wit/reconciler.wit).
+// (setpoint:reconciler@0.1.3, wit/reconciler.wit).
 
 /** Why a reconcile happens (WIT `action`). */
 export type Action = 'created' | 'updated' | 'deleted' | 'resynced';

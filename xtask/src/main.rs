@@ -230,6 +230,18 @@ fn main() -> anyhow::Result<()> {
                 .args(["test", "--workspace", "--exclude", "setpoint-bench"])
                 .args(&args)
                 .env("SETPOINT_PLUGIN_DIR", &plugins))?;
+            // The controller's tests ran with rounds (plugins that export
+            // `batch-reconciler`); once more with one call per key.
+            for target in [
+                &["--lib", "controller::"][..],
+                &["--test", "controller"][..],
+            ] {
+                run(Command::new(cargo())
+                    .args(["test", "-p", "setpoint"])
+                    .args(target)
+                    .env("SETPOINT_TEST_SINGLE_CALLS", "1")
+                    .env("SETPOINT_PLUGIN_DIR", &plugins))?;
+            }
         }
         Task::Demo { once } => {
             let plugins = build_plugins(&root)?;

@@ -50,6 +50,10 @@ pub struct PluginConfig {
     pub recycle_after: u64,
     /// The most keys waiting at once; a full queue makes sources wait.
     pub queue_size: usize,
+    /// The most keys one call reconciles, for a plugin that exports
+    /// `batch-reconciler` (the Rust SDK's do). A round takes only the keys
+    /// already queued for a worker, never waiting for more. 1 turns rounds off.
+    pub round_size: usize,
     /// Requeue and retry deadlines are rounded up to this step.
     #[serde(with = "humantime_serde")]
     pub delay_resolution: Duration,
@@ -94,6 +98,7 @@ impl Default for PluginConfig {
             instances: settings.instances,
             recycle_after: settings.recycle_after,
             queue_size: engine.queue_size,
+            round_size: engine.round_size,
             delay_resolution: engine.delay_resolution,
             delay_capacity: engine.delay_capacity,
             shutdown: engine.shutdown,
@@ -175,6 +180,9 @@ impl PluginConfig {
         if p.queue_size == 0 {
             bail!("{at}: `queue-size` must be at least 1");
         }
+        if p.round_size == 0 {
+            bail!("{at}: `round-size` must be at least 1 (1 reconciles one key per call)");
+        }
         if p.delay_resolution.is_zero() {
             bail!("{at}: `delay-resolution` must be more than 0");
         }
@@ -239,6 +247,7 @@ impl PluginConfig {
         Engine {
             workers: self.workers,
             queue_size: self.queue_size,
+            round_size: self.round_size,
             delay_resolution: self.delay_resolution,
             delay_capacity: self.delay_capacity,
             backoff,

@@ -37,36 +37,39 @@
 //!   its contract is "everything that should exist").
 
 mod admission;
+mod keys;
 mod manager;
+mod reconcile;
 mod reconciler;
 mod supervise;
 #[cfg(test)]
 mod tests;
+mod worker;
 
-use std::collections::{BTreeMap, HashMap};
-use std::panic::AssertUnwindSafe;
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
-use futures::FutureExt;
 use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
 pub use admission::AdmissionError;
+use keys::{KeyState, merge};
 pub use manager::{KnownKinds, Manager, ManagerError};
+pub use reconcile::Settled;
 pub use reconciler::{
-    BoxFuture, FnReconciler, PruneCall, ReconcileCall, Reconciler, Slot, ValidateCall,
+    BatchCall, BoxFuture, FnReconciler, PruneCall, ReconcileCall, Reconciler, Slot, ValidateCall,
 };
-use supervise::{panic_message, supervised};
+use supervise::supervised;
 
-use crate::metrics::{ControllerMetrics, Metrics, ReconcileResult};
-use crate::object::{Action, Object, ObjectKey};
-use crate::ownership::{Owned, Ownership, until_owning};
+use crate::metrics::{ControllerMetrics, Metrics};
+use crate::object::{Action, ObjectKey};
+use crate::ownership::{Owned, Ownership};
+use crate::plugin::Plugin;
 use crate::plugin::wit::{self, ReconcileError};
-use crate::plugin::{CallError, Plugin, object_to_wit};
 use crate::queue::{
     Added, Backoff, DequeuePolicy, EventRef, Fnv1a, QueueError, Timers, WorkQueue, WorkerHasher,
 };
@@ -115,20 +118,6 @@ struct Stats {
     last_success_at: Option<u64>,
 }
 
-/// Per-key memory between attempts.
-#[derive(Default)]
-struct KeyState {
-    failures: u32,
-    state: Vec<(String, String)>,
-    /// The change not yet reconciled, if any.
-    pending: Option<Action>,
-    /// The event a scheduled retry is for, while one is scheduled.
-    retry: Option<EventRef>,
-    /// Queued by a full reconciliation and not reconciled since: drift the
-    /// plugin reports on this key's next call counts as out of sync.
-    full_round: bool,
-}
-
 /// How the engine treats one plugin's keys (its workers, queue, delays and
 /// retries). The configuration maps its `[[plugin]]` tables onto it.
 #[derive(Clone)]
@@ -150,6 +139,10 @@ pub struct Engine {
     /// finishes a reconcile for this long is reported as stalled by
     /// [`Controller::health`] (and so by `/readyz`).
     pub stall_after: Duration,
+    /// The most keys a worker reconciles in one call, when the plugin takes
+    /// rounds (exports `batch-reconciler`). A round takes only keys already
+    /// queued on the worker's lane: it never waits for more.
+    pub round_size: usize,
 }
 
 /// What a controller does at shutdown with keys still queued.
@@ -166,7 +159,8 @@ pub enum ShutdownMode {
 impl Default for Engine {
     /// Two workers, room for 10,000 queued keys and a million delayed ones
     /// (10 ms apart at best), exponential back-off from 100 ms to a minute
-    /// with 10 % jitter, ten retries, drain at shutdown, no periodic resync.
+    /// with 10 % jitter, ten retries, drain at shutdown, no periodic resync,
+    /// rounds of [`DEFAULT_ROUND_SIZE`] keys.
     fn default() -> Self {
         Self {
             workers: 2,
@@ -185,9 +179,15 @@ impl Default for Engine {
             resync_interval: None,
             full_reconcile_interval: None,
             stall_after: stall_after(crate::plugin::Limits::default().max_reconcile_time),
+            round_size: DEFAULT_ROUND_SIZE,
         }
     }
 }
+
+/// Keys per round by default: Cilium statedb's reconciler suggests rounds of
+/// 100 to 1000; a round of 256 already makes the call's own cost per key small,
+/// and keeps a round's time (and its time limit) short.
+pub const DEFAULT_ROUND_SIZE: usize = 256;
 
 /// How long a controller may go without progress before it counts as stalled:
 /// twice the longest a call may take, and at least a minute.
@@ -817,413 +817,11 @@ impl Controller {
         }
     }
 
-    async fn worker(
-        self: Arc<Self>,
-        lane: usize,
-        shutdown: CancellationToken,
-        stop_taking: CancellationToken,
-    ) {
-        let _alive = Alive::new(&self.workers_alive);
-        let mut active = self.active();
-        let mut slot = active.reconciler.slot();
-        let mut owned = self.owned.clone();
-        // False once the publisher is gone: the view can no longer change.
-        let mut watching = true;
-        loop {
-            if !owned.borrow_and_update().any() {
-                // Owning nothing: take nothing. At shutdown there is nothing to drain.
-                tokio::select! {
-                    owning = until_owning(&mut owned) => if !owning { return },
-                    _ = shutdown.cancelled() => return,
-                }
-            }
-            let got = tokio::select! {
-                biased;
-                _ = stop_taking.cancelled() => return,
-                changed = owned.changed(), if watching => {
-                    watching = changed.is_ok();
-                    continue;
-                }
-                got = self.queue.get(lane) => got,
-            };
-            let Some((key, timings)) = got else { return };
-            self.made_progress();
-            // Queued while this process owned it, and owned by another since:
-            // the other replica reconciles it, from the store. The hold lasts
-            // until the reconcile is settled, so a handover waits for it.
-            let Some(mut hold) = self.ownership.hold(&key) else {
-                self.forget(&key);
-                self.queue.done(&key);
-                continue;
-            };
-            // A swap since the last key: this key runs on the new version (the
-            // old slot, and its warm instance, go).
-            let now = self.active();
-            if now.generation != active.generation {
-                active = now;
-                slot = active.reconciler.slot();
-            }
-            // A swap dropped its kind: nothing here reconciles it any more.
-            if !active.reconciler.info().kinds.contains(&key.kind) {
-                self.forget(&key);
-                self.queue.done(&key);
-                continue;
-            }
-            self.metrics.waited(timings.waited);
-            self.metrics.worker_busy(true);
-            // A panic in the call or in settling its result fails this key (it
-            // is retried with back-off), never the worker, and never leaves the
-            // key in flight.
-            let version = &active.reconciler.info().version;
-            let finished = {
-                let call = AssertUnwindSafe(self.reconcile_on(version, slot.as_mut(), &key));
-                tokio::select! {
-                    biased;
-                    result = call.catch_unwind() => Some(result),
-                    // The lease is lost: another replica may take the key
-                    // once etcd expires it. Stop now (the local deadline
-                    // leaves a margin before that can happen).
-                    _ = hold.revoked() => None,
-                }
-            };
-            match finished {
-                Some(Ok(_)) => {}
-                Some(Err(panic)) => {
-                    slot = active.reconciler.slot();
-                    self.panicked(&key, &panic_message(panic.as_ref()));
-                }
-                None => {
-                    // The call was dropped mid-way: its instance cannot be
-                    // trusted, so the next key gets a fresh one.
-                    slot = active.reconciler.slot();
-                    self.forget(&key);
-                    tracing::warn!(controller = %self.name(), %key, "reconcile cancelled: this replica lost its lease");
-                }
-            }
-            drop(hold);
-            self.metrics.worker_busy(false);
-            let worked = self.queue.done(&key);
-            self.metrics.worked(worked);
-            self.made_progress();
-        }
-    }
-
     /// Drop what this controller remembers of `key`, and any retry it has
     /// scheduled: it is no longer this controller's to reconcile.
     fn forget(&self, key: &ObjectKey) {
         if self.keys().remove(key).is_some_and(|k| k.retry.is_some()) {
             self.timers.cancel(key);
-        }
-    }
-
-    /// A reconcile of `key` panicked: log it with the key, count it, and
-    /// retry the key with back-off like any failed call.
-    fn panicked(&self, key: &ObjectKey, message: &str) {
-        let span = tracing::error_span!("reconcile", controller = %self.name(), key = %key);
-        span.in_scope(|| {
-            tracing::error!("the worker panicked while reconciling: {message}");
-            self.metrics.worker_panicked();
-            let event = EventRef {
-                action: Action::Resynced,
-                generation: self.store.get(key).map_or(0, |o| o.metadata.generation),
-            };
-            let state = self
-                .keys()
-                .get(key)
-                .map(|k| k.state.clone())
-                .unwrap_or_default();
-            let error = ReconcileError::Retry(format!("the host panicked: {message}"));
-            self.failed(key, event, error, state);
-        });
-    }
-
-    /// Reconcile one key and act on the result, inside a span that names the
-    /// controller, the plugin version and the key (entered only while the call
-    /// is polled, so concurrent reconciles never share one).
-    pub async fn reconcile(&self, slot: &mut dyn Slot, key: &ObjectKey) -> Settled {
-        let version = self.info().version;
-        self.reconcile_on(&version, slot, key).await
-    }
-
-    /// [`reconcile`](Self::reconcile) with a slot of version `version`.
-    async fn reconcile_on(&self, version: &str, slot: &mut dyn Slot, key: &ObjectKey) -> Settled {
-        let span = tracing::info_span!(
-            "reconcile",
-            controller = %self.name(),
-            version = %version,
-            key = %key,
-            shard = tracing::field::Empty,
-            term = tracing::field::Empty,
-            attempt = tracing::field::Empty,
-        );
-        // Replicas sharing the work: which shard, held under which term.
-        let term = self.owned.borrow().term_of(key);
-        if let Some((shard, term)) = term {
-            span.record("shard", shard);
-            span.record("term", term);
-        }
-        async {
-            tracing::debug!("reconcile started");
-            let settled = self.reconcile_in_span(slot, key).await;
-            tracing::debug!("reconcile ended");
-            settled
-        }
-        .instrument(span)
-        .await
-    }
-
-    async fn reconcile_in_span(&self, slot: &mut dyn Slot, key: &ObjectKey) -> Settled {
-        let object = match self.store.get(key) {
-            // Gone, or deleting with this controller's part already done.
-            None => None,
-            Some(o) if o.is_deleting() && !o.metadata.finalizers.contains(&self.finalizer) => None,
-            Some(o) => Some(o),
-        };
-        let Some(object) = object else {
-            self.keys().remove(key);
-            return Settled::Gone;
-        };
-        let (action, attempt, state, full_round) = {
-            let mut keys = self.keys();
-            let entry = keys.entry(key.clone()).or_default();
-            let action = if object.is_deleting() {
-                Action::Deleted
-            } else {
-                entry.pending.take().unwrap_or(Action::Resynced)
-            };
-            let full_round = std::mem::take(&mut entry.full_round);
-            (action, entry.failures, entry.state.clone(), full_round)
-        };
-        let request = wit::Request {
-            key: key.to_string(),
-            action: to_wit_action(action),
-            object: object_to_wit(&object),
-            attempt,
-            state,
-        };
-        tracing::Span::current().record("attempt", attempt);
-        let started = tokio::time::Instant::now();
-        let result = slot.reconcile(&request).await;
-        let took = started.elapsed();
-        if slot.take_drift().is_some() && full_round {
-            self.stats().out_of_sync += 1;
-            self.metrics.out_of_sync();
-        }
-        let event = EventRef {
-            action,
-            generation: object.metadata.generation,
-        };
-        match result {
-            Ok(Ok(outcome)) => {
-                if let Some(status) = &outcome.status
-                    && let Err(e) = self.store.set_status(key, status)
-                {
-                    let error = format!("the plugin returned a bad status: {e}");
-                    self.metrics.reconciled(ReconcileResult::Error, took);
-                    return self.failed(key, event, ReconcileError::Fatal(error), outcome.state);
-                }
-                let result = if outcome.requeue_after.is_some() {
-                    ReconcileResult::Requeue
-                } else {
-                    ReconcileResult::Success
-                };
-                self.metrics.reconciled(result, took);
-                self.succeeded(key, &object, outcome)
-            }
-            Ok(Err(failure)) => {
-                self.metrics.reconciled(ReconcileResult::Error, took);
-                self.failed(key, event, failure.error, failure.state)
-            }
-            Err(e) => {
-                self.metrics.reconciled(ReconcileResult::Error, took);
-                let outcome = match &e {
-                    CallError::Timeout(_) => "timeout",
-                    CallError::OutOfMemory(_) => "out-of-memory",
-                    CallError::Trap(_) => "trap",
-                    _ => "setup",
-                };
-                let all = self.metrics.all();
-                all.plugin_event(&all.plugin_failures, self.name(), outcome);
-                let state = self
-                    .keys()
-                    .get(key)
-                    .map(|k| k.state.clone())
-                    .unwrap_or_default();
-                let error = match e {
-                    CallError::Setup(_)
-                    | CallError::NoPruner
-                    | CallError::NoAdmission
-                    | CallError::Mismatch(_) => ReconcileError::Fatal(e.to_string()),
-                    _ => ReconcileError::Retry(e.to_string()),
-                };
-                self.failed(key, event, error, state)
-            }
-        }
-    }
-
-    fn succeeded(&self, key: &ObjectKey, object: &Object, outcome: wit::Outcome) -> Settled {
-        let done = Settled::Done {
-            requeue_after_ms: outcome.requeue_after,
-            state: outcome.state.iter().cloned().collect(),
-            removed: false,
-        };
-        {
-            let mut stats = self.stats();
-            stats.successes += 1;
-            stats.last_success_at = Some(now_ms());
-        }
-        if object.is_deleting() {
-            return match self.store.finalize(key, &self.finalizer) {
-                Ok(removed) => {
-                    self.keys().remove(key);
-                    self.timers.cancel(key);
-                    tracing::info!(removed, "delete reconciled");
-                    match done {
-                        Settled::Done { state, .. } => Settled::Done {
-                            requeue_after_ms: None,
-                            state,
-                            removed,
-                        },
-                        other => other,
-                    }
-                }
-                // Still deleting and still holding the finalizer: the next
-                // resync (or restart) reconciles the delete again.
-                Err(e) => {
-                    let message = format!("delete reconciled, but the finalizer stays: {e}");
-                    tracing::error!("{message}");
-                    Settled::Failed {
-                        error: "retry",
-                        message,
-                        retry_in_ms: None,
-                        state: BTreeMap::new(),
-                    }
-                }
-            };
-        }
-        {
-            let mut keys = self.keys();
-            let entry = keys.entry(key.clone()).or_default();
-            entry.failures = 0;
-            entry.state = outcome.state;
-            // A retry still pending (the key ran early, e.g. on a resync) is moot.
-            if entry.retry.take().is_some() {
-                self.timers.cancel(key);
-            }
-        }
-        if let Err(e) = self.store.mark_done(key, object.metadata.generation) {
-            tracing::error!("cannot record the success: {e}");
-        }
-        match outcome.requeue_after {
-            Some(ms) => {
-                tracing::info!(requeue_after_ms = ms, "reconciled");
-                self.schedule(key, Duration::from_millis(ms), None);
-            }
-            None => tracing::info!("reconciled"),
-        }
-        done
-    }
-
-    fn failed(
-        &self,
-        key: &ObjectKey,
-        event: EventRef,
-        error: ReconcileError,
-        state: Vec<(String, String)>,
-    ) -> Settled {
-        let state_shown: BTreeMap<String, String> = state.iter().cloned().collect();
-        let failures = {
-            let mut keys = self.keys();
-            let entry = keys.entry(key.clone()).or_default();
-            entry.failures += 1;
-            entry.state = state;
-            entry.failures
-        };
-        let error_class = match &error {
-            ReconcileError::Retry(_) => "retry",
-            ReconcileError::RetryAfter(_) => "retry-after",
-            ReconcileError::Fatal(_) => "fatal",
-        };
-        let (message, delay) = match error {
-            ReconcileError::Retry(m) => (m, Some(self.engine.backoff.delay(failures))),
-            ReconcileError::RetryAfter(r) => (r.message, Some(Duration::from_millis(r.delay))),
-            ReconcileError::Fatal(m) => (m, None),
-        };
-        let retry_in = delay.filter(|_| failures <= self.engine.max_retries);
-        let class = match (&error_class, delay, retry_in) {
-            (_, Some(_), None) => "gave-up",
-            (class, _, _) => class,
-        };
-        let message = match delay {
-            Some(delay) if failures <= self.engine.max_retries => {
-                tracing::warn!(retry_in = ?delay, "reconcile failed: {message}");
-                self.metrics.retried();
-                self.schedule(key, delay, Some(event));
-                message
-            }
-            Some(_) => {
-                let message = format!("gave up after {failures} attempts: {message}");
-                tracing::error!("{message}");
-                self.stats().given_up += 1;
-                self.metrics.given_up();
-                message
-            }
-            None => {
-                tracing::error!("reconcile failed for good: {message}");
-                message
-            }
-        };
-        // With a retry scheduled the error is for now; a fatal error, or giving
-        // up, is for good, and `setpoint wait` stops at once on it.
-        let recorded = if retry_in.is_some() {
-            self.store.mark_error(key, &message)
-        } else {
-            self.store.mark_failed(key, &message)
-        };
-        if let Err(e) = recorded {
-            tracing::error!("cannot record the failure: {e}");
-        }
-        let mut stats = self.stats();
-        stats.failures += 1;
-        stats.last_error = Some(message.clone());
-        stats.last_error_at = Some(now_ms());
-        Settled::Failed {
-            error: class,
-            message,
-            retry_in_ms: retry_in.map(|d| d.as_millis() as u64),
-            state: state_shown,
-        }
-    }
-
-    /// Reconcile `key` now, as a worker would, for `action` (a deleting
-    /// object is always reconciled as `deleted`): one-off calls such as
-    /// `setpoint reconcile` take the daemon's path through this.
-    pub async fn reconcile_now(
-        &self,
-        slot: &mut dyn Slot,
-        key: &ObjectKey,
-        action: Action,
-    ) -> Settled {
-        self.keys().entry(key.clone()).or_default().pending = Some(action);
-        self.reconcile(slot, key).await
-    }
-
-    /// Put `key` on the delay scheduler; `retry` says which event it retries.
-    fn schedule(&self, key: &ObjectKey, delay: Duration, retry: Option<EventRef>) {
-        match self.timers.schedule_after(key.clone(), delay) {
-            Ok(_) => {
-                if let Some(entry) = self.keys().get_mut(key) {
-                    entry.retry = retry.or(entry.retry);
-                }
-            }
-            Err(full) => {
-                // Not dropped silently: the status says so, and the next change
-                // or resync brings the key back.
-                tracing::error!(%key, "cannot schedule: {full}");
-                let _ = self
-                    .store
-                    .mark_error(key, &format!("not rescheduled: {full}"));
-            }
         }
     }
 }
@@ -1234,31 +832,6 @@ impl std::fmt::Debug for Controller {
             .field("name", &self.name())
             .finish()
     }
-}
-
-/// What became of one reconcile, as the controller settled it: the same
-/// classification the daemon's workers act on (and `setpoint reconcile` prints).
-#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "kebab-case", tag = "result")]
-pub enum Settled {
-    /// Nothing to reconcile: the object is gone, or its delete was done here.
-    Gone,
-    /// The plugin succeeded; `removed` if that finished a delete.
-    #[serde(rename = "ok", rename_all = "kebab-case")]
-    Done {
-        requeue_after_ms: Option<u64>,
-        state: BTreeMap<String, String>,
-        removed: bool,
-    },
-    /// The call or the plugin failed. `error` is `retry`, `retry-after`,
-    /// `fatal` or `gave-up`; `retry-in-ms` when a retry is scheduled.
-    #[serde(rename = "error", rename_all = "kebab-case")]
-    Failed {
-        error: &'static str,
-        message: String,
-        retry_in_ms: Option<u64>,
-        state: BTreeMap<String, String>,
-    },
 }
 
 /// The component's sha256, for a loaded plugin; empty otherwise.
@@ -1298,24 +871,5 @@ where
             _ = interval.tick() => tick().await,
             _ = shutdown.cancelled() => return,
         }
-    }
-}
-
-/// Fold a new change into the one not yet reconciled.
-fn merge(pending: Option<Action>, new: Action) -> Action {
-    match (pending, new) {
-        (_, Action::Deleted) => Action::Deleted,
-        (Some(Action::Created), _) => Action::Created,
-        (Some(Action::Updated), Action::Resynced) => Action::Updated,
-        (_, new) => new,
-    }
-}
-
-fn to_wit_action(action: Action) -> wit::Action {
-    match action {
-        Action::Created => wit::Action::Created,
-        Action::Updated => wit::Action::Updated,
-        Action::Deleted => wit::Action::Deleted,
-        Action::Resynced => wit::Action::Resynced,
     }
 }

@@ -9,6 +9,10 @@
 //!
 //! A slot is the unit of isolation: after a call panics, the controller throws
 //! the slot away and asks for a new one.
+//!
+//! A slot that [`batches`](Slot::batches) takes a round of requests in one
+//! call ([`Slot::reconcile_batch`]): a plugin that exports `batch-reconciler`
+//! (WIT 0.1.3), or an [`FnReconciler`] made with [`FnReconciler::batching`].
 
 use std::future::Future;
 use std::pin::Pin;
@@ -22,6 +26,10 @@ pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
 
 /// What one `reconcile` call gives: the plugin's answer, or why the call failed.
 pub type ReconcileCall = Result<Result<wit::Outcome, wit::Failure>, CallError>;
+
+/// What one call for a round gives: one answer per request, in order, or why
+/// the whole call failed.
+pub type BatchCall = Result<Vec<Result<wit::Outcome, wit::Failure>>, CallError>;
 
 /// What one `prune` call gives.
 pub type PruneCall = Result<Result<(), ReconcileError>, CallError>;
@@ -59,6 +67,19 @@ pub trait Slot: Send {
     /// Reconcile one request.
     fn reconcile<'a>(&'a mut self, request: &'a wit::Request) -> BoxFuture<'a, ReconcileCall>;
 
+    /// True if [`Slot::reconcile_batch`] takes a round in one call; the
+    /// controller then hands it rounds.
+    fn batches(&self) -> bool {
+        false
+    }
+
+    /// Reconcile a round of requests in one call: one answer per request, in
+    /// order.
+    fn reconcile_batch<'a>(&'a mut self, requests: &'a [wit::Request]) -> BoxFuture<'a, BatchCall> {
+        let _ = requests;
+        Box::pin(async { Err(CallError::NoBatch) })
+    }
+
     /// Remove what none of `desired` wants.
     fn prune<'a>(&'a mut self, desired: &'a [String]) -> BoxFuture<'a, PruneCall> {
         let _ = desired;
@@ -71,9 +92,9 @@ pub trait Slot: Send {
         Box::pin(async { Err(CallError::NoAdmission) })
     }
 
-    /// The drift the last call reported, taken.
-    fn take_drift(&mut self) -> Option<String> {
-        None
+    /// How many times the last call reported drift, taken.
+    fn take_drifts(&mut self) -> usize {
+        0
     }
 }
 
@@ -112,8 +133,16 @@ impl Slot for Instance {
         Box::pin(Instance::validate(self, object))
     }
 
-    fn take_drift(&mut self) -> Option<String> {
-        Instance::take_drift(self)
+    fn batches(&self) -> bool {
+        Instance::batches(self)
+    }
+
+    fn reconcile_batch<'a>(&'a mut self, requests: &'a [wit::Request]) -> BoxFuture<'a, BatchCall> {
+        Box::pin(Instance::reconcile_batch(self, requests))
+    }
+
+    fn take_drifts(&mut self) -> usize {
+        Instance::take_drifts(self)
     }
 }
 
@@ -121,6 +150,8 @@ impl Slot for Instance {
 pub struct FnReconciler<F> {
     info: wit::Info,
     call: Arc<F>,
+    /// Rounds of requests in one call, each answered by the closure in turn.
+    batching: bool,
 }
 
 impl<F, Fut> FnReconciler<F>
@@ -144,7 +175,21 @@ where
                 resync_interval: None,
             },
             call: Arc::new(call),
+            batching: false,
         })
+    }
+
+    /// This reconciler, taking rounds if `on`: the controller then hands its
+    /// slots rounds of requests ([`Slot::reconcile_batch`]), which the closure
+    /// answers one by one. Controller tests run both ways.
+    ///
+    /// # Panics
+    /// If the reconciler is already shared (call this before handing it out).
+    pub fn in_rounds(mut self: Arc<Self>, on: bool) -> Arc<Self> {
+        Arc::get_mut(&mut self)
+            .expect("in_rounds is called before the reconciler is shared")
+            .batching = on;
+        self
     }
 }
 
@@ -160,12 +205,14 @@ where
     fn slot(&self) -> Box<dyn Slot> {
         Box::new(FnSlot {
             call: self.call.clone(),
+            batching: self.batching,
         })
     }
 }
 
 struct FnSlot<F> {
     call: Arc<F>,
+    batching: bool,
 }
 
 impl<F, Fut> Slot for FnSlot<F>
@@ -175,5 +222,19 @@ where
 {
     fn reconcile<'a>(&'a mut self, request: &'a wit::Request) -> BoxFuture<'a, ReconcileCall> {
         Box::pin((self.call)(request.clone()))
+    }
+
+    fn batches(&self) -> bool {
+        self.batching
+    }
+
+    fn reconcile_batch<'a>(&'a mut self, requests: &'a [wit::Request]) -> BoxFuture<'a, BatchCall> {
+        Box::pin(async move {
+            let mut answers = Vec::with_capacity(requests.len());
+            for request in requests {
+                answers.push((self.call)(request.clone()).await?);
+            }
+            Ok(answers)
+        })
     }
 }

@@ -6,6 +6,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use super::*;
+use crate::object::Object;
 use crate::ownership::Ownership;
 use crate::store::Phase;
 
@@ -15,6 +16,29 @@ fn done() -> ReconcileCall {
         state: Vec::new(),
         status: None,
     }))
+}
+
+/// True unless `SETPOINT_TEST_SINGLE_CALLS` is set: these tests run with
+/// reconcilers that take rounds, and `cargo xtask test` runs them again with
+/// one call per key.
+pub(crate) fn in_rounds() -> bool {
+    std::env::var_os("SETPOINT_TEST_SINGLE_CALLS").is_none()
+}
+
+fn fn_reconciler<F, Fut>(name: &str, kinds: &[&str], call: F) -> Arc<FnReconciler<F>>
+where
+    F: Fn(wit::Request) -> Fut + Send + Sync + 'static,
+    Fut: std::future::Future<Output = ReconcileCall> + Send + 'static,
+{
+    FnReconciler::new(name, kinds, call).in_rounds(in_rounds())
+}
+
+fn fn_versioned<F, Fut>(name: &str, version: &str, kinds: &[&str], call: F) -> Arc<FnReconciler<F>>
+where
+    F: Fn(wit::Request) -> Fut + Send + Sync + 'static,
+    Fut: std::future::Future<Output = ReconcileCall> + Send + 'static,
+{
+    FnReconciler::versioned(name, version, kinds, call).in_rounds(in_rounds())
 }
 
 fn engine(workers: usize) -> Engine {
@@ -55,17 +79,18 @@ impl Rig {
 #[tokio::test(start_paused = true)]
 async fn a_panicking_reconcile_retries_its_key_and_the_worker_serves_the_others() {
     let rig = rig();
-    let calls = Arc::new(Mutex::new(HashMap::<String, u32>::new()));
+    // The attempts each key was called with.
+    let calls = Arc::new(Mutex::new(HashMap::<String, Vec<u32>>::new()));
     let counted = calls.clone();
-    let reconciler = FnReconciler::new("panicky", &["Thing"], move |request: wit::Request| {
-        let n = {
-            let mut calls = counted.lock().unwrap();
-            let n = calls.entry(request.object.name.clone()).or_default();
-            *n += 1;
-            *n
-        };
+    let reconciler = fn_reconciler("panicky", &["Thing"], move |request: wit::Request| {
+        counted
+            .lock()
+            .unwrap()
+            .entry(request.object.name.clone())
+            .or_default()
+            .push(request.attempt);
         async move {
-            if request.object.name == "bad" && n == 1 {
+            if request.object.name == "bad" && request.attempt == 0 {
                 panic!("boom in {}", request.key);
             }
             done()
@@ -82,7 +107,13 @@ async fn a_panicking_reconcile_retries_its_key_and_the_worker_serves_the_others(
     for key in &keys {
         assert_eq!(rig.store.status(key).unwrap().phase, Phase::Done, "{key}");
     }
-    assert_eq!(calls.lock().unwrap()["bad"], 2, "the key was retried once");
+    // Alone: attempt 0 panics, attempt 1 succeeds. In a round, the round's
+    // call panics first (blaming no key), then the key alone.
+    let bad = calls.lock().unwrap()["bad"].clone();
+    assert!(
+        bad == [0, 1] || (in_rounds() && bad == [0, 0, 1]),
+        "{bad:?}"
+    );
     let controller = rig.manager.controller("panicky").unwrap();
     let status = controller.status();
     assert_eq!((status.failures, status.successes), (1, 3));
@@ -92,8 +123,11 @@ async fn a_panicking_reconcile_retries_its_key_and_the_worker_serves_the_others(
     );
     assert_eq!(controller.health(), Ok(()));
     let text = crate::metrics::to_prometheus_text(&rig.metrics.encode());
+    let panics = bad.len() - 1;
     assert!(
-        text.contains("setpoint_worker_panics_total{controller=\"panicky\"} 1\n"),
+        text.contains(&format!(
+            "setpoint_worker_panics_total{{controller=\"panicky\"}} {panics}\n"
+        )),
         "{text}"
     );
     rig.manager.shutdown().await;
@@ -102,7 +136,7 @@ async fn a_panicking_reconcile_retries_its_key_and_the_worker_serves_the_others(
 #[tokio::test(start_paused = true)]
 async fn health_names_a_leading_controller_whose_queue_does_not_drain() {
     let rig = rig();
-    let reconciler = FnReconciler::new("stuck", &["Thing"], |request: wit::Request| async move {
+    let reconciler = fn_reconciler("stuck", &["Thing"], |request: wit::Request| async move {
         if request.object.name == "forever" {
             std::future::pending::<()>().await;
         }
@@ -141,7 +175,7 @@ async fn controllers_and_their_plugin_calls_run_on_the_runtime_they_are_given() 
     .run_controllers_on(plugin_threads.handle().clone());
     let threads = Arc::new(Mutex::new(Vec::<String>::new()));
     let seen = threads.clone();
-    let reconciler = FnReconciler::new("where", &["Thing"], move |_request: wit::Request| {
+    let reconciler = fn_reconciler("where", &["Thing"], move |_request: wit::Request| {
         let seen = seen.clone();
         async move {
             let name = std::thread::current().name().unwrap_or("?").to_string();
@@ -175,7 +209,7 @@ type Calls = Arc<Mutex<Vec<(&'static str, String, u32, Vec<(String, String)>)>>>
 /// and succeeds.
 fn logging_done(version: &'static str, calls: &Calls) -> Arc<dyn Reconciler> {
     let log = calls.clone();
-    FnReconciler::versioned("swap", version, &["Thing"], move |r: wit::Request| {
+    fn_versioned("swap", version, &["Thing"], move |r: wit::Request| {
         log.lock()
             .unwrap()
             .push((version, r.key.clone(), r.attempt, r.state.clone()));
@@ -188,7 +222,7 @@ async fn a_swap_keeps_state_failure_count_and_a_pending_retry_for_the_new_versio
     let rig = rig();
     let calls: Calls = Arc::default();
     let log = calls.clone();
-    let v1 = FnReconciler::versioned("swap", "1", &["Thing"], move |r: wit::Request| {
+    let v1 = fn_versioned("swap", "1", &["Thing"], move |r: wit::Request| {
         log.lock()
             .unwrap()
             .push(("1", r.key.clone(), r.attempt, r.state.clone()));
@@ -238,7 +272,7 @@ async fn a_reconcile_in_flight_finishes_on_the_old_version_and_later_work_runs_o
     let calls: Calls = Arc::default();
     let release = Arc::new(tokio::sync::Notify::new());
     let (log, gate) = (calls.clone(), release.clone());
-    let v1 = FnReconciler::versioned("swap", "1", &["Thing"], move |r: wit::Request| {
+    let v1 = fn_versioned("swap", "1", &["Thing"], move |r: wit::Request| {
         let (log, gate) = (log.clone(), gate.clone());
         async move {
             gate.notified().await;
@@ -291,7 +325,7 @@ async fn a_swap_to_other_kinds_queues_the_added_kinds_and_forgets_the_dropped_on
     let calls = Arc::new(Mutex::new(Vec::<(&'static str, String)>::new()));
     let version = |v: &'static str, kinds: &[&str]| {
         let calls = calls.clone();
-        FnReconciler::versioned("shift", v, kinds, move |request: wit::Request| {
+        fn_versioned("shift", v, kinds, move |request: wit::Request| {
             calls.lock().unwrap().push((v, request.key.clone()));
             let fail = request.object.name == "flaky";
             async move {
@@ -379,7 +413,7 @@ struct SwapLog {
 /// `retry-*` fail with retry-after 50 ms once, then succeed. Which call it is
 /// comes from the state handed back, so it must survive swaps.
 fn workload(version: &'static str, log: Arc<Mutex<SwapLog>>) -> Arc<dyn Reconciler> {
-    FnReconciler::versioned("load", version, &["Load"], move |r: wit::Request| {
+    fn_versioned("load", version, &["Load"], move |r: wit::Request| {
         let log = log.clone();
         let name = r.object.name.clone();
         {
@@ -542,7 +576,7 @@ async fn a_shard_view_reconciles_only_its_keys_and_picks_up_gained_shards_from_t
     let rig = rig_owning(ownership.clone());
     let calls = Arc::new(Mutex::new(Vec::<String>::new()));
     let seen = calls.clone();
-    let reconciler = FnReconciler::new("sharded", &["Thing"], move |request: wit::Request| {
+    let reconciler = fn_reconciler("sharded", &["Thing"], move |request: wit::Request| {
         seen.lock().unwrap().push(request.object.name.clone());
         async { done() }
     });
@@ -591,7 +625,7 @@ async fn a_key_queued_before_its_shard_moved_away_is_dropped_not_reconciled() {
     let gate = Arc::new(tokio::sync::Semaphore::new(0));
     let calls = Arc::new(Mutex::new(Vec::<String>::new()));
     let (seen, held) = (calls.clone(), gate.clone());
-    let reconciler = FnReconciler::new("gated", &["Thing"], move |request: wit::Request| {
+    let reconciler = fn_reconciler("gated", &["Thing"], move |request: wit::Request| {
         seen.lock().unwrap().push(request.object.name.clone());
         let held = held.clone();
         async move {
@@ -603,7 +637,14 @@ async fn a_key_queued_before_its_shard_moved_away_is_dropped_not_reconciled() {
         .map(|i| rig.apply("Thing", &format!("q{i}")))
         .collect();
     // One worker: the first key blocks it, the other 19 wait in the queue.
-    rig.manager.add_reconciler(reconciler, engine(1)).unwrap();
+    // One key per call: in a round, every key is held from the round's start
+    // (a handover waits for the round; see `worker.rs`), and this is about
+    // keys not taken yet.
+    let engine = Engine {
+        round_size: 1,
+        ..engine(1)
+    };
+    rig.manager.add_reconciler(reconciler, engine).unwrap();
     settle("the first call started", || {
         calls.lock().unwrap().len() == 1
     })
@@ -643,7 +684,7 @@ async fn shutdown_is_not_held_up_by_a_full_queue_whose_keys_were_lost() {
     let rig = rig_owning(ownership.clone());
     let gate = Arc::new(tokio::sync::Semaphore::new(0));
     let held = gate.clone();
-    let reconciler = FnReconciler::new("stuck", &["Thing"], move |_| {
+    let reconciler = fn_reconciler("stuck", &["Thing"], move |_| {
         let held = held.clone();
         async move {
             held.acquire().await.unwrap().forget();
@@ -653,9 +694,11 @@ async fn shutdown_is_not_held_up_by_a_full_queue_whose_keys_were_lost() {
     for i in 0..5 {
         rig.apply("Thing", &format!("s{i}"));
     }
+    // One key per call, so the worker takes one and two stay queued.
     let engine = Engine {
         workers: 1,
         queue_size: 2,
+        round_size: 1,
         ..Engine::default()
     };
     let controller = rig.manager.add_reconciler(reconciler, engine).unwrap();
@@ -671,4 +714,237 @@ async fn shutdown_is_not_held_up_by_a_full_queue_whose_keys_were_lost() {
     tokio::time::timeout(Duration::from_secs(5), rig.manager.shutdown())
         .await
         .expect("shutdown ends although the resync waits for room");
+}
+
+/// One call a [`Rounds`] reconciler saw: a round of keys, or a key alone.
+#[derive(Clone, Debug, PartialEq, Eq)]
+enum Call {
+    Round(Vec<String>),
+    Alone(String),
+}
+
+/// How a [`Rounds`] reconciler answers a round.
+#[derive(Clone, Copy)]
+enum RoundAnswer {
+    /// One answer per request, as `reconcile` would give it; a request for
+    /// `poison` traps the whole call.
+    Each,
+    /// Always one answer too few.
+    Short,
+}
+
+/// A reconciler that takes rounds and logs its calls. An object named
+/// `poison` traps every call it is in; every other key succeeds.
+struct Rounds {
+    info: wit::Info,
+    log: Arc<Mutex<Vec<Call>>>,
+    answer: RoundAnswer,
+}
+
+impl Rounds {
+    fn new(answer: RoundAnswer) -> (Arc<Self>, Arc<Mutex<Vec<Call>>>) {
+        let log = Arc::new(Mutex::new(Vec::new()));
+        let info = wit::Info {
+            name: "rounds".into(),
+            version: "1".into(),
+            kinds: vec!["Thing".into()],
+            resync_interval: None,
+        };
+        let me = Arc::new(Self {
+            info,
+            log: log.clone(),
+            answer,
+        });
+        (me, log)
+    }
+}
+
+fn poison_or_done(request: &wit::Request) -> ReconcileCall {
+    if request.object.name == "poison" {
+        Err(crate::plugin::CallError::Trap("unreachable".into()))
+    } else {
+        done()
+    }
+}
+
+impl Reconciler for Rounds {
+    fn info(&self) -> &wit::Info {
+        &self.info
+    }
+
+    fn slot(&self) -> Box<dyn Slot> {
+        Box::new(RoundsSlot {
+            log: self.log.clone(),
+            answer: self.answer,
+        })
+    }
+}
+
+struct RoundsSlot {
+    log: Arc<Mutex<Vec<Call>>>,
+    answer: RoundAnswer,
+}
+
+impl Slot for RoundsSlot {
+    fn reconcile<'a>(&'a mut self, request: &'a wit::Request) -> BoxFuture<'a, ReconcileCall> {
+        self.log
+            .lock()
+            .unwrap()
+            .push(Call::Alone(request.object.name.clone()));
+        Box::pin(async move { poison_or_done(request) })
+    }
+
+    fn batches(&self) -> bool {
+        true
+    }
+
+    fn reconcile_batch<'a>(&'a mut self, requests: &'a [wit::Request]) -> BoxFuture<'a, BatchCall> {
+        let names = requests.iter().map(|r| r.object.name.clone()).collect();
+        self.log.lock().unwrap().push(Call::Round(names));
+        Box::pin(async move {
+            let mut answers: Vec<_> = requests
+                .iter()
+                .map(poison_or_done)
+                .collect::<Result<_, _>>()?;
+            if let RoundAnswer::Short = self.answer {
+                answers.pop();
+            }
+            Ok(answers)
+        })
+    }
+}
+
+fn rounds_engine(round_size: usize) -> Engine {
+    Engine {
+        workers: 1,
+        round_size,
+        ..Engine::default()
+    }
+}
+
+/// Run a [`Rounds`] reconciler answering `answer` on one worker with rounds of
+/// `round_size` over the objects already applied, until every one of `keys`
+/// is done; the log of its calls.
+async fn run_rounds(
+    rig: &Rig,
+    keys: &[ObjectKey],
+    answer: RoundAnswer,
+    round_size: usize,
+) -> Arc<Mutex<Vec<Call>>> {
+    let (reconciler, log) = Rounds::new(answer);
+    rig.manager
+        .add_reconciler(reconciler, rounds_engine(round_size))
+        .unwrap();
+    settle("every key done", || {
+        keys.iter()
+            .all(|k| rig.store.status(k).unwrap().phase == Phase::Done)
+    })
+    .await;
+    log
+}
+
+/// `count` objects `t0`, `t1`, ... of kind Thing.
+fn things(rig: &Rig, count: usize) -> Vec<ObjectKey> {
+    (0..count)
+        .map(|i| rig.apply("Thing", &format!("t{i}")))
+        .collect()
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_worker_reconciles_what_is_queued_in_rounds_and_settles_each_key() {
+    let rig = rig();
+    let keys = things(&rig, 50);
+    let log = run_rounds(&rig, &keys, RoundAnswer::Each, 16).await;
+    let log = log.lock().unwrap().clone();
+    let mut seen: Vec<String> = Vec::new();
+    for call in &log {
+        match call {
+            Call::Round(names) => {
+                assert!(names.len() > 1 && names.len() <= 16, "{call:?}");
+                seen.extend(names.iter().cloned());
+            }
+            Call::Alone(name) => seen.push(name.clone()),
+        }
+    }
+    seen.sort();
+    let mut want: Vec<String> = keys.iter().map(|k| k.name.clone()).collect();
+    want.sort();
+    assert_eq!(seen, want, "every key exactly once");
+    assert!(
+        log.len() <= 5,
+        "50 keys queued at start take a few rounds: {log:?}"
+    );
+    let status = rig.manager.controller("rounds").unwrap().status();
+    assert_eq!(status.successes, 50);
+    rig.manager.shutdown().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_trapping_round_is_retried_one_key_at_a_time_and_a_failed_key_goes_alone_after() {
+    let rig = rig();
+    let keys = things(&rig, 10);
+    let poison = rig.apply("Thing", "poison");
+    let log = run_rounds(&rig, &keys, RoundAnswer::Each, 64).await;
+    // Let the poison key's retries run out (ten, back-off up to a minute).
+    tokio::time::sleep(Duration::from_secs(600)).await;
+    let status = rig.store.status(&poison).unwrap();
+    assert_eq!(status.phase, Phase::Error);
+    assert!(status.terminal, "{status:?}");
+    let log = log.lock().unwrap().clone();
+    // The first round (all eleven keys) trapped; each key was then called
+    // alone, once; the poison key's retries are alone too.
+    assert_eq!(
+        log[0],
+        Call::Round((0..11).map(|i| name_at(&rig, i)).collect()),
+        "{log:?}"
+    );
+    let rounds = log.iter().filter(|c| matches!(c, Call::Round(_))).count();
+    assert_eq!(rounds, 1, "{log:?}");
+    for key in &keys {
+        let alone = log
+            .iter()
+            .filter(|c| **c == Call::Alone(key.name.clone()))
+            .count();
+        assert_eq!(alone, 1, "{}: {log:?}", key.name);
+    }
+    let poisoned = log
+        .iter()
+        .filter(|c| **c == Call::Alone("poison".into()))
+        .count();
+    assert_eq!(poisoned, 11, "the first attempt and ten retries: {log:?}");
+    let status = rig.manager.controller("rounds").unwrap().status();
+    assert_eq!((status.successes, status.given_up), (10, 1));
+    rig.manager.shutdown().await;
+}
+
+/// The name of the `i`-th object in key order (as the start-up resync queues them).
+fn name_at(rig: &Rig, i: usize) -> String {
+    rig.store.keys("Thing")[i].name.clone()
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_round_answered_with_the_wrong_count_blames_no_key() {
+    let rig = rig();
+    let keys = things(&rig, 8);
+    let log = run_rounds(&rig, &keys, RoundAnswer::Short, 64).await;
+    let log = log.lock().unwrap().clone();
+    assert!(
+        matches!(&log[0], Call::Round(names) if names.len() == 8),
+        "{log:?}"
+    );
+    assert_eq!(log.len(), 9, "one round, then each key alone: {log:?}");
+    let status = rig.manager.controller("rounds").unwrap().status();
+    assert_eq!((status.successes, status.failures), (8, 0));
+    rig.manager.shutdown().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_round_size_of_one_calls_each_key_alone() {
+    let rig = rig();
+    let keys = things(&rig, 8);
+    let log = run_rounds(&rig, &keys, RoundAnswer::Each, 1).await;
+    let log = log.lock().unwrap().clone();
+    assert!(log.iter().all(|c| matches!(c, Call::Alone(_))), "{log:?}");
+    assert_eq!(log.len(), 8);
+    rig.manager.shutdown().await;
 }

@@ -9,7 +9,7 @@ pub const PACKAGE: &str = "setpoint:reconciler";
 /// The world a plugin implements.
 pub const WORLD: &str = "setpoint:reconciler/plugin";
 /// The version of the WIT package in `wit/`, which this host implements.
-pub const CONTRACT_VERSION: &str = "0.1.2";
+pub const CONTRACT_VERSION: &str = "0.1.3";
 /// The package versions this host accepts, as a semver requirement.
 pub const SUPPORTED_VERSIONS: &str = "0.1.x (>=0.1.0, <0.2.0)";
 

@@ -38,8 +38,8 @@ pub struct HostState {
     pub(super) key: String,
     /// Epoch ticks left before the current call is stopped.
     pub(super) ticks_left: u64,
-    /// What the current call reported through `objects.report-drift`.
-    pub(super) drift: Option<String>,
+    /// How many times the current call reported drift (`objects.report-drift`).
+    pub(super) drifts: usize,
     /// The end of what the instance wrote to stderr.
     pub(super) stderr: super::stderr::StderrTail,
 }
@@ -143,7 +143,7 @@ impl objects::Host for HostState {
 
     fn report_drift(&mut self, detail: String) {
         tracing::info!(plugin = %self.host.plugin, key = %self.key, "drift: {detail}");
-        self.drift = Some(detail);
+        self.drifts += 1;
     }
 }
 

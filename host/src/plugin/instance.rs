@@ -36,6 +36,8 @@ pub enum CallError {
     NoPruner,
     #[error("the plugin does not export `setpoint:reconciler/admission`")]
     NoAdmission,
+    #[error("the plugin does not export `setpoint:reconciler/batch-reconciler`")]
+    NoBatch,
     #[error("{0}")]
     Mismatch(String),
 }
@@ -44,8 +46,8 @@ pub enum CallError {
 pub struct Instance {
     plugin: Plugin,
     live: Option<Live>,
-    /// What the last call reported through `objects.report-drift`, if anything.
-    drift: Option<String>,
+    /// How many times the last call reported drift (`objects.report-drift`).
+    drifts: usize,
 }
 
 /// An instantiated component and its `Store`.
@@ -54,6 +56,7 @@ struct Live {
     reconciler: wit::Reconciler,
     pruner: Option<wit::Pruner>,
     admission: Option<wit::Admission>,
+    batch: Option<wit::BatchReconciler>,
     calls: u64,
 }
 
@@ -62,13 +65,19 @@ impl Instance {
         Self {
             plugin,
             live: None,
-            drift: None,
+            drifts: 0,
         }
     }
 
-    /// The drift the last call reported (`objects.report-drift`), taken.
-    pub fn take_drift(&mut self) -> Option<String> {
-        self.drift.take()
+    /// How many times the last call reported drift (`objects.report-drift`),
+    /// taken.
+    pub fn take_drifts(&mut self) -> usize {
+        std::mem::take(&mut self.drifts)
+    }
+
+    /// True if the plugin takes rounds (exports `batch-reconciler`).
+    pub fn batches(&self) -> bool {
+        self.plugin.can_batch()
     }
 
     /// True if the slot holds a live instance (for tests of recycling).
@@ -88,6 +97,24 @@ impl Instance {
             .reconciler
             .call_reconcile(&mut live.store, request)
             .await;
+        self.finish(result)
+    }
+
+    /// Call `reconcile-batch`, if the plugin exports `batch-reconciler`: one
+    /// answer per request, in order. The call has the time limit of one
+    /// reconcile per request.
+    pub async fn reconcile_batch(
+        &mut self,
+        requests: &[wit::Request],
+    ) -> Result<Vec<Result<wit::Outcome, wit::Failure>>, CallError> {
+        if self.plugin.inner.batch.is_none() {
+            return Err(CallError::NoBatch);
+        }
+        let plugin = self.plugin.inner.clone();
+        let live = self.live().await?;
+        live.arm_for(&plugin, "", requests.len());
+        let batch = live.batch.clone().ok_or(CallError::NoBatch)?;
+        let result = batch.call_reconcile_batch(&mut live.store, requests).await;
         self.finish(result)
     }
 
@@ -135,7 +162,7 @@ impl Instance {
         let settings = &self.plugin.inner.settings;
         let live = self.live.as_mut().expect("a call ran on it");
         live.calls += 1;
-        self.drift = live.store.data_mut().drift.take();
+        self.drifts = std::mem::take(&mut live.store.data_mut().drifts);
         match result {
             Ok(value) => {
                 if settings.instances == InstanceMode::Fresh || live.calls >= settings.recycle_after
@@ -204,7 +231,7 @@ impl Live {
             host: plugin.host.clone(),
             key: String::new(),
             ticks_left: 0,
-            drift: None,
+            drifts: 0,
             stderr,
         };
         let engine = plugin.runtime.engine();
@@ -236,15 +263,20 @@ impl Live {
                 Some(a) => Some(a.load(&mut store, &instance)?),
                 None => None,
             };
-            wasmtime::Result::Ok(Ok((reconciler, pruner, admission)))
+            let batch = match &plugin.batch {
+                Some(b) => Some(b.load(&mut store, &instance)?),
+                None => None,
+            };
+            wasmtime::Result::Ok(Ok((reconciler, pruner, admission, batch)))
         };
         match setup.await {
             Ok(Err(mismatch)) => Err(mismatch),
-            Ok(Ok((reconciler, pruner, admission))) => Ok(Live {
+            Ok(Ok((reconciler, pruner, admission, batch))) => Ok(Live {
                 store,
                 reconciler,
                 pruner,
                 admission,
+                batch,
                 calls: 0,
             }),
             Err(e) => Err(match classify(&e, store.data(), plugin) {
@@ -256,19 +288,27 @@ impl Live {
 
     /// Reset the per-call limits before a call.
     fn arm(&mut self, plugin: &PluginInner, key: &str) {
-        let ticks = plugin
-            .runtime
-            .ticks_for(plugin.settings.limits.max_reconcile_time);
+        self.arm_for(plugin, key, 1);
+    }
+
+    /// Reset the per-call limits before a call that does the work of
+    /// `reconciles` reconciles (a round): it gets that many times the time limit.
+    fn arm_for(&mut self, plugin: &PluginInner, key: &str, reconciles: usize) {
+        let limit = plugin
+            .settings
+            .limits
+            .max_reconcile_time
+            .saturating_mul(u32::try_from(reconciles.max(1)).unwrap_or(u32::MAX));
+        let ticks = plugin.runtime.ticks_for(limit);
         let state = self.store.data_mut();
         if state.http_hooks.policy.is_some() {
-            state.http_hooks.call_ends =
-                Some(tokio::time::Instant::now() + plugin.settings.limits.max_reconcile_time);
+            state.http_hooks.call_ends = Some(tokio::time::Instant::now() + limit);
         }
         state.ticks_left = ticks;
         state.limiter.memory_refused = false;
         state.key.clear();
         state.key.push_str(key);
-        state.drift = None;
+        state.drifts = 0;
         state.stderr.clear();
         self.store.set_epoch_deadline(1);
     }
@@ -292,6 +332,7 @@ fn signature_mismatch(
     let reconciler = &compat::export_name(&plugin.pre, plugin.runtime.engine(), "reconciler");
     let pruner = &compat::export_name(&plugin.pre, plugin.runtime.engine(), "pruner");
     let admission = &compat::export_name(&plugin.pre, plugin.runtime.engine(), "admission");
+    let batch = &compat::export_name(&plugin.pre, plugin.runtime.engine(), "batch-reconciler");
     let wrong = |iface: &str, name: &str, e: wasmtime::Error| {
         Some(format!(
             "its export `{iface}` has a `{name}` of the wrong type ({e:#}); rebuild it against \
@@ -317,6 +358,12 @@ fn signature_mismatch(
         && let Err(e) = f.typed::<(wit::Object,), (Result<(), String>,)>(&*store)
     {
         return wrong(admission, "validate", e);
+    }
+    if let Some(f) = func(store, batch, "reconcile-batch")
+        && let Err(e) =
+            f.typed::<(Vec<wit::Request>,), (Vec<Result<wit::Outcome, wit::Failure>>,)>(&*store)
+    {
+        return wrong(batch, "reconcile-batch", e);
     }
     None
 }

@@ -37,12 +37,15 @@ pub use settings::{
 pub mod wit {
     wasmtime::component::bindgen!({
         path: "../wit",
-        world: "plugin-with-admission",
+        world: "plugin-with-batch",
         exports: { default: async },
     });
 
     pub use self::exports::setpoint::reconciler::admission::{
         Guest as Admission, GuestIndices as AdmissionIndices,
+    };
+    pub use self::exports::setpoint::reconciler::batch_reconciler::{
+        Guest as BatchReconciler, GuestIndices as BatchReconcilerIndices,
     };
     pub use self::exports::setpoint::reconciler::pruner::{
         Guest as Pruner, GuestIndices as PrunerIndices,

@@ -158,7 +158,7 @@ impl Runtime {
         // Linked for every plugin; only a granted one may import it, and its
         // requests pass the allow-list (see `plugin::http`).
         wasmtime_wasi_http::p2::add_only_http_to_linker_async(&mut linker)?;
-        wit::PluginWithAdmission::add_to_linker::<_, HasSelf<_>>(&mut linker, |s| s)?;
+        wit::PluginWithBatch::add_to_linker::<_, HasSelf<_>>(&mut linker, |s| s)?;
         let cache = CompileCache::new(&engine, config.cache_dir());
         let ticker = EpochTicker::start(engine.clone(), config.epoch_tick);
         Ok(Self {
@@ -291,6 +291,7 @@ impl Runtime {
         })?;
         let pruner = wit::PrunerIndices::new(&pre).ok();
         let admission = wit::AdmissionIndices::new(&pre).ok();
+        let batch = wit::BatchReconcilerIndices::new(&pre).ok();
         let report = LoadReport {
             path: path.clone(),
             sha256,
@@ -304,6 +305,7 @@ impl Runtime {
             reconciler,
             pruner,
             admission,
+            batch,
             imports_http,
             http,
             settings,
@@ -471,6 +473,8 @@ pub(super) struct PluginInner {
     pub(super) reconciler: wit::ReconcilerIndices,
     pub(super) pruner: Option<wit::PrunerIndices>,
     pub(super) admission: Option<wit::AdmissionIndices>,
+    /// Set if the component exports `batch-reconciler` (0.1.3).
+    pub(super) batch: Option<wit::BatchReconcilerIndices>,
     /// The component imports `wasi:http/outgoing-handler`.
     pub(super) imports_http: bool,
     /// Where its HTTP requests may go; `None`: nowhere.
@@ -513,6 +517,7 @@ impl Plugin {
                 reconciler: inner.reconciler.clone(),
                 pruner: inner.pruner.clone(),
                 admission: inner.admission.clone(),
+                batch: inner.batch.clone(),
                 imports_http: inner.imports_http,
                 http: http_policy(&settings)?,
                 settings,
@@ -556,6 +561,12 @@ impl Plugin {
     /// are stored).
     pub fn can_validate(&self) -> bool {
         self.inner.admission.is_some()
+    }
+
+    /// True if the component exports `batch-reconciler` (takes a round of
+    /// reconciles in one call; WIT 0.1.3).
+    pub fn can_batch(&self) -> bool {
+        self.inner.batch.is_some()
     }
 
     /// A new instance slot for one worker. It instantiates lazily on first call.

@@ -13,6 +13,19 @@
 //!   [`QueueError::Full`] instead. Nothing is dropped silently.
 //! - After [`WorkQueue::shutdown`], adds are refused; `get` hands out what is
 //!   still queued (drain) until [`WorkQueue::hand_back`] takes it away.
+//! - Keys are queued at a [`Priority`]: live changes first, then retries and
+//!   requeues that are due, then sweeps (resyncs, full reconciliations). A key
+//!   added again at a more urgent priority moves up; never down. Within a
+//!   priority, keys go in the order they were added.
+//! - No priority starves: each lane serves its keys in a fixed cycle of
+//!   [`CYCLE`] turns (six live, one due, one sweep), and a turn whose priority
+//!   has nothing waiting goes to the most urgent one that has. So while every
+//!   priority has keys waiting, live keys get at least 6 of every 8 takes,
+//!   due keys and sweeps at least 1 each; and a live key at the head of its
+//!   lane is taken within 2 takes, however many sweep keys wait.
+//! - Sweeps fill at most half the queue: a sweep's add waits (or `try_add`
+//!   answers `Full`) while half of `capacity` keys wait, so live changes and
+//!   retries always find room in the other half.
 
 use std::collections::{HashMap, VecDeque};
 use std::hash::Hash;
@@ -46,6 +59,31 @@ pub struct Timings {
     pub waited: Duration,
 }
 
+/// How urgent a queued key is; the most urgent first.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Priority {
+    /// A change to the object (create, update, delete) or an event about it.
+    Live = 0,
+    /// A retry or a requeue whose delay is over.
+    Due = 1,
+    /// A resync or full reconciliation: every object, nothing known to change.
+    Sweep = 2,
+}
+
+const PRIORITIES: [Priority; 3] = [Priority::Live, Priority::Due, Priority::Sweep];
+
+/// The priority each turn of a lane's cycle serves first (see the module doc).
+pub const CYCLE: [Priority; 8] = [
+    Priority::Live,
+    Priority::Live,
+    Priority::Live,
+    Priority::Due,
+    Priority::Live,
+    Priority::Live,
+    Priority::Live,
+    Priority::Sweep,
+];
+
 /// A bounded deduplicating queue of keys with one lane per worker.
 pub struct WorkQueue<K> {
     state: Mutex<State<K>>,
@@ -55,7 +93,7 @@ pub struct WorkQueue<K> {
 }
 
 struct State<K> {
-    lanes: Vec<VecDeque<K>>,
+    lanes: Vec<Lane<K>>,
     /// Every key the queue knows: waiting, being processed, or both (dirty).
     keys: HashMap<K, Slot>,
     /// Keys that need processing (queued, or re-added while processing).
@@ -65,10 +103,29 @@ struct State<K> {
     shutting_down: bool,
 }
 
+/// One worker's keys, one queue per priority, and where it is in its cycle.
+struct Lane<K> {
+    /// By priority. An entry whose key has since moved up (or was removed or
+    /// taken) is stale and skipped when it comes out.
+    queues: [VecDeque<K>; 3],
+    turn: usize,
+}
+
+impl<K> Lane<K> {
+    fn new() -> Self {
+        Self {
+            queues: [VecDeque::new(), VecDeque::new(), VecDeque::new()],
+            turn: 0,
+        }
+    }
+}
+
 /// One key's place in the queue.
 struct Slot {
     /// The lane it goes to.
     lane: usize,
+    /// The most urgent priority it was added at since it was last taken.
+    priority: Priority,
     /// When it was added, while it needs processing.
     added: Option<Instant>,
     /// When a worker took it, while it is being processed.
@@ -81,7 +138,7 @@ impl<K: Clone + Eq + Hash> WorkQueue<K> {
         let lanes = lanes.max(1);
         Self {
             state: Mutex::new(State {
-                lanes: (0..lanes).map(|_| VecDeque::new()).collect(),
+                lanes: (0..lanes).map(|_| Lane::new()).collect(),
                 keys: HashMap::new(),
                 waiting: 0,
                 processing: 0,
@@ -103,33 +160,67 @@ impl<K: Clone + Eq + Hash> WorkQueue<K> {
         self.lanes.len()
     }
 
-    /// Queue `key` on `lane`, waiting while the queue is full.
+    /// Queue `key` on `lane` as a live change, waiting while the queue is full.
     pub async fn add(&self, key: K, lane: usize) -> Result<Added, QueueError> {
+        self.add_at(key, lane, Priority::Live).await
+    }
+
+    /// Queue `key` on `lane` at `priority`, waiting while the queue is full
+    /// (for a sweep: while half of it is).
+    pub async fn add_at(
+        &self,
+        key: K,
+        lane: usize,
+        priority: Priority,
+    ) -> Result<Added, QueueError> {
         loop {
             let room = self.room.notified();
-            match self.try_add(key.clone(), lane) {
+            match self.try_add_at(key.clone(), lane, priority) {
                 Err(QueueError::Full(_)) => room.await,
                 other => return other,
             }
         }
     }
 
-    /// Queue `key` on `lane`, or say why not at once.
+    /// Queue `key` on `lane` as a live change, or say why not at once.
     pub fn try_add(&self, key: K, lane: usize) -> Result<Added, QueueError> {
+        self.try_add_at(key, lane, Priority::Live)
+    }
+
+    /// Queue `key` on `lane` at `priority`, or say why not at once.
+    pub fn try_add_at(&self, key: K, lane: usize, priority: Priority) -> Result<Added, QueueError> {
         let lane = lane % self.lanes.len();
         let mut guard = self.lock();
         let s = &mut *guard;
         if s.shutting_down {
             return Err(QueueError::ShutDown);
         }
-        let full = s.waiting >= self.capacity;
+        let room = match priority {
+            Priority::Sweep => (self.capacity / 2).max(1),
+            _ => self.capacity,
+        };
+        let full = s.waiting >= room;
         match s.keys.get_mut(&key) {
-            Some(slot) if slot.added.is_some() => return Ok(Added::Folded),
+            Some(slot) if slot.added.is_some() => {
+                if priority < slot.priority {
+                    // Already waiting, less urgently: it moves up. (Being
+                    // processed, it is queued at this priority by `done`.)
+                    slot.priority = priority;
+                    if slot.started.is_none() {
+                        let lane = slot.lane;
+                        s.lanes[lane].queues[priority as usize].push_back(key);
+                        drop(guard);
+                        self.lanes[lane].notify_one();
+                    }
+                }
+                return Ok(Added::Folded);
+            }
             _ if full => return Err(QueueError::Full(s.waiting)),
             Some(slot) => {
                 // Being processed: mark it dirty; `done` queues it on this lane.
                 slot.added = Some(Instant::now());
                 slot.lane = lane;
+                slot.priority = priority;
                 s.waiting += 1;
                 return Ok(Added::Queued);
             }
@@ -139,12 +230,13 @@ impl<K: Clone + Eq + Hash> WorkQueue<K> {
             key.clone(),
             Slot {
                 lane,
+                priority,
                 added: Some(Instant::now()),
                 started: None,
             },
         );
         s.waiting += 1;
-        s.lanes[lane].push_back(key);
+        s.lanes[lane].queues[priority as usize].push_back(key);
         drop(guard);
         self.lanes[lane].notify_one();
         Ok(Added::Queued)
@@ -171,14 +263,14 @@ impl<K: Clone + Eq + Hash> WorkQueue<K> {
         let lane = lane % self.lanes.len();
         let mut guard = self.lock();
         let s = &mut *guard;
-        let key = s.lanes[lane].pop_front()?;
+        let key = s.pop(lane)?;
         let now = Instant::now();
-        let slot = s.keys.get_mut(&key).expect("a queued key has a slot");
+        let slot = s.keys.get_mut(&key).expect("a taken key has a slot");
         let added = slot.added.take().unwrap_or(now);
         slot.started = Some(now);
         s.waiting -= 1;
         s.processing += 1;
-        let more = !s.lanes[lane].is_empty();
+        let more = s.lanes[lane].queues.iter().any(|q| !q.is_empty());
         drop(guard);
         self.room.notify_one();
         if more {
@@ -209,9 +301,9 @@ impl<K: Clone + Eq + Hash> WorkQueue<K> {
         if slot.added.is_none() {
             return worked;
         }
-        let lane = slot.lane;
+        let (lane, priority) = (slot.lane, slot.priority);
         s.keys.insert(key.clone(), slot);
-        s.lanes[lane].push_back(key.clone());
+        s.lanes[lane].queues[priority as usize].push_back(key.clone());
         drop(guard);
         self.lanes[lane].notify_one();
         worked
@@ -230,9 +322,8 @@ impl<K: Clone + Eq + Hash> WorkQueue<K> {
         }
         s.waiting -= 1;
         if slot.started.is_none() {
-            let lane = slot.lane;
+            // Its entry in the lane is now stale, and skipped.
             s.keys.remove(key);
-            s.lanes[lane].retain(|k| k != key);
         }
         drop(guard);
         self.room.notify_one();
@@ -254,11 +345,12 @@ impl<K: Clone + Eq + Hash> WorkQueue<K> {
         let mut guard = self.lock();
         let s = &mut *guard;
         let mut handed: Vec<K> = Vec::with_capacity(s.waiting);
-        for lane in &mut s.lanes {
-            for key in lane.drain(..) {
+        for lane in 0..s.lanes.len() {
+            while let Some(key) = s.pop(lane) {
                 s.keys.remove(&key);
                 handed.push(key);
             }
+            s.lanes[lane].queues.iter_mut().for_each(VecDeque::clear);
         }
         // A key re-added while being processed is not in a lane: hand it back too.
         for (key, slot) in &mut s.keys {
@@ -299,6 +391,31 @@ impl<K: Clone + Eq + Hash> WorkQueue<K> {
             .fold((Duration::ZERO, Duration::ZERO), |(sum, max), d| {
                 (sum + d, max.max(d))
             })
+    }
+}
+
+impl<K: Clone + Eq + Hash> State<K> {
+    /// The next key `lane` serves: its cycle's priority for this turn if one
+    /// waits, else the most urgent that has one. Stale entries are dropped.
+    fn pop(&mut self, lane: usize) -> Option<K> {
+        let l = &mut self.lanes[lane];
+        let first = CYCLE[l.turn % CYCLE.len()];
+        let order = std::iter::once(first).chain(PRIORITIES.into_iter().filter(|p| *p != first));
+        for priority in order {
+            while let Some(key) = l.queues[priority as usize].pop_front() {
+                let current = self.keys.get(&key).is_some_and(|slot| {
+                    slot.added.is_some()
+                        && slot.started.is_none()
+                        && slot.lane == lane
+                        && slot.priority == priority
+                });
+                if current {
+                    l.turn = l.turn.wrapping_add(1);
+                    return Some(key);
+                }
+            }
+        }
+        None
     }
 }
 

@@ -88,6 +88,15 @@ pub trait Backend: Send + Sync + 'static {
     fn load(&self) -> Result<Loaded, StoreError>;
     /// Store `commit`: every required row or none (see [`Commit::required`]).
     fn commit(&self, commit: &Commit<'_>) -> Result<(), StoreError>;
+    /// True if every written-behind row it is given is stored (or lost only
+    /// with the process, and reloaded consistently). A backend that may drop
+    /// one (see [`Commit::required`]) answers false: the in-memory copy may
+    /// then differ from what is stored, so the store sends a write even when
+    /// it changes nothing in memory.
+    fn keeps_writes_behind(&self) -> bool {
+        true
+    }
+
     /// Deliver changes made by others (other replicas sharing the backend) to
     /// `sink` from now on. Backends only this process writes have none.
     fn follow(&self, sink: Sink) {

@@ -401,6 +401,11 @@ impl EtcdBackend {
 }
 
 impl Backend for EtcdBackend {
+    /// A written-behind row that lost a race or was fenced is dropped.
+    fn keeps_writes_behind(&self) -> bool {
+        false
+    }
+
     fn load(&self) -> Result<Loaded, StoreError> {
         match self
             .prefetched

@@ -705,14 +705,14 @@ impl Store {
                 why: e.to_string(),
             })?;
         let mut inner = self.lock();
-        let mut object = inner
+        let current = inner
             .objects
             .get(key)
-            .cloned()
             .ok_or_else(|| StoreError::NotFound(key.clone()))?;
-        if object.status.as_ref() == Some(&value) {
+        if current.status.as_ref() == Some(&value) && self.shared.backend.keeps_writes_behind() {
             return Ok(());
         }
+        let mut object = current.clone();
         inner.next_version += 1;
         object.status = Some(value);
         object.metadata.resource_version = inner.next_version;
@@ -900,15 +900,29 @@ impl Store {
             (Phase::Done, Some(g)) if g < object.metadata.generation => Phase::Pending,
             (phase, _) => phase,
         };
+        let before = inner.status.get(key);
         let observed = generation
-            .or_else(|| inner.status.get(key).map(|s| s.observed_generation))
+            .or_else(|| before.map(|s| s.observed_generation))
             .unwrap_or(0);
+        let terminal = terminal && phase == Phase::Error;
+        // The same status again (a resync that found nothing to do): nothing
+        // to write, nobody to tell. (Unless the backend may have dropped the
+        // last write of it.)
+        if let Some(before) = before
+            && self.shared.backend.keeps_writes_behind()
+            && before.phase == phase
+            && before.last_error == error
+            && before.observed_generation == observed
+            && before.terminal == terminal
+        {
+            return Ok(());
+        }
         let status = ReconcileStatus {
             phase,
             last_error: error,
             updated_at: now_ms(),
             observed_generation: observed,
-            terminal: terminal && phase == Phase::Error,
+            terminal,
         };
         inner.status.insert(key.clone(), status.clone());
         inner.dirty_status.insert(key.clone());
@@ -1232,6 +1246,26 @@ mod tests {
         assert!(c.metadata.resource_version > b.metadata.resource_version);
         assert_ne!(c.metadata.uid, a.metadata.uid);
         assert_ne!(c.metadata.uid, b.metadata.uid);
+    }
+
+    #[test]
+    fn a_reconcile_that_changes_nothing_writes_nothing() {
+        let store = Store::new();
+        let key = store.apply(file("a", "1")).unwrap().object.key();
+        store.mark_done(&key, 1).unwrap();
+        store.set_status(&key, r#"{"ok":true}"#).unwrap();
+        store.flush().unwrap();
+        let before = (store.status(&key).unwrap(), store.get(&key).unwrap());
+        // The same outcome again, as a resync would bring it: nothing to write.
+        store.mark_done(&key, 1).unwrap();
+        store.set_status(&key, r#"{"ok": true}"#).unwrap();
+        store.mark_error(&key, "boom").unwrap();
+        assert_eq!(store.lock().dirty(), 1, "only the changed phase is written");
+        store.flush().unwrap();
+        store.mark_error(&key, "boom").unwrap();
+        assert_eq!(store.lock().dirty(), 0);
+        assert_eq!(store.get(&key).unwrap(), before.1);
+        assert_ne!(store.status(&key).unwrap().phase, before.0.phase);
     }
 
     #[test]
