@@ -5,6 +5,10 @@
 //! - Every object of the plugin's kinds is reconciled once at start, again on
 //!   every change the store reports, and again from the store whenever this
 //!   process gains ownership of it (see [`Ownership`]).
+//! - Changes are queued first, retries and requeues that are due next, and
+//!   sweeps (the start-up resync, periodic resyncs, full reconciliations,
+//!   ownership gained) last, with a fairness cycle so none starves (see
+//!   [`Priority`]); a sweep never holds up the change loop.
 //! - A key is routed to one worker by the [`WorkerHasher`] (a negative answer
 //!   drops it, counted); it is queued at most once and never reconciled by two
 //!   workers at once (see [`WorkQueue`]).
@@ -71,7 +75,8 @@ use crate::ownership::{Owned, Ownership};
 use crate::plugin::Plugin;
 use crate::plugin::wit::{self, ReconcileError};
 use crate::queue::{
-    Added, Backoff, DequeuePolicy, EventRef, Fnv1a, QueueError, Timers, WorkQueue, WorkerHasher,
+    Added, Backoff, DequeuePolicy, EventRef, Fnv1a, Priority, QueueError, Timers, WorkQueue,
+    WorkerHasher,
 };
 use crate::store::{Change, Store, finalizer_of, now_ms};
 
@@ -559,7 +564,14 @@ impl Controller {
                 me.queue.shutdown();
             }
         });
-        self.resync().await;
+        // The start-up resync runs beside the change loop: queueing a million
+        // objects (waiting for room as the workers make it) must not hold up a
+        // live change behind it. The change is queued ahead of the sweep.
+        let me = self.clone();
+        tasks.spawn(supervised(self.clone(), "start-up resync", move || {
+            let me = me.clone();
+            async move { me.resync().await }
+        }));
         loop {
             tokio::select! {
                 change = changes.recv() => match change {
@@ -611,7 +623,9 @@ impl Controller {
                     let entry = keys.entry(key.clone()).or_default();
                     entry.pending.get_or_insert(Action::Resynced);
                 }
-                self.enqueue(key).await;
+                if !self.enqueue(key, Priority::Sweep).await {
+                    return;
+                }
             }
         }
     }
@@ -745,7 +759,7 @@ impl Controller {
             // A change starts the count afresh: a given-up key comes back.
             entry.failures = 0;
         }
-        self.enqueue(change.key).await;
+        self.enqueue(change.key, Priority::Live).await;
     }
 
     /// Queue one key now (a `resynced` reconcile), without waiting for room: a
@@ -790,16 +804,19 @@ impl Controller {
         lane
     }
 
-    /// Route a key to its worker and queue it, waiting while the queue is full.
-    async fn enqueue(&self, key: ObjectKey) {
+    /// Route a key to its worker and queue it at `priority`, waiting while
+    /// the queue is full. False once the queue is shut down.
+    async fn enqueue(&self, key: ObjectKey, priority: Priority) -> bool {
         let Some(lane) = self.lane(&key) else {
-            return;
+            return true;
         };
-        match self.queue.add(key, lane).await {
+        match self.queue.add_at(key, lane, priority).await {
             Ok(Added::Queued) => self.metrics.added(),
-            Ok(Added::Folded) | Err(QueueError::ShutDown) => {}
+            Ok(Added::Folded) => {}
+            Err(QueueError::ShutDown) => return false,
             Err(QueueError::Full(_)) => unreachable!("add waits for room"),
         }
+        true
     }
 
     async fn fire_timers(self: Arc<Self>, shutdown: CancellationToken) {
@@ -812,7 +829,7 @@ impl Controller {
                 if let Some(entry) = self.keys().get_mut(&key) {
                     entry.retry = None;
                 }
-                self.enqueue(key).await;
+                self.enqueue(key, Priority::Due).await;
             }
         }
     }

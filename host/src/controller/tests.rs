@@ -8,6 +8,7 @@ use std::time::Duration;
 use super::*;
 use crate::object::Object;
 use crate::ownership::Ownership;
+use crate::queue::CYCLE;
 use crate::store::Phase;
 
 fn done() -> ReconcileCall {
@@ -694,10 +695,11 @@ async fn shutdown_is_not_held_up_by_a_full_queue_whose_keys_were_lost() {
     for i in 0..5 {
         rig.apply("Thing", &format!("s{i}"));
     }
-    // One key per call, so the worker takes one and two stay queued.
+    // One key per call, so the worker takes one and two stay queued (a
+    // resync fills at most half the queue).
     let engine = Engine {
         workers: 1,
-        queue_size: 2,
+        queue_size: 4,
         round_size: 1,
         ..Engine::default()
     };
@@ -946,5 +948,111 @@ async fn a_round_size_of_one_calls_each_key_alone() {
     let log = log.lock().unwrap().clone();
     assert!(log.iter().all(|c| matches!(c, Call::Alone(_))), "{log:?}");
     assert_eq!(log.len(), 8);
+    rig.manager.shutdown().await;
+}
+
+/// A reconciler that logs the names it is called with, in order, yields once
+/// per call (so the controller's change loop runs between calls, as it would
+/// on another thread), and calls `on_call` with the log so far.
+fn ordered(
+    on_call: impl Fn(&[String]) + Send + Sync + 'static,
+) -> (Arc<dyn Reconciler>, Arc<Mutex<Vec<String>>>) {
+    let log = Arc::new(Mutex::new(Vec::<String>::new()));
+    let seen = log.clone();
+    let reconciler = fn_reconciler("ordered", &["Thing"], move |request: wit::Request| {
+        {
+            let mut log = seen.lock().unwrap();
+            log.push(request.object.name.clone());
+            on_call(&log);
+        }
+        async {
+            tokio::task::yield_now().await;
+            done()
+        }
+    });
+    (reconciler, log)
+}
+
+fn sweep_engine() -> Engine {
+    Engine {
+        workers: 1,
+        queue_size: 300_000,
+        round_size: 16,
+        shutdown: ShutdownMode::HandBack,
+        ..Engine::default()
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_live_change_is_reconciled_within_a_few_dispatches_while_a_100k_resync_is_queued() {
+    let rig = rig();
+    for i in 0..100_000 {
+        rig.apply("Thing", &format!("s{i}"));
+    }
+    // At the 1000th call of the start-up resync, an object is created.
+    let store = rig.store.clone();
+    let (reconciler, log) = ordered(move |log| {
+        if log.len() == 1000 {
+            store
+                .apply(Object::new("Thing", "", "live", serde_json::json!({})))
+                .unwrap();
+        }
+    });
+    rig.manager
+        .add_reconciler(reconciler, sweep_engine())
+        .unwrap();
+    let at = || log.lock().unwrap().iter().position(|n| n == "live");
+    settle("the live object reconciled", || at().is_some()).await;
+    // Behind the 99,000 resync keys still queued, in order it would come
+    // after all of them. It waits for what the worker holds (in rounds, the
+    // rest of a round of 16) and at most two more takes.
+    let waited = at().unwrap() - 1000;
+    assert!(
+        waited <= 16 + 2,
+        "reconciled {waited} calls after its change"
+    );
+    rig.manager.shutdown().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_resync_finishes_while_live_changes_keep_coming() {
+    const SWEEP: usize = 5_000;
+    let rig = rig();
+    for i in 0..SWEEP {
+        rig.apply("Thing", &format!("s{i}"));
+    }
+    // Every call changes one of ten hot objects, until the sweep is done:
+    // there is always a live change waiting.
+    let store = rig.store.clone();
+    let (reconciler, log) = ordered(move |log| {
+        let swept = log.iter().filter(|n| n.starts_with('s')).count();
+        if swept < SWEEP {
+            let name = format!("hot{}", log.len() % 10);
+            let spec = serde_json::json!({ "n": log.len() });
+            store.apply(Object::new("Thing", "", &name, spec)).unwrap();
+        }
+    });
+    rig.manager
+        .add_reconciler(reconciler, sweep_engine())
+        .unwrap();
+    let swept = || {
+        let log = log.lock().unwrap();
+        let sweeps = log.iter().filter(|n| n.starts_with('s')).count();
+        (sweeps, log.len())
+    };
+    settle("the resync done", || swept().0 == SWEEP).await;
+    let (sweeps, calls) = swept();
+    assert!(
+        calls - sweeps >= SWEEP,
+        "live changes were served throughout"
+    );
+    // The sweep's turn comes once in every eight takes: between two of its
+    // keys, at most seven others, however many live changes wait.
+    let log = log.lock().unwrap().clone();
+    let at: Vec<usize> = (0..log.len())
+        .filter(|&i| log[i].starts_with('s'))
+        .collect();
+    let gap = at.windows(2).map(|w| w[1] - w[0]).max().unwrap();
+    assert!(gap <= CYCLE.len(), "{gap} calls between two resync keys");
     rig.manager.shutdown().await;
 }

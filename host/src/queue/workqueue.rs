@@ -587,4 +587,120 @@ mod tests {
         q.try_add("b", 0).unwrap();
         assert_eq!(q.try_get(0).map(|(k, _)| k), Some("b"));
     }
+
+    /// Take `n` keys from lane 0, finishing each.
+    fn take(q: &WorkQueue<String>, n: usize) -> Vec<String> {
+        (0..n)
+            .map_while(|_| {
+                let (key, _) = q.try_get(0)?;
+                q.done(&key);
+                Some(key)
+            })
+            .collect()
+    }
+
+    #[tokio::test]
+    async fn a_live_key_is_taken_within_two_takes_however_many_sweep_keys_wait() {
+        // At every point of the cycle, a live key arriving behind 100k sweep
+        // keys is among the next two taken.
+        for turn in 0..CYCLE.len() {
+            let q = WorkQueue::<String>::new(1, 300_000);
+            for i in 0..100_000 {
+                q.try_add_at(format!("sweep-{i}"), 0, Priority::Sweep)
+                    .unwrap();
+            }
+            take(&q, turn);
+            let live = "live".to_string();
+            q.try_add(live.clone(), 0).unwrap();
+            let next = take(&q, 2);
+            assert!(next.contains(&live), "turn {turn}: {next:?}");
+        }
+    }
+
+    #[tokio::test]
+    async fn sweeps_and_due_keys_progress_while_live_keys_keep_coming() {
+        let q = WorkQueue::<String>::new(1, 100_000);
+        for i in 0..1000 {
+            q.try_add_at(format!("sweep-{i}"), 0, Priority::Sweep)
+                .unwrap();
+            q.try_add_at(format!("due-{i}"), 0, Priority::Due).unwrap();
+        }
+        // A new live key before every take: the live queue is never empty.
+        let mut taken = Vec::new();
+        for i in 0..8000 {
+            q.try_add(format!("live-{i}"), 0).unwrap();
+            taken.extend(take(&q, 1));
+        }
+        let count = |prefix: &str| taken.iter().filter(|k| k.starts_with(prefix)).count();
+        assert_eq!(count("sweep-"), 1000, "one take in eight is a sweep's");
+        assert_eq!(count("due-"), 1000, "one take in eight is a due key's");
+        assert_eq!(count("live-"), 6000);
+        // In the order they were added, within each priority.
+        let sweeps: Vec<_> = taken.iter().filter(|k| k.starts_with("sweep-")).collect();
+        assert_eq!(sweeps[0], "sweep-0");
+        assert_eq!(sweeps[999], "sweep-999");
+    }
+
+    #[tokio::test]
+    async fn a_key_added_again_more_urgently_moves_up_and_never_down() {
+        let q = WorkQueue::<String>::new(1, 100);
+        for k in ["a", "b", "c"] {
+            q.try_add_at(k.to_string(), 0, Priority::Sweep).unwrap();
+        }
+        q.try_add("d".to_string(), 0).unwrap();
+        // `c` moves up to live, behind `d`; `d` does not move down.
+        assert_eq!(q.try_add("c".to_string(), 0), Ok(Added::Folded));
+        assert_eq!(
+            q.try_add_at("d".to_string(), 0, Priority::Sweep),
+            Ok(Added::Folded)
+        );
+        assert_eq!(q.len(), 4);
+        assert_eq!(take(&q, 4), ["d", "c", "a", "b"]);
+        assert_eq!(q.len(), 0);
+        // A key re-added while in flight comes back at its most urgent priority.
+        q.try_add_at("e".to_string(), 0, Priority::Sweep).unwrap();
+        q.try_add_at("f".to_string(), 0, Priority::Sweep).unwrap();
+        let (e, _) = q.try_get(0).unwrap();
+        q.try_add_at(e.clone(), 0, Priority::Sweep).unwrap();
+        q.try_add(e.clone(), 0).unwrap();
+        q.done(&e);
+        assert_eq!(take(&q, 2), ["e", "f"]);
+    }
+
+    #[tokio::test]
+    async fn sweeps_fill_at_most_half_the_queue() {
+        let q = WorkQueue::<String>::new(1, 10);
+        for i in 0..5 {
+            q.try_add_at(format!("s{i}"), 0, Priority::Sweep).unwrap();
+        }
+        assert_eq!(
+            q.try_add_at("s5".to_string(), 0, Priority::Sweep),
+            Err(QueueError::Full(5))
+        );
+        for i in 0..5 {
+            q.try_add(format!("l{i}"), 0).unwrap();
+        }
+        assert_eq!(q.try_add("l5".to_string(), 0), Err(QueueError::Full(10)));
+        assert_eq!(q.len(), 10);
+        // A sweep key that is already queued is folded, full or not.
+        assert_eq!(
+            q.try_add_at("s0".to_string(), 0, Priority::Sweep),
+            Ok(Added::Folded)
+        );
+    }
+
+    #[tokio::test]
+    async fn hand_back_returns_each_waiting_key_once_whatever_its_priority() {
+        let q = WorkQueue::<String>::new(1, 100);
+        for k in ["a", "b"] {
+            q.try_add_at(k.to_string(), 0, Priority::Sweep).unwrap();
+        }
+        q.try_add("a".to_string(), 0).unwrap();
+        q.try_add_at("c".to_string(), 0, Priority::Due).unwrap();
+        q.shutdown();
+        let mut back = q.hand_back();
+        back.sort();
+        assert_eq!(back, ["a", "b", "c"]);
+        assert_eq!(q.try_get(0), None);
+    }
 }
