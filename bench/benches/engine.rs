@@ -8,8 +8,11 @@
 //!    and firing them all; then a report of 1M timers spread over 2 s on the
 //!    real clock (insert rate, memory growth, p50/p99 lateness, median of 3).
 //! 3. **End to end**: reconciles per second through a controller with the
-//!    `hello` plugin on warm instances, 100k distinct keys, against calling the
-//!    same plugin in a plain loop on one warm instance.
+//!    `hello` plugin on warm instances, 100k distinct keys
+//!    (`SETPOINT_BENCH_KEYS`), against calling the same plugin in a plain loop
+//!    on one warm instance: the first reconcile of every object (each writes a
+//!    status), then a resync of all of them where nothing changes (nothing is
+//!    written), one call per key (round size 1) and in rounds of 256.
 //!
 //! Run with `cargo xtask bench` (it builds the plugins first).
 
@@ -19,11 +22,15 @@ use std::time::{Duration, Instant};
 use criterion::{BenchmarkId, Criterion, Throughput};
 use futures::StreamExt;
 use setpoint::config::{PluginConfig, RuntimeConfig};
+use setpoint::controller::{DEFAULT_ROUND_SIZE, Manager};
+use setpoint::metrics::Metrics;
 use setpoint::object::Object;
+use setpoint::ownership::Ownership;
 use setpoint::plugin::{Runtime, object_to_wit, wit};
 use setpoint::queue::{Timers, WorkQueue};
 use setpoint::store::{Phase, Store};
-use setpoint_bench::{Counting, HelloRig, allocated, median_of, percentile, plugin_path};
+use setpoint_bench::{Counting, allocated, median_of, percentile, plugin_path};
+use tokio_util::sync::CancellationToken;
 
 #[global_allocator]
 static ALLOC: Counting = Counting;
@@ -292,24 +299,165 @@ fn scheduler_report() {
     }
 }
 
-/// Store `n` distinct `Greeting` objects and return them.
+/// Store `n` distinct `Greeting` objects and return them (1,000 to a commit:
+/// setting up an on-disk store is not what is timed).
 fn greetings(store: &Store, n: usize) -> Vec<Object> {
+    let object = |i: usize| {
+        let spec = serde_json::json!({ "who": format!("{i}") });
+        Object::new("Greeting", "", &format!("g{i}"), spec)
+    };
     (0..n)
-        .map(|i| {
-            let spec = serde_json::json!({ "who": format!("{i}") });
+        .step_by(1000)
+        .flat_map(|from| {
             store
-                .apply(Object::new("Greeting", "", &format!("g{i}"), spec))
-                .expect("the in-memory store accepts every object")
-                .object
+                .apply_all((from..(from + 1000).min(n)).map(object).collect())
+                .expect("the store accepts every object")
         })
+        .map(|applied| applied.object)
         .collect()
 }
 
-/// Reconciles per second with `hello`, 100k keys, through the engine and in a
-/// plain loop on one warm instance.
+/// A count from the environment variable `name` (`_` separators allowed),
+/// else `default`.
+fn env_number(name: &str, default: usize) -> usize {
+    match std::env::var(name) {
+        Ok(v) => v
+            .replace('_', "")
+            .parse()
+            .unwrap_or_else(|_| panic!("{name}={v:?} is not a whole number")),
+        Err(_) => default,
+    }
+}
+
+/// One engine configuration of the end-to-end report.
+#[derive(Clone, Copy)]
+struct Rig {
+    workers: usize,
+    on_disk: bool,
+    /// [`setpoint::config::PluginConfig::round_size`]: 1 calls the plugin once
+    /// per key.
+    round_size: usize,
+}
+
+impl Rig {
+    fn label(self) -> String {
+        format!(
+            "engine, {} worker{}, {}, {}",
+            self.workers,
+            if self.workers == 1 { "" } else { "s" },
+            if self.on_disk {
+                "store on disk"
+            } else {
+                "store in memory"
+            },
+            match self.round_size {
+                1 => "single calls (round size 1)".to_string(),
+                n => format!("rounds (round size {n})"),
+            },
+        )
+    }
+
+    /// One run on a fresh store of `keys` objects: how long until every object
+    /// is reconciled for the first time (each writes a status), then how long a
+    /// resync of all of them takes, where nothing changes (nothing is written).
+    ///
+    /// `hello` is run as the daemon runs it (like [`setpoint_bench::HelloRig`],
+    /// with this round size): a manager, and a flusher committing
+    /// written-behind changes every second.
+    async fn run(self, runtime: &Runtime, keys: usize) -> (Duration, Duration) {
+        let dir = tempfile::tempdir().unwrap();
+        let store = if self.on_disk {
+            Store::open(&dir.path().join("store.redb")).unwrap()
+        } else {
+            Store::new()
+        };
+        let names: Vec<_> = greetings(&store, keys).iter().map(Object::key).collect();
+        let settings = PluginConfig {
+            workers: self.workers,
+            queue_size: keys,
+            round_size: self.round_size,
+            ..PluginConfig::default()
+        };
+        let engine = settings.engine();
+        let plugin = runtime
+            .load(&plugin_path("hello"), settings, store.clone())
+            .await
+            .unwrap();
+        let manager = Manager::new(
+            store.clone(),
+            Ownership::default(),
+            Arc::new(Metrics::new()),
+        );
+        let stop = CancellationToken::new();
+        let flusher = tokio::spawn(
+            store
+                .clone()
+                .flush_every(Duration::from_secs(1), stop.clone()),
+        );
+
+        // First reconcile: the controller lists the store at start.
+        let start = Instant::now();
+        let controller = manager.add(plugin, engine).unwrap();
+        let mut remaining = names.as_slice();
+        while let Some(k) = remaining.first() {
+            match store.status(k).map(|s| s.phase) {
+                Some(Phase::Done) => remaining = &remaining[1..],
+                Some(Phase::Error) => panic!("{k} failed: {:?}", store.status(k)),
+                _ => tokio::time::sleep(Duration::from_millis(1)).await,
+            }
+        }
+        let first = start.elapsed();
+
+        // Let it settle: nothing queued, nothing in flight.
+        let settled = loop {
+            let s = controller.status();
+            if s.queue_depth == 0 && s.in_flight == 0 {
+                break s;
+            }
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        };
+        assert_eq!(settled.failures, 0, "{settled:?}");
+
+        // Resync: every key queued again (action `resynced`). Statuses stay
+        // Done, so the end is told by the success count: every key once more,
+        // and nothing left queued or in flight.
+        let start = Instant::now();
+        controller.resync().await;
+        let resynced = loop {
+            let s = controller.status();
+            assert_eq!(s.failures, 0, "{s:?}");
+            if s.successes >= settled.successes + keys as u64
+                && s.queue_depth == 0
+                && s.in_flight == 0
+            {
+                break s;
+            }
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        };
+        let resync = start.elapsed();
+        assert_eq!(
+            resynced.successes,
+            settled.successes + keys as u64,
+            "a resync reconciles every key exactly once"
+        );
+        for k in &names {
+            assert_eq!(store.status(k).map(|s| s.phase), Some(Phase::Done), "{k}");
+        }
+
+        manager.shutdown().await;
+        stop.cancel();
+        flusher.await.unwrap();
+        (first, resync)
+    }
+}
+
+/// Reconciles per second with `hello` (`SETPOINT_BENCH_KEYS` keys, default
+/// 100k) through the engine, one call per key and in rounds, on a first
+/// reconcile and on a resync where nothing changes; and in a plain loop on one
+/// warm instance, the baseline.
 fn end_to_end_report() {
     let rt = two_threads();
-    let keys = 100_000;
+    let keys = env_number("SETPOINT_BENCH_KEYS", 100_000);
     let cache = tempfile::tempdir().unwrap();
     let config = RuntimeConfig {
         cache_dir: Some(cache.path().to_path_buf()),
@@ -319,40 +467,6 @@ fn end_to_end_report() {
     println!(
         "\n## End to end: `hello`, {keys} distinct keys, warm instances, 2 threads, median of 3\n"
     );
-    let engine = |workers: usize, on_disk: bool| {
-        median_of(
-            3,
-            || {
-                rt.block_on(async {
-                    let dir = tempfile::tempdir().unwrap();
-                    let store = if on_disk {
-                        Store::open(&dir.path().join("store.redb")).unwrap()
-                    } else {
-                        Store::new()
-                    };
-                    let names: Vec<_> = greetings(&store, keys).iter().map(Object::key).collect();
-                    let mut rig = HelloRig::new(&runtime, &store, workers, keys).await;
-                    let start = Instant::now();
-                    rig.start();
-                    let mut remaining = names.as_slice();
-                    while let Some(k) = remaining.first() {
-                        match store.status(k).map(|s| s.phase) {
-                            Some(Phase::Done) => remaining = &remaining[1..],
-                            Some(Phase::Error) => panic!("{k} failed: {:?}", store.status(k)),
-                            _ => tokio::time::sleep(Duration::from_millis(1)).await,
-                        }
-                    }
-                    let took = start.elapsed();
-                    rig.stop().await;
-                    took
-                })
-            },
-            |d| *d,
-        )
-    };
-    let one = engine(1, false);
-    let two = engine(2, false);
-    let two_on_disk = engine(2, true);
     let direct = median_of(
         3,
         || {
@@ -387,24 +501,64 @@ fn end_to_end_report() {
         },
         |d| *d,
     );
+    let rigs = [
+        Rig {
+            workers: 1,
+            on_disk: false,
+            round_size: DEFAULT_ROUND_SIZE,
+        },
+        Rig {
+            workers: 2,
+            on_disk: false,
+            round_size: DEFAULT_ROUND_SIZE,
+        },
+        Rig {
+            workers: 2,
+            on_disk: true,
+            round_size: 1,
+        },
+        Rig {
+            workers: 2,
+            on_disk: true,
+            round_size: DEFAULT_ROUND_SIZE,
+        },
+    ];
+    // The median of each figure on its own (the first reconcile and the
+    // resync of one run need not be the median of both).
+    let measured: Vec<(Rig, Duration, Duration)> = rigs
+        .into_iter()
+        .map(|rig| {
+            let (mut first, mut resync): (Vec<_>, Vec<_>) =
+                (0..3).map(|_| rt.block_on(rig.run(&runtime, keys))).unzip();
+            (
+                rig,
+                percentile(&mut first, 50.0),
+                percentile(&mut resync, 50.0),
+            )
+        })
+        .collect();
     let rate = |d: Duration| keys as f64 / d.as_secs_f64();
-    println!("| path | time | reconciles/s | vs direct loop |");
-    println!("|---|---:|---:|---:|");
-    println!(
-        "| direct loop, 1 instance | {:.2} s | {:.0} | 1.00× |",
-        direct.as_secs_f64(),
-        rate(direct)
-    );
-    for (path, took) in [
-        ("engine, 1 worker", one),
-        ("engine, 2 workers", two),
-        ("engine, 2 workers, store on disk", two_on_disk),
-    ] {
+    let row = |path: &str, took: Duration| {
         println!(
             "| {path} | {:.2} s | {:.0} | {:.2}× |",
             took.as_secs_f64(),
             rate(took),
             rate(took) / rate(direct)
+        );
+    };
+    println!("| path | time | reconciles/s | vs direct loop |");
+    println!("|---|---:|---:|---:|");
+    row("direct loop, 1 instance, writes each status", direct);
+    for (rig, first, _) in &measured {
+        row(
+            &format!("{}: first reconcile, each writes a status", rig.label()),
+            *first,
+        );
+    }
+    for (rig, _, resync) in &measured {
+        row(
+            &format!("{}: resync, nothing changes", rig.label()),
+            *resync,
         );
     }
 }
