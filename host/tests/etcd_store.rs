@@ -166,15 +166,7 @@ async fn a_write_based_on_an_old_revision_is_refused_and_stores_nothing() {
     a.store.apply(newer).unwrap();
     old.spec = json!({"n": 3});
     let rows = [(key.clone(), Some(old))];
-    let refused = stale.commit(&Commit {
-        objects: &rows,
-        status: &[],
-        kv: &[],
-        next_uid: 0,
-        next_version: 0,
-        required: (1, 0),
-        owner: false,
-    });
+    let refused = stale.commit(&one_object(&rows, false));
     assert_eq!(refused, Err(StoreError::Stale(key.clone())));
     let reread = replica(&etcd);
     assert_eq!(reread.store.get(&key).unwrap().spec, json!({"n": 2}));
@@ -208,15 +200,7 @@ async fn a_deposed_owners_writes_do_not_land_and_are_counted() {
     let rows = [(key.clone(), None)];
     let backend = EtcdBackend::new(connect(&etcd, 128), a.fencing.clone(), Counter::default());
     backend.load().unwrap();
-    let refused = backend.commit(&Commit {
-        objects: &rows,
-        status: &[],
-        kv: &[],
-        next_uid: 0,
-        next_version: 0,
-        required: (1, 0),
-        owner: true,
-    });
+    let refused = backend.commit(&one_object(&rows, true));
     assert_eq!(refused, Err(StoreError::Fenced(key.clone())));
     assert!(replica(&etcd).store.get(&key).is_some());
 }
@@ -587,5 +571,19 @@ async fn finalizers_reach_more_objects_than_one_transaction_takes_and_racing_rep
     assert_eq!(objects.len(), 200);
     for o in objects {
         assert_eq!(o.metadata.finalizers, ["setpoint.dev/ctl"], "{}", o.key());
+    }
+}
+
+/// A commit of `rows` (one object row, required), written as the owner of
+/// its key or as a client.
+fn one_object<'a>(rows: &'a [(ObjectKey, Option<Object>)], owner: bool) -> Commit<'a> {
+    Commit {
+        objects: rows,
+        status: &[],
+        kv: &[],
+        next_uid: 0,
+        next_version: 0,
+        required: (1, 0),
+        owner,
     }
 }

@@ -38,11 +38,8 @@ pub(super) async fn run(
     let mut backoff = Backoff::default();
     let mut previous: Option<Lease> = None;
     'term: while !stop.is_cancelled() {
-        if previous.is_some() {
-            super::end_term(&ownership, &fences, &before_release).await;
-        }
-        let Some(lease) = super::lease::next(&etcd, &mut previous, &mut backoff, &stop).await
-        else {
+        let term = super::next_term(&etcd, &mut previous, &mut backoff, &stop);
+        let Some(lease) = term.after(&ownership, &fences, &before_release).await else {
             break;
         };
         let _guard = drop_on_loss(&lease, &ownership, &fences);

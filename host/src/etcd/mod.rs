@@ -402,6 +402,47 @@ fn drop_on_loss(lease: &lease::Lease, ownership: &Ownership, fences: &Arc<Fences
     }))
 }
 
+/// The start of a coordinator's next term (see [`NextTerm::after`]).
+fn next_term<'a>(
+    etcd: &'a Etcd,
+    previous: &'a mut Option<lease::Lease>,
+    backoff: &'a mut shards::Backoff,
+    stop: &'a tokio_util::sync::CancellationToken,
+) -> NextTerm<'a> {
+    NextTerm {
+        etcd,
+        previous,
+        backoff,
+        stop,
+    }
+}
+
+/// What a coordinator starts its next term from: the previous term's lease
+/// (if there was one), its back-off, and its stop signal.
+struct NextTerm<'a> {
+    etcd: &'a Etcd,
+    previous: &'a mut Option<lease::Lease>,
+    backoff: &'a mut shards::Backoff,
+    stop: &'a tokio_util::sync::CancellationToken,
+}
+
+impl NextTerm<'_> {
+    /// End the previous term, if there was one ([`end_term`]), then take a
+    /// new lease ([`lease::next`], which revokes the lost one if etcd
+    /// answers). `None` once the coordinator is told to stop.
+    async fn after(
+        self,
+        ownership: &Ownership,
+        fences: &Fences,
+        before_release: &BeforeRelease,
+    ) -> Option<lease::Lease> {
+        if self.previous.is_some() {
+            end_term(ownership, fences, before_release).await;
+        }
+        lease::next(self.etcd, self.previous, self.backoff, self.stop).await
+    }
+}
+
 /// After a lost lease, before this replica joins again under a new term:
 /// own nothing (reconciles in flight are cancelled), wait until they are gone
 /// and flush. With no fence left, any late write is refused (and counted)

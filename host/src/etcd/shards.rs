@@ -112,13 +112,8 @@ pub(super) async fn run(
     let mut backoff = Backoff::default();
     let mut previous: Option<Lease> = None;
     'term: while !stop.is_cancelled() {
-        // A lost lease may still exist on the server (etcd was unreachable):
-        // revoke it if we can, so its keys go now and not after its TTL.
-        if previous.is_some() {
-            super::end_term(&ownership, &fences, &before_release).await;
-        }
-        let Some(lease) = super::lease::next(&etcd, &mut previous, &mut backoff, &stop).await
-        else {
+        let term = super::next_term(&etcd, &mut previous, &mut backoff, &stop);
+        let Some(lease) = term.after(&ownership, &fences, &before_release).await else {
             break;
         };
         let mut client = etcd.client();
