@@ -738,8 +738,8 @@ impl Controller {
         }
         let generation = self
             .store
-            .get(&change.key)
-            .map_or(0, |o| o.metadata.generation);
+            .read(&change.key, |o| o.metadata.generation)
+            .unwrap_or(0);
         let new = EventRef {
             action: change.action,
             generation,

@@ -161,19 +161,21 @@ impl Controller {
                 span.record("term", term);
             }
         }
-        let object = match self.store.get(key) {
-            None => None,
-            Some(o) if o.is_deleting() && !o.metadata.finalizers.contains(&self.finalizer) => None,
-            Some(o) => Some(o),
-        };
-        let Some(object) = object else {
+        // The request's copy of the object is made in place: the store's
+        // copy is not cloned first.
+        let object = self.store.read(key, |o| {
+            let done_here = o.is_deleting() && !o.metadata.finalizers.contains(&self.finalizer);
+            (!done_here).then(|| object_to_wit(o))
+        });
+        let Some(object) = object.flatten() else {
+            // Gone, or deleting with this controller's part already done.
             self.keys().remove(key);
             return Err(Settled::Gone);
         };
         let (action, attempt, state, full_round) = {
             let mut keys = self.keys();
             let entry = keys.entry(key.clone()).or_default();
-            let action = if object.is_deleting() {
+            let action = if object.deleting {
                 Action::Deleted
             } else {
                 entry.pending.take().unwrap_or(Action::Resynced)
@@ -183,20 +185,20 @@ impl Controller {
         };
         span.record("attempt", attempt);
         span.in_scope(|| tracing::debug!("reconcile started"));
-        let request = wit::Request {
-            key: key.to_string(),
-            action: to_wit_action(action),
-            object: object_to_wit(&object),
-            attempt,
-            state,
-        };
         let prepared = Prepared {
             key: key.clone(),
             span,
-            generation: object.metadata.generation,
-            deleting: object.is_deleting(),
+            generation: object.generation,
+            deleting: object.deleting,
             action,
             full_round,
+        };
+        let request = wit::Request {
+            key: key.to_string(),
+            action: to_wit_action(action),
+            object,
+            attempt,
+            state,
         };
         Ok((prepared, request))
     }
@@ -425,7 +427,7 @@ impl Controller {
             self.metrics.worker_panicked();
             let event = EventRef {
                 action: Action::Resynced,
-                generation: self.store.get(key).map_or(0, |o| o.metadata.generation),
+                generation: self.store.read(key, |o| o.metadata.generation).unwrap_or(0),
             };
             let state = self.state_of(key);
             let error = ReconcileError::Retry(format!("the host panicked: {message}"));

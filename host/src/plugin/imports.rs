@@ -114,7 +114,7 @@ impl log::Host for HostState {
 impl objects::Host for HostState {
     fn get(&mut self, kind: String, namespace: String, name: String) -> Option<types::Object> {
         let key = ObjectKey::new(&kind, &namespace, &name);
-        self.host.store.get(&key).as_ref().map(object_to_wit)
+        self.host.store.read(&key, object_to_wit)
     }
 
     fn list(&mut self, kind: String, selector: Vec<(String, String)>) -> Vec<types::Object> {

@@ -668,6 +668,13 @@ impl Store {
         self.lock().objects.get(key).cloned()
     }
 
+    /// What `read` makes of the object at `key`, read in place under the
+    /// store's lock (no copy of the object); `None` if there is none. Keep
+    /// `read` short: every other reader and writer waits for it.
+    pub fn read<R>(&self, key: &ObjectKey, read: impl FnOnce(&Object) -> R) -> Option<R> {
+        self.lock().objects.get(key).map(read)
+    }
+
     /// Every object of `kind` whose labels include `selector`, in key order.
     pub fn list(&self, kind: &str, selector: &BTreeMap<String, String>) -> Vec<Object> {
         let mut objects: Vec<Object> = self
