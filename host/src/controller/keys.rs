@@ -22,6 +22,10 @@ pub(super) struct KeyState {
     /// Queued by a full reconciliation and not reconciled since: drift the
     /// plugin reports on this key's next call counts as out of sync.
     pub(super) full_round: bool,
+    /// Its last call failed: it is called alone, never in a round, until a
+    /// call succeeds. Unlike `failures`, a change does not reset it, so a key
+    /// that fails every round stays out of them.
+    pub(super) alone: bool,
 }
 
 /// Fold a new change into the one not yet reconciled.

@@ -585,7 +585,12 @@ impl Controller {
                     let added = std::mem::take(
                         &mut *self.added_kinds.lock().unwrap_or_else(|e| e.into_inner()),
                     );
-                    self.resync_kinds(&added).await;
+                    // Beside the change loop, like the start-up resync.
+                    let me = self.clone();
+                    tasks.spawn(supervised(self.clone(), "resync of added kinds", move || {
+                        let (me, added) = (me.clone(), added.clone());
+                        async move { me.resync_kinds(&added).await }
+                    }));
                 }
                 _ = shutdown.cancelled() => break,
             }

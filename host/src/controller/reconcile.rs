@@ -43,6 +43,7 @@ pub(super) struct Prepared {
     deleting: bool,
     action: Action,
     full_round: bool,
+    alone: bool,
 }
 
 /// What became of one reconcile, as the controller settled it: the same
@@ -78,6 +79,11 @@ impl Prepared {
     /// Queued by a full reconciliation and not reconciled since.
     pub(super) fn full_round(&self) -> bool {
         self.full_round
+    }
+
+    /// Its last call failed: it goes alone, not in a round.
+    pub(super) fn alone(&self) -> bool {
+        self.alone
     }
 }
 
@@ -172,7 +178,7 @@ impl Controller {
             self.keys().remove(key);
             return Err(Settled::Gone);
         };
-        let (action, attempt, state, full_round) = {
+        let (action, attempt, state, full_round, alone) = {
             let mut keys = self.keys();
             let entry = keys.entry(key.clone()).or_default();
             let action = if object.deleting {
@@ -181,7 +187,8 @@ impl Controller {
                 entry.pending.take().unwrap_or(Action::Resynced)
             };
             let full_round = std::mem::take(&mut entry.full_round);
-            (action, entry.failures, entry.state.clone(), full_round)
+            let state = entry.state.clone();
+            (action, entry.failures, state, full_round, entry.alone)
         };
         span.record("attempt", attempt);
         span.in_scope(|| tracing::debug!("reconcile started"));
@@ -192,6 +199,7 @@ impl Controller {
             deleting: object.deleting,
             action,
             full_round,
+            alone,
         };
         let request = wit::Request {
             key: key.to_string(),
@@ -214,11 +222,14 @@ impl Controller {
         drifted: bool,
     ) -> Settled {
         let span = prepared.span.clone();
-        span.in_scope(|| {
+        let settled = span.in_scope(|| {
             let settled = self.settle_in_span(prepared, result, took, drifted);
             tracing::debug!("reconcile ended");
             settled
-        })
+        });
+        // A long round is progress key by key, not only at its end.
+        self.made_progress();
+        settled
     }
 
     fn settle_in_span(
@@ -324,6 +335,7 @@ impl Controller {
             let mut keys = self.keys();
             let entry = keys.entry(key.clone()).or_default();
             entry.failures = 0;
+            entry.alone = false;
             entry.state = outcome.state;
             // A retry still pending (the key ran early, e.g. on a resync) is moot.
             if entry.retry.take().is_some() {
@@ -359,6 +371,7 @@ impl Controller {
             let mut keys = self.keys();
             let entry = keys.entry(key.clone()).or_default();
             entry.failures += 1;
+            entry.alone = true;
             entry.state = state;
             entry.failures
         };

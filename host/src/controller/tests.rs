@@ -886,13 +886,13 @@ async fn a_trapping_round_is_retried_one_key_at_a_time_and_a_failed_key_goes_alo
     let rig = rig();
     let keys = things(&rig, 10);
     let poison = rig.apply("Thing", "poison");
-    let log = run_rounds(&rig, &keys, RoundAnswer::Each, 64).await;
+    let calls = run_rounds(&rig, &keys, RoundAnswer::Each, 64).await;
     // Let the poison key's retries run out (ten, back-off up to a minute).
     tokio::time::sleep(Duration::from_secs(600)).await;
     let status = rig.store.status(&poison).unwrap();
     assert_eq!(status.phase, Phase::Error);
     assert!(status.terminal, "{status:?}");
-    let log = log.lock().unwrap().clone();
+    let log = calls.lock().unwrap().clone();
     // The first round (all eleven keys) trapped; each key was then called
     // alone, once; the poison key's retries are alone too.
     assert_eq!(
@@ -916,6 +916,30 @@ async fn a_trapping_round_is_retried_one_key_at_a_time_and_a_failed_key_goes_alo
     assert_eq!(poisoned, 11, "the first attempt and ten retries: {log:?}");
     let status = rig.manager.controller("rounds").unwrap().status();
     assert_eq!((status.successes, status.given_up), (10, 1));
+
+    // A change brings the given-up key back, still alone: changed together
+    // with five others, it does not fail their round.
+    let before = log.len();
+    for name in ["poison", "t0", "t1", "t2", "t3", "t4"] {
+        let object = Object::new("Thing", "", name, serde_json::json!({"v": 2}));
+        rig.store.apply(object).unwrap();
+    }
+    settle("the changed keys done", || {
+        keys[..5]
+            .iter()
+            .all(|k| rig.store.status(k).unwrap().observed_generation == 2)
+    })
+    .await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let log = calls.lock().unwrap().clone();
+    let after = &log[before..];
+    assert!(after.contains(&Call::Alone("poison".into())), "{after:?}");
+    assert!(
+        !after
+            .iter()
+            .any(|c| matches!(c, Call::Round(names) if names.contains(&"poison".to_string()))),
+        "{after:?}"
+    );
     rig.manager.shutdown().await;
 }
 

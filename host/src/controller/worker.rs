@@ -13,8 +13,10 @@
 //!   settled on its own (see `reconcile`).
 //! - A failed round (trap, timeout, out of memory, or a wrong number of
 //!   answers) blames no key: its keys are called again one at a time, so a
-//!   poison key fails alone. A key whose last attempt failed is called alone
-//!   until it succeeds, so it cannot fail a round again.
+//!   poison key fails alone. A key whose last call failed is called alone
+//!   until one succeeds (a change does not reset this), so it cannot fail a
+//!   round again. A round's time limit is one reconcile's per key, at most
+//!   eight times one reconcile's.
 //! - A panic while reconciling a key fails that key (retried with back-off),
 //!   never the worker or the round's other keys; a panic in a round's call
 //!   is a failed round. A revoked hold (a lost lease) cancels the call and
@@ -83,7 +85,25 @@ impl Controller {
                     }
                 }
             }
-            self.round(&active, &mut slot, taken).await;
+            let keys: Vec<ObjectKey> = taken.iter().map(|(key, _)| key.clone()).collect();
+            let round = AssertUnwindSafe(self.round(&active, &mut slot, taken));
+            if let Err(panic) = round.catch_unwind().await {
+                // Something outside a key's call panicked (e.g. while failing
+                // a key): no key of the round may stay in flight. `done` is
+                // harmless for the keys already done.
+                slot = active.reconciler.slot();
+                self.metrics.worker_panicked();
+                self.metrics.worker_busy(false);
+                tracing::error!(
+                    controller = %self.name(),
+                    keys = keys.len(),
+                    "the worker panicked outside a reconcile: {}",
+                    panic_message(panic.as_ref())
+                );
+                for key in &keys {
+                    self.queue.done(key);
+                }
+            }
         }
     }
 
@@ -202,11 +222,11 @@ impl Controller {
                 }
             }
         }
-        // A key whose last attempt failed goes alone: if it is what failed a
+        // A key whose last call failed goes alone: if it is what failed a
         // round, it cannot fail another.
         let mut i = 0;
         while i < batch.len() {
-            if batch.len() > 1 && requests[i].attempt == 0 {
+            if batch.len() > 1 && !batch[i].1.alone() {
                 i += 1;
                 continue;
             }

@@ -42,6 +42,11 @@ pub enum CallError {
     Mismatch(String),
 }
 
+/// A round's call may take at most this many times one reconcile's time
+/// limit: rounds are for reconciles that are quick; a round of slow ones that
+/// runs past it is retried one key at a time, each with its own limit.
+pub const ROUND_LIMIT_FACTOR: usize = 8;
+
 /// One worker's instance slot.
 pub struct Instance {
     plugin: Plugin,
@@ -292,13 +297,16 @@ impl Live {
     }
 
     /// Reset the per-call limits before a call that does the work of
-    /// `reconciles` reconciles (a round): it gets that many times the time limit.
+    /// `reconciles` reconciles (a round): it gets that many times the time
+    /// limit, at most [`ROUND_LIMIT_FACTOR`] times, so a key that hangs stalls
+    /// its worker for a bounded time before the round is retried key by key.
     fn arm_for(&mut self, plugin: &PluginInner, key: &str, reconciles: usize) {
+        let factor = reconciles.clamp(1, ROUND_LIMIT_FACTOR);
         let limit = plugin
             .settings
             .limits
             .max_reconcile_time
-            .saturating_mul(u32::try_from(reconciles.max(1)).unwrap_or(u32::MAX));
+            .saturating_mul(u32::try_from(factor).unwrap_or(u32::MAX));
         let ticks = plugin.runtime.ticks_for(limit);
         let state = self.store.data_mut();
         if state.http_hooks.policy.is_some() {

@@ -287,12 +287,15 @@ impl<K: Clone + Eq + Hash> WorkQueue<K> {
 
     /// Mark `key` finished; returns how long it was processed. If it was added
     /// again meanwhile, it is queued now, on the lane it was last added to.
+    /// A key that is not being processed (already done, or waiting) is left
+    /// as it is, so calling this twice is harmless.
     pub fn done(&self, key: &K) -> Duration {
         let mut guard = self.lock();
         let s = &mut *guard;
-        let Some(mut slot) = s.keys.remove(key) else {
+        if s.keys.get(key).is_none_or(|slot| slot.started.is_none()) {
             return Duration::ZERO;
-        };
+        }
+        let mut slot = s.keys.remove(key).expect("checked above");
         let worked = slot
             .started
             .take()
@@ -687,6 +690,21 @@ mod tests {
             q.try_add_at("s0".to_string(), 0, Priority::Sweep),
             Ok(Added::Folded)
         );
+    }
+
+    #[tokio::test]
+    async fn done_for_a_key_not_in_flight_changes_nothing() {
+        let q = WorkQueue::<String>::new(1, 100);
+        q.try_add("a".to_string(), 0).unwrap();
+        let (a, _) = q.try_get(0).unwrap();
+        q.done(&a);
+        q.try_add(a.clone(), 0).unwrap();
+        // A second `done` (e.g. after a panic) must not finish the waiting add.
+        q.done(&a);
+        assert_eq!((q.len(), q.in_flight()), (1, 0));
+        assert_eq!(take(&q, 1), ["a"]);
+        q.done(&a);
+        assert_eq!((q.len(), q.in_flight()), (0, 0));
     }
 
     #[tokio::test]
