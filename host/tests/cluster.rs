@@ -10,6 +10,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use common::etcd::TestEtcd;
+use setpoint::etcd::shards::assign;
 use setpoint::etcd::{Coordination, Etcd, Settings};
 use setpoint::ownership::{Owned, Ownership};
 
@@ -74,14 +75,30 @@ fn split(replicas: &[&Replica], of: u32) -> bool {
     seen == (0..of).collect()
 }
 
+/// Every replica holds exactly the shards the rendezvous assignment gives it
+/// among `names`: the split has converged, not just covered every shard for a
+/// moment while a shard is still on its way to its owner.
+fn settled(replicas: &[(&str, &Replica)], of: u32) -> bool {
+    let names: Vec<String> = replicas.iter().map(|(n, _)| n.to_string()).collect();
+    replicas.iter().all(|(name, r)| {
+        let want: BTreeSet<u32> = (0..of)
+            .filter(|s| assign(*s, &names).map(String::as_str) == Some(*name))
+            .collect();
+        shards_of(&r.ownership.get()) == want
+    })
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn three_replicas_split_the_shards_and_a_clean_stop_hands_over_without_waiting_for_the_ttl() {
     let etcd = TestEtcd::start();
     let a = replica(&etcd, "a", 16);
     let b = replica(&etcd, "b", 16);
     let mut c = replica(&etcd, "c", 16);
+    // Wait for the converged split: a full cover can be transient (a holds a
+    // shard that is on its way to c), and that shard would then "move" when c
+    // stops, failing the check below for the wrong reason.
     until("the shards are split among three", LIMIT, || {
-        split(&[&a, &b, &c], 16)
+        split(&[&a, &b, &c], 16) && settled(&[("a", &a), ("b", &b), ("c", &c)], 16)
     })
     .await;
     for r in [&a, &b, &c] {
