@@ -428,3 +428,84 @@ pub fn quantile(sorted: &[Duration], q: f64) -> Duration {
 pub fn ms(d: Duration) -> String {
     format!("{:.2}", d.as_secs_f64() * 1000.0)
 }
+
+/// `count` Greetings named `{prefix}{i}`, `start..start+count`, as a YAML stream.
+pub fn greetings(prefix: &str, start: usize, count: usize) -> String {
+    (start..start + count)
+        .map(|i| {
+            format!("kind: Greeting\nmetadata: {{name: {prefix}{i}}}\nspec: {{who: x}}\n---\n")
+        })
+        .collect()
+}
+
+/// `POST /v1/apply` of `yaml`; an error unless the answer is 200.
+pub fn apply(client: &Client, yaml: &str) -> anyhow::Result<()> {
+    let (status, answer) =
+        client.send("POST", "/v1/apply", Some("application/yaml"), Some(yaml))?;
+    if status != 200 {
+        bail!("apply: {status} {}", cut(&answer, 500));
+    }
+    Ok(())
+}
+
+/// What [`apply_load`] measured.
+pub struct Load {
+    /// Objects acknowledged.
+    pub objects: u64,
+    pub took: Duration,
+    /// Each request's latency, sorted.
+    pub latencies: Vec<Duration>,
+}
+
+/// `clients` threads, each with its own connection, applying new Greetings of
+/// `batch` objects per request to the daemon at `url`, back to back, for
+/// `secs`. The first failed request stops every client and is the error.
+pub fn apply_load(url: &str, clients: usize, batch: usize, secs: Duration) -> anyhow::Result<Load> {
+    use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+    let objects = AtomicU64::new(0);
+    let stop = AtomicBool::new(false);
+    let started = Instant::now();
+    let deadline = started + secs;
+    let results: Vec<anyhow::Result<Vec<Duration>>> = std::thread::scope(|s| {
+        let handles: Vec<_> = (0..clients)
+            .map(|t| {
+                let (objects, stop) = (&objects, &stop);
+                s.spawn(move || -> anyhow::Result<Vec<Duration>> {
+                    let client = Client::new(url);
+                    let mut latencies = Vec::new();
+                    let mut i = 0;
+                    while Instant::now() < deadline && !stop.load(Ordering::Relaxed) {
+                        let body = greetings(&format!("c{t}-"), i, batch);
+                        let sent = Instant::now();
+                        if let Err(e) = apply(&client, &body) {
+                            stop.store(true, Ordering::Relaxed);
+                            return Err(e);
+                        }
+                        latencies.push(sent.elapsed());
+                        objects.fetch_add(batch as u64, Ordering::Relaxed);
+                        i += batch;
+                    }
+                    Ok(latencies)
+                })
+            })
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| {
+                h.join()
+                    .unwrap_or_else(|_| Err(anyhow::anyhow!("a client thread panicked")))
+            })
+            .collect()
+    });
+    let took = started.elapsed();
+    let mut latencies = Vec::new();
+    for r in results {
+        latencies.extend(r?);
+    }
+    latencies.sort_unstable();
+    Ok(Load {
+        objects: objects.load(Ordering::Relaxed),
+        took,
+        latencies,
+    })
+}

@@ -46,7 +46,7 @@
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
@@ -836,24 +836,6 @@ impl RateRun {
     }
 }
 
-/// `count` Greetings named `{prefix}{i}`, `start..start+count`, as a YAML stream.
-fn greetings(prefix: &str, start: usize, count: usize) -> String {
-    (start..start + count)
-        .map(|i| {
-            format!("kind: Greeting\nmetadata: {{name: {prefix}{i}}}\nspec: {{who: x}}\n---\n")
-        })
-        .collect()
-}
-
-fn apply(client: &Client, yaml: &str) -> anyhow::Result<()> {
-    let (status, answer) =
-        client.send("POST", "/v1/apply", Some("application/yaml"), Some(yaml))?;
-    if status != 200 {
-        bail!("apply: {status} {}", daemon::cut(&answer, 500));
-    }
-    Ok(())
-}
-
 /// Reconcile calls finished so far by the replica behind `client`.
 fn calls(client: &Client) -> anyhow::Result<u64> {
     let controllers = client.get_json("/v1/controllers")?;
@@ -943,7 +925,10 @@ fn reconcile_run(
             let run = || -> anyhow::Result<(Duration, u64, Duration)> {
                 for (n, start) in (0..objects).step_by(BATCH).enumerate() {
                     let count = BATCH.min(objects - start);
-                    apply(&clients[n % clients.len()], &greetings("g", start, count))?;
+                    daemon::apply(
+                        &clients[n % clients.len()],
+                        &daemon::greetings("g", start, count),
+                    )?;
                 }
                 let applied = started.elapsed();
                 let calls_at_applied = all_calls(&clients)?;
@@ -1093,60 +1078,19 @@ fn apply_run(
         until_split(&mut [&mut daemon], &[&client], true, "the replica owns")?;
         // One warm-up request, so that the connection and the first write
         // are not in the measurement.
-        apply(&client, &greetings("warm", 0, 1))?;
+        daemon::apply(&client, &daemon::greetings("warm", 0, 1))?;
     }
-    let objects = AtomicU64::new(0);
-    let stop = AtomicBool::new(false);
     let before = Usage::take(ctx, etcd.as_ref(), std::slice::from_ref(&daemon))?;
-    let started = Instant::now();
-    let deadline = started + Duration::from_secs(secs);
-    let url = daemon.url.clone();
-    let results: Vec<anyhow::Result<Vec<Duration>>> = std::thread::scope(|s| {
-        let handles: Vec<_> = (0..clients)
-            .map(|t| {
-                let (objects, stop, url) = (&objects, &stop, &url);
-                s.spawn(move || -> anyhow::Result<Vec<Duration>> {
-                    let client = Client::new(url);
-                    let mut latencies = Vec::new();
-                    let mut i = 0;
-                    while Instant::now() < deadline && !stop.load(Ordering::Relaxed) {
-                        let body = greetings(&format!("c{t}-"), i, batch);
-                        let sent = Instant::now();
-                        if let Err(e) = apply(&client, &body) {
-                            stop.store(true, Ordering::Relaxed);
-                            return Err(e);
-                        }
-                        latencies.push(sent.elapsed());
-                        objects.fetch_add(batch as u64, Ordering::Relaxed);
-                        i += batch;
-                    }
-                    Ok(latencies)
-                })
-            })
-            .collect();
-        handles
-            .into_iter()
-            .map(|h| {
-                h.join()
-                    .unwrap_or_else(|_| Err(anyhow::anyhow!("a client thread panicked")))
-            })
-            .collect()
-    });
-    let took = started.elapsed();
+    let load = daemon::apply_load(&daemon.url, clients, batch, Duration::from_secs(secs))?;
     let after = Usage::take(ctx, etcd.as_ref(), std::slice::from_ref(&daemon))?;
-    let mut latencies = Vec::new();
-    for r in results {
-        latencies.extend(r?);
-    }
-    latencies.sort_unstable();
     daemon.check_alive()?;
     Ok(ApplyRun {
         on_etcd,
         batch,
         clients,
-        objects: objects.load(Ordering::Relaxed),
-        took,
-        latencies,
+        objects: load.objects,
+        took: load.took,
+        latencies: load.latencies,
         used: used(&before, &after),
     })
 }

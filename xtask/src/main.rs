@@ -31,6 +31,7 @@ use anyhow::{Context, bail};
 use clap::{Parser, Subcommand};
 
 mod api_latency;
+mod apply_bench;
 mod daemon;
 mod etcd_bench;
 mod soak;
@@ -115,6 +116,19 @@ enum Task {
         #[arg(long)]
         debug: bool,
         /// Use the binary as it is instead of building it first.
+        #[arg(long)]
+        no_build: bool,
+    },
+    /// Acknowledged single-object applies/s over HTTP with concurrent clients
+    /// (group commit), into one embedded daemon.
+    ApplyBench {
+        /// Seconds per case.
+        #[arg(long, default_value_t = 5)]
+        secs: u64,
+        /// Concurrent single-object clients, one case each (1 is the baseline).
+        #[arg(long, value_delimiter = ',', default_value = "1,10,50")]
+        clients: Vec<usize>,
+        /// Use target/release/setpoint as it is instead of building it first.
         #[arg(long)]
         no_build: bool,
     },
@@ -316,6 +330,20 @@ fn main() -> anyhow::Result<()> {
                     rounds,
                     pauses,
                     debug,
+                    build: !no_build,
+                },
+            )?;
+        }
+        Task::ApplyBench {
+            secs,
+            clients,
+            no_build,
+        } => {
+            apply_bench::run(
+                &root,
+                apply_bench::Args {
+                    secs,
+                    clients,
                     build: !no_build,
                 },
             )?;

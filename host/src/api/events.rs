@@ -22,7 +22,7 @@ use cloudevents::AttributesReader;
 use cloudevents::event::Data;
 
 use super::objects::parse_objects;
-use super::{ApiError, AppState, check_kinds, read_body, respond};
+use super::{ApiError, AppState, check_kinds, durable, read_body, respond};
 use crate::controller::TriggerError;
 use crate::object::{Object, ObjectKey};
 use crate::queue::QueueError;
@@ -54,7 +54,7 @@ pub async fn ingest(
             let object = data_object(content_type.as_deref(), data)?;
             check_kinds(&state, [object.kind.as_str()])?;
             state.manager.admit(std::slice::from_ref(&object)).await?;
-            let applied = state.store.apply(object)?;
+            let applied = durable(&state.store, move |s| s.apply(object)).await?;
             let result = if applied.action.is_some() {
                 "applied"
             } else {
@@ -67,7 +67,11 @@ pub async fn ingest(
                 Some(s) => subject_key(&s)?,
                 None => data_object(content_type.as_deref(), data)?.key(),
             };
-            let result = match state.store.delete(&key, None)? {
+            let deleted = {
+                let key = key.clone();
+                durable(&state.store, move |s| s.delete(&key, None)).await?
+            };
+            let result = match deleted {
                 Some(_) => "deleting",
                 None => "removed",
             };

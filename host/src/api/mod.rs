@@ -152,6 +152,28 @@ async fn readyz(State(manager): State<Arc<Manager>>) -> Response {
     .into_response()
 }
 
+/// Run a durable write of `store` off the async workers. It blocks until its
+/// commit is durable and may lead a group commit for other requests (see
+/// `store::apply`); on a worker thread it would stall every request served by
+/// that thread, and cap a group at the number of workers.
+pub(crate) async fn durable<T: Send + 'static>(
+    store: &Store,
+    write: impl FnOnce(&Store) -> Result<T, StoreError> + Send + 'static,
+) -> Result<T, ApiError> {
+    let store = store.clone();
+    tokio::task::spawn_blocking(move || write(&store))
+        .await
+        .map_err(|e| {
+            tracing::error!(error = %e, "a store write panicked");
+            ApiError::new(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "the write failed unexpectedly (see the daemon's log); it may or may not be \
+                 stored: read it back, and send it again if it is not",
+            )
+        })?
+        .map_err(ApiError::from)
+}
+
 /// A refusal: a status code and a message that says what to do.
 #[derive(Debug)]
 pub struct ApiError {

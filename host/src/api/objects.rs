@@ -9,7 +9,9 @@ use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::Response;
 use serde::{Deserialize, Serialize};
 
-use super::{ApiError, AppState, Path, Query, QueryParams, check_kinds, read_body, respond};
+use super::{
+    ApiError, AppState, Path, Query, QueryParams, check_kinds, durable, read_body, respond,
+};
 use crate::object::{Action, Object, ObjectKey, parse_all, quote, shorten};
 use crate::store::{Applied, ReconcileStatus, WaitError};
 
@@ -191,7 +193,7 @@ pub async fn apply(
     body: Body,
 ) -> Result<Response, ApiError> {
     let objects = body_objects(&state, &headers, body).await?;
-    let applied = state.store.apply_all(objects)?;
+    let applied = durable(&state.store, move |s| s.apply_all(objects)).await?;
     let views: Vec<AppliedView> = applied.iter().map(AppliedView::from).collect();
     Ok(respond(&headers, StatusCode::OK, &views))
 }
@@ -210,7 +212,8 @@ pub async fn create(
             objects.len()
         )));
     }
-    let created = state.store.create(objects.remove(0))?;
+    let object = objects.remove(0);
+    let created = durable(&state.store, move |s| s.create(object)).await?;
     Ok(respond(&headers, StatusCode::CREATED, &created.object))
 }
 
@@ -291,7 +294,7 @@ pub async fn update(
     if let Some(v) = q.resource_version {
         object.metadata.resource_version = v;
     }
-    let updated = state.store.update(object)?;
+    let updated = durable(&state.store, move |s| s.update(object)).await?;
     Ok(respond(&headers, StatusCode::OK, &updated.object))
 }
 
@@ -310,7 +313,10 @@ pub async fn delete(
 ) -> Result<Response, ApiError> {
     let key = ObjectKey::new(&kind, &q.namespace, &name);
     if q.force {
-        let removed = state.store.force_delete(&key, q.resource_version)?;
+        let removed = {
+            let (key, version) = (key.clone(), q.resource_version);
+            durable(&state.store, move |s| s.force_delete(&key, version)).await?
+        };
         state.manager.metrics().forced_delete(&key.kind);
         return Ok(respond(
             &headers,
@@ -323,7 +329,11 @@ pub async fn delete(
             }),
         ));
     }
-    match state.store.delete(&key, q.resource_version)? {
+    let deleted = {
+        let (key, version) = (key.clone(), q.resource_version);
+        durable(&state.store, move |s| s.delete(&key, version)).await?
+    };
+    match deleted {
         Some(object) => Ok(respond(&headers, StatusCode::ACCEPTED, &object)),
         None => Ok(respond(
             &headers,

@@ -97,6 +97,13 @@ pub trait Backend: Send + Sync + 'static {
         true
     }
 
+    /// True if one commit may hold several clients' requests (group commit).
+    /// A backend that may refuse a commit because of one request's rows (a
+    /// lost compare) answers false, so that the refusal stays that request's.
+    fn groups_writes(&self) -> bool {
+        true
+    }
+
     /// Deliver changes made by others (other replicas sharing the backend) to
     /// `sink` from now on. Backends only this process writes have none.
     fn follow(&self, sink: Sink) {

@@ -406,6 +406,13 @@ impl Backend for EtcdBackend {
         false
     }
 
+    /// A required row that lost its compare refuses the commit
+    /// ([`StoreError::Stale`]): grouped, it would refuse other clients'
+    /// writes too. etcd's own transactions take one request each.
+    fn groups_writes(&self) -> bool {
+        false
+    }
+
     fn load(&self) -> Result<Loaded, StoreError> {
         match self
             .prefetched

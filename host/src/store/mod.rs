@@ -11,7 +11,8 @@
 //! - Writes of desired state (apply, create, update, delete, finalize) are
 //!   committed with fsync before they return: once a caller is told "stored", a
 //!   `kill -9` or power loss does not lose it. Several objects applied together
-//!   are one transaction: all are stored or none is.
+//!   are one transaction: all are stored or none is. Concurrent applies share
+//!   a transaction (group commit, see [`apply`]), each still all or nothing.
 //! - Reconcile status, the status a plugin writes and plugin key-value data are
 //!   written behind: they change the in-memory copy at once and reach the disk
 //!   with the next commit, which is at the latest [`FLUSH_EVERY`] such writes
@@ -38,14 +39,17 @@
 //!
 //!
 //! Layout: this module keeps the [`Store`] facade and the object rules;
+//! [`apply`] the client writes and [`group`] how they commit together;
 //! [`feed`] the change feeds, `wait` what [`Store::wait`] needs, [`backend`]
 //! the seam to where the data lives, with [`Redb`] (durable) and [`Memory`].
 //!
 //! [redb]: https://docs.rs/redb
 
+mod apply;
 mod backend;
 mod etcd;
 mod feed;
+mod group;
 mod redb;
 mod remote;
 mod wait;
@@ -116,7 +120,7 @@ pub enum WaitError {
 }
 
 /// A write the store refused. Nothing of a refused write is stored.
-#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+#[derive(Clone, Debug, thiserror::Error, PartialEq, Eq)]
 pub enum StoreError {
     #[error("object {} not found", shorten(&.0.to_string()))]
     NotFound(ObjectKey),
@@ -172,6 +176,8 @@ pub struct Store {
 struct Shared {
     backend: Box<dyn Backend>,
     inner: Mutex<Inner>,
+    /// Client writes waiting to be committed together (see [`apply`]).
+    writes: group::Group<apply::Request, apply::Answer>,
     /// Held from reading a commit's contents until it is committed.
     commit_order: Mutex<()>,
     /// Wakes [`Store::flush_every`] when many changes are pending.
@@ -290,6 +296,7 @@ impl Store {
             shared: Arc::new(Shared {
                 backend: Box::new(backend),
                 inner: Mutex::new(inner),
+                writes: group::Group::default(),
                 commit_order: Mutex::new(()),
                 flush_wanted: tokio::sync::Notify::new(),
                 feed: broadcast::channel(4096).0,
@@ -519,148 +526,6 @@ impl Store {
             inner.refresh(&key);
         }
         Ok(())
-    }
-
-    /// Create or update one object from a manifest.
-    pub fn apply(&self, object: Object) -> Result<Applied, StoreError> {
-        Ok(self
-            .apply_all(vec![object])?
-            .pop()
-            .expect("one object in, one out"))
-    }
-
-    /// Create or update several objects in one transaction: if any of them is
-    /// refused (a conflict, a deleting object), none is stored.
-    ///
-    /// Host-owned metadata in a manifest (uid, generation, deletionTimestamp,
-    /// status) is ignored; a non-zero `resourceVersion` is a precondition.
-    pub fn apply_all(&self, objects: Vec<Object>) -> Result<Vec<Applied>, StoreError> {
-        self.write(objects, |_, _| Ok(()))
-    }
-
-    /// Create an object that must not exist yet.
-    pub fn create(&self, object: Object) -> Result<Applied, StoreError> {
-        let mut out = self.write(vec![object], |key, old| match old {
-            Some(_) => Err(StoreError::AlreadyExists(key.clone())),
-            None => Ok(()),
-        })?;
-        Ok(out.pop().expect("one object in, one out"))
-    }
-
-    /// Update an object that must exist.
-    pub fn update(&self, object: Object) -> Result<Applied, StoreError> {
-        let mut out = self.write(vec![object], |key, old| match old {
-            Some(_) => Ok(()),
-            None => Err(StoreError::NotFound(key.clone())),
-        })?;
-        Ok(out.pop().expect("one object in, one out"))
-    }
-
-    fn write(
-        &self,
-        objects: Vec<Object>,
-        check: impl Fn(&ObjectKey, Option<&Object>) -> Result<(), StoreError>,
-    ) -> Result<Vec<Applied>, StoreError> {
-        let mut inner = self.lock();
-        let mut next_uid = inner.next_uid;
-        let mut next_version = inner.next_version;
-        let mut batch = Batch::default();
-        let mut applied = Vec::with_capacity(objects.len());
-        // Later objects in one request see the earlier ones.
-        let mut staged: HashMap<ObjectKey, Object> = HashMap::new();
-        for mut object in objects {
-            let key = object.key();
-            let old = staged.get(&key).or_else(|| inner.objects.get(&key));
-            check(&key, old)?;
-            let given = object.metadata.resource_version;
-            let stored = old.map_or(0, |o| o.metadata.resource_version);
-            if given != 0 && given != stored {
-                return Err(StoreError::Conflict { key, given, stored });
-            }
-            object.status = None;
-            object.metadata.deletion_timestamp = None;
-            // The host's finalizers are the host's; the rest are the manifest's.
-            object
-                .metadata
-                .finalizers
-                .retain(|f| !f.starts_with(FINALIZER_PREFIX));
-            let action = match old {
-                None => {
-                    next_uid += 1;
-                    object.metadata.uid = format!("{next_uid:016x}");
-                    object.metadata.generation = 1;
-                    if let Some(host) = inner.finalizers.get(&key.kind) {
-                        object.metadata.finalizers.extend(host.iter().cloned());
-                    }
-                    Action::Created
-                }
-                Some(old) if old.is_deleting() => return Err(StoreError::Deleting(key)),
-                Some(old) => {
-                    let spec_changed = old.spec != object.spec;
-                    let host: Vec<String> = old
-                        .metadata
-                        .finalizers
-                        .iter()
-                        .filter(|f| f.starts_with(FINALIZER_PREFIX))
-                        .cloned()
-                        .collect();
-                    object.metadata.finalizers.extend(host);
-                    object.metadata.uid = old.metadata.uid.clone();
-                    object.metadata.generation = old.metadata.generation + u64::from(spec_changed);
-                    object.status = old.status.clone();
-                    object.metadata.resource_version = old.metadata.resource_version;
-                    if !spec_changed
-                        && old.metadata.labels == object.metadata.labels
-                        && old.metadata.finalizers == object.metadata.finalizers
-                        && old.api_version == object.api_version
-                    {
-                        applied.push(Applied {
-                            object: old.clone(),
-                            action: None,
-                        });
-                        continue;
-                    }
-                    Action::Updated
-                }
-            };
-            next_version += 1;
-            object.metadata.resource_version = next_version;
-            staged.insert(key.clone(), object.clone());
-            batch.objects.push((key.clone(), Some(object.clone())));
-            batch
-                .status
-                .push((key, Some(pending(object.metadata.generation))));
-            applied.push(Applied {
-                object,
-                action: Some(action),
-            });
-        }
-        if batch.objects.is_empty() {
-            return Ok(applied);
-        }
-        let (saved_uid, saved_version) = (inner.next_uid, inner.next_version);
-        inner.next_uid = next_uid;
-        inner.next_version = next_version;
-        if let Err(e) = self.commit(&mut inner, &batch) {
-            inner.next_uid = saved_uid;
-            inner.next_version = saved_version;
-            return Err(e);
-        }
-        for (key, object) in batch.objects {
-            inner.objects.insert(key, object.expect("staged above"));
-        }
-        for (key, status) in batch.status {
-            inner
-                .status
-                .insert(key.clone(), status.expect("staged above"));
-            inner.refresh(&key);
-        }
-        for a in &applied {
-            if let Some(action) = a.action {
-                self.announce_applied(&mut inner, &a.object, action);
-            }
-        }
-        Ok(applied)
     }
 
     /// One object, deleting or not.
